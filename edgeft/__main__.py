@@ -1,0 +1,5 @@
+import sys
+
+from edgeft.cli import main
+
+sys.exit(main())

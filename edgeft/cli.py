@@ -1,0 +1,194 @@
+"""The `edgeft` command: a table of commands, each a short function over a library call.
+
+Heavy libraries (torch, onnxruntime, onnxruntime_genai) are imported inside the command that needs them.
+User errors (EdgeftError) print `error: ...` and exit 2 without a traceback; bugs keep theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def cmd_doctor(args) -> int:
+    """Check everything a run needs; one line per item, with the fix for what is missing."""
+    from edgeft import doctor
+
+    checks = doctor.run_checks()
+    if args.json:
+        print(json.dumps(doctor.as_json(checks), indent=2))
+    else:
+        con = _console()
+        for c in checks:
+            mark = "[green]ok  [/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
+            line = f"{mark} {c.name:<17} {c.version or '-':<12} {c.detail}"
+            con.print(line)
+            if not c.ok and c.fix:
+                con.print(f"     {'':<17} fix: {c.fix}")
+    return 0 if all(c.ok for c in checks if c.required) else 1
+
+
+def cmd_runtime_install(args) -> int:
+    """Install the ONNX Runtime training build (1.19.2) and onnx 1.17.0 into edgeft's side directory."""
+    from edgeft import runtime
+
+    variant = "cuda" if args.cuda else "cpu"
+    already = runtime.is_installed(variant) and not args.force
+    path = runtime.install(cuda=args.cuda, force=args.force)
+    print(f"training runtime ({variant}) {'already installed' if already else 'installed'}: {path}")
+    print("next: `edgeft doctor`")
+    return 0
+
+
+def cmd_runtime_path(args) -> int:
+    """Print the training runtime's directory (exit 1 when it is not installed)."""
+    from edgeft import runtime
+
+    variant = "cuda" if args.cuda else "cpu"
+    print(runtime.runtime_dir(variant))
+    return 0 if runtime.is_installed(variant) else 1
+
+
+def cmd_devices_list(args) -> int:
+    """List the device profiles edgeft knows (devices/ and EDGEFT_DEVICES_PATH)."""
+    from edgeft import devices
+
+    con = _console()
+    con.print(f"[bold]{'name':<28} {'cpu':<20} {'memory/budget':<14} {'training':<16} inference[/]")
+    for name, path in devices.available().items():
+        try:
+            p = devices.load_file(path)
+        except EdgeftError as e:
+            con.print(f"{name:<28} [red]invalid: {str(e).splitlines()[0]}[/]")
+            continue
+        eps = p.execution_providers
+        mem = f"{p.memory.total_gb.value:g}/{p.memory.budget_gb.value:g} GB"
+        con.print(f"{name:<28} {p.cpu.arch + ', ' + str(p.cpu.cores) + ' cores':<20} {mem:<14} "
+                  f"{eps.training_backend + ': ' + ','.join(eps.training):<16} {','.join(eps.inference)}")
+    return 0
+
+
+def cmd_devices_show(args) -> int:
+    """Show one profile (name or path), every figure with its source."""
+    from edgeft import devices, schema
+
+    profile = devices.load(args.name)
+    if args.json:
+        print(json.dumps(schema.to_dict(profile), indent=2))
+        return 0
+    con = _console()
+    con.print(f"[bold]{profile.name}[/]: {profile.description}")
+    for path, fig in devices.figures(profile):
+        date = f", {fig.date}" if fig.date else ""
+        con.print(f"  {path:<34} {fig.value:>10g}   [dim]{fig.source}{date}: {fig.ref}[/]")
+    eps = profile.execution_providers
+    con.print(f"  training: {', '.join(eps.training)} (backend {eps.training_backend}); "
+              f"inference: {', '.join(eps.inference)}")
+    q = profile.quantization
+    con.print(f"  package: {q.precision}, block {q.block_size}, accuracy level {q.accuracy_level}, "
+              f"{'symmetric' if q.symmetric else 'asymmetric'}")
+    for note in profile.notes:
+        con.print(f"  [yellow]note:[/] {note}")
+    return 0
+
+
+def cmd_devices_probe(args) -> int:
+    """Measure this machine (cores, ISA, memory, fp32 MatMul GFLOP/s, bandwidth) and write a profile."""
+    from edgeft import probe
+
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise EdgeftError(f"--out {out}: a profile file must end in .yaml")
+    if out.exists() and not args.force:
+        raise EdgeftError(f"{out} exists; pass --force to overwrite it")
+    profile = probe.probe(args.name or out.stem)
+    if profile.name != out.stem:
+        raise EdgeftError(f"--name {profile.name!r} must equal the file name {out.stem!r}")
+    probe.write(profile, out)
+    print(f"measured: {profile.cpu.cores} cores, {profile.cpu.peak_fp32_gflops.value:g} GFLOP/s fp32 MatMul, "
+          f"{profile.memory.bandwidth_gbs.value:g} GB/s, {profile.memory.total_gb.value:g} GB")
+    print(f"wrote {out}\nnext: `edgeft devices show {out}`")
+    return 0
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: tuple[tuple[tuple[str, ...], dict], ...] = ()
+
+
+def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    return flags, kwargs
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("doctor", cmd_doctor, (arg("--json", action="store_true", help="machine-readable output"),)),
+    Command("runtime install", cmd_runtime_install, (
+        arg("--cuda", action="store_true", help="the CUDA training build (841 MB) instead of the CPU one"),
+        arg("--force", action="store_true", help="reinstall even if present"))),
+    Command("runtime path", cmd_runtime_path, (arg("--cuda", action="store_true"),)),
+    Command("devices list", cmd_devices_list),
+    Command("devices show", cmd_devices_show, (
+        arg("name", help="profile name or path of a profile file"), arg("--json", action="store_true"))),
+    Command("devices probe", cmd_devices_probe, (
+        arg("--out", required=True, help="profile file to write (NAME.yaml)"),
+        arg("--name", help="profile name (default: the file name)"),
+        arg("--force", action="store_true", help="overwrite an existing file"))),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgeft import __version__
+
+    parser = argparse.ArgumentParser(prog="edgeft", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"edgeft {__version__}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for command in COMMANDS:
+        words = command.name.split()
+        parent = top
+        for i, word in enumerate(words[:-1]):
+            key = " ".join(words[: i + 1])
+            if key not in groups:
+                group = parent.add_parser(word, help=f"{key} commands")
+                groups[key] = group.add_subparsers(dest=f"sub_{i}", metavar="SUBCOMMAND", required=True)
+            parent = groups[key]
+        doc = (command.run.__doc__ or "").strip()
+        p = parent.add_parser(words[-1], help=doc.splitlines()[0] if doc else None, description=doc)
+        for flags, kwargs in command.arguments:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

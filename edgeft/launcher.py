@@ -1,0 +1,103 @@
+"""Runs edgeft code inside the training runtime as a subprocess and streams its events back.
+
+The child is `python -m edgeft.trainer.child MODULE:FUNCTION` with the training build's directory first
+on PYTHONPATH. It talks over a pipe of its own (one JSON object per line); its stdout and stderr go to a
+log file, so library chatter never corrupts the protocol and a failure can point at the full log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from edgeft import runtime
+from edgeft.errors import EdgeftError
+
+EventHandler = Callable[[dict], None]
+
+
+class TrainingRuntimeError(EdgeftError):
+    """The child failed on a bug (not on user input); the message says where its traceback is."""
+
+    def __init__(self, message: str, traceback: str | None = None, log_path: Path | None = None):
+        super().__init__(message)
+        self.traceback = traceback
+        self.log_path = log_path
+
+
+def child_env(runtime_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    parts = [str(runtime_path), str(Path(__file__).resolve().parent.parent)]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["EDGEFT_RUNTIME_PATH"] = str(runtime_path)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: EventHandler | None = None,
+        log_path: Path | None = None) -> dict:
+    """Call `entry` ("module:function") in the training runtime; return its result.
+
+    `on_event` sees every progress and log event as it arrives. A user error in the child is raised here
+    as EdgeftError with the child's message; a bug as TrainingRuntimeError naming the log.
+    """
+    runtime_path = runtime.runtime_dir(runtime.active_variant(ep))
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="edgeft-runtime-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "w", encoding="utf-8") as log:
+        env = child_env(runtime_path)
+        env["EDGEFT_EVENT_FD"] = str(write_fd)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeft.trainer.child", entry],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        proc.stdin.write(json.dumps(args or {}).encode())
+        proc.stdin.close()
+        result, error = None, None
+        try:
+            with os.fdopen(read_fd, "r", encoding="utf-8") as events:
+                for line in events:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    kind = event.get("event")
+                    if kind == "result":
+                        result = event.get("data")
+                    elif kind == "error":
+                        error = event
+                    elif on_event is not None:
+                        on_event(event)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # The child got the same SIGINT (same process group) and saves what it must; wait for it.
+            proc.wait()
+            raise
+    if error is not None:
+        if error.get("kind") == "user":
+            raise EdgeftError(error["message"])
+        if error.get("kind") == "interrupted":
+            raise KeyboardInterrupt
+        raise TrainingRuntimeError(
+            f"the training runtime failed in {entry}: {error.get('type')}: {error.get('message')}\n"
+            f"  full traceback and runtime output: {log_path}",
+            traceback=error.get("traceback"), log_path=log_path)
+    if code != 0 or result is None:
+        tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-10:])
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise TrainingRuntimeError(
+            f"the training runtime {how} in {entry} before reporting a result; last output:\n{tail}\n"
+            f"  full output: {log_path}", log_path=log_path)
+    return result

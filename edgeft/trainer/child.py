@@ -1,0 +1,52 @@
+"""Entry point of the training-runtime subprocess: `python -m edgeft.trainer.child MODULE:FUNCTION`.
+
+Reads a JSON object of arguments on stdin, calls FUNCTION(args) and sends its return value as the
+`result` event. A user error (EdgeftError) becomes an `error` event of kind `user` and exit 2; anything
+else an `error` of kind `bug` with the traceback, and exit 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+
+from edgeft.errors import EdgeftError
+from edgeft.trainer import events
+
+
+def _check_runtime() -> None:
+    import onnxruntime
+
+    expected_dir = os.environ.get("EDGEFT_RUNTIME_PATH", "")
+    if expected_dir and not os.path.abspath(onnxruntime.__file__).startswith(os.path.abspath(expected_dir)):
+        raise RuntimeError(f"the training subprocess imported onnxruntime from {onnxruntime.__file__}, "
+                           f"not from the training runtime at {expected_dir}")
+
+
+def main() -> int:
+    events.open_channel()
+    try:
+        entry = sys.argv[1]
+        module_name, func_name = entry.split(":")
+        args = json.loads(sys.stdin.read() or "{}")
+        _check_runtime()
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(args)
+        events.emit("result", data=result)
+        return 0
+    except EdgeftError as e:
+        events.emit("error", kind="user", type=type(e).__name__, message=str(e))
+        return 2
+    except KeyboardInterrupt:
+        events.emit("error", kind="interrupted", type="KeyboardInterrupt", message="interrupted")
+        return 130
+    except BaseException as e:  # noqa: BLE001 - reported to the parent with its traceback, then exit 1
+        events.emit("error", kind="bug", type=type(e).__name__, message=str(e), traceback=traceback.format_exc())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Creates .venv (idempotently) with torch, edgeft and its dev extras, and the ONNX Runtime training build.
+# torch comes first and as the CPU build where no NVIDIA GPU is present: an unpinned `torch` from PyPI
+# pulls several GB of CUDA wheels. A stamp file skips all of this when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VENV:-.venv}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+STAMP="$VENV/.edgeft-setup"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/edgeft" ]]; then
+  "$VENV/bin/edgeft" runtime path >/dev/null || "$VENV/bin/edgeft" runtime install
+  exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  PY=""
+  for cand in python3.12 python3.11 python3.10 python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(not ((3,10) <= sys.version_info[:2] <= (3,12)))'; then
+      PY="$cand"; break
+    fi
+  done
+  [[ -n "$PY" ]] || { echo "error: edgeft needs Python 3.10-3.12 (onnxruntime-training 1.19.2 has no wheels for newer)" >&2; exit 2; }
+  echo "setup: creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip setuptools wheel
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: NVIDIA GPU found: torch==$TORCH_VERSION with CUDA"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
+  else
+    echo "setup: no NVIDIA GPU: torch==$TORCH_VERSION CPU build"
+    "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
+  fi
+fi
+
+echo "setup: installing edgeft with dev extras"
+"${PIP[@]}" install -e ".[dev]"
+echo "setup: installing the ONNX Runtime training build"
+"$VENV/bin/edgeft" runtime install
+echo "$WANT" > "$STAMP"
+echo "setup: done ($VENV)"

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgeft import devices
+from edgeft.cli import main
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "edgeft", *argv], capture_output=True, text=True)
+
+
+def test_doctor_json_reports_both_runtimes():
+    proc = run_cli("doctor", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    for key in ("python", "onnxruntime", "onnxruntime_genai", "torch", "training_runtime"):
+        assert report[key]["ok"] is True, key
+    assert report["training_runtime"]["version"] == "1.19.2"
+    assert report["training_runtime"]["path"].endswith("ort-training-cpu-1.19.2")
+    assert "CPUExecutionProvider" in report["execution_providers"]["training"]
+    assert "CPUExecutionProvider" in report["execution_providers"]["inference"]
+
+
+def test_user_error_exits_2_without_traceback():
+    proc = run_cli("devices", "show", "jetson-orin-nano")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown device 'jetson-orin-nano'; did you mean jetson-orin-nano-8gb")
+    assert "Traceback" not in proc.stderr
+
+
+def test_devices_show_json(capsys):
+    assert main(["devices", "show", "jetson-agx-orin-64gb", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["memory"]["bandwidth_gbs"]["value"] == 204.8
+
+
+def test_devices_list_shows_every_profile(capsys):
+    assert main(["devices", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in devices.available():
+        assert name in out
+
+
+def test_runtime_path(capsys):
+    assert main(["runtime", "path"]) == 0
+    assert capsys.readouterr().out.strip().endswith("ort-training-cpu-1.19.2")
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "this-box.yaml"
+    assert main(["devices", "probe", "--out", str(out)]) == 0
+    return out
+
+
+def test_probe_writes_a_loadable_profile(probed):
+    profile = devices.load(str(probed))
+    assert profile.name == "this-box"
+    assert profile.cpu.cores >= 1
+    assert profile.cpu.peak_fp32_gflops.source == "measured" and profile.cpu.peak_fp32_gflops.value > 1
+    assert profile.memory.bandwidth_gbs.value > 0.5
+    assert profile.budgets is None
+    assert "cpu" in profile.execution_providers.inference
+
+
+def test_probe_refuses_to_overwrite(probed, capsys):
+    assert main(["devices", "probe", "--out", str(probed)]) == 2
+    assert "pass --force" in capsys.readouterr().err

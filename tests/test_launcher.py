@@ -1,0 +1,65 @@
+"""The two runtimes side by side: the parent has the inference build, the child the training build."""
+
+import pytest
+
+from edgeft import launcher, runtime
+from edgeft.errors import EdgeftError
+
+
+def test_parent_has_inference_build_and_genai():
+    import onnxruntime
+    import onnxruntime_genai
+
+    assert tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) >= (1, 31)
+    assert not onnxruntime.__file__.startswith(str(runtime.root_dir()))
+    assert onnxruntime_genai.__version__
+
+
+def test_child_has_training_build():
+    info = launcher.run("edgeft.trainer.info:main")
+    assert info["onnxruntime_version"] == runtime.ORT_TRAINING_VERSION == "1.19.2"
+    assert info["onnx_version"] == runtime.ONNX_VERSION
+    assert info["onnxruntime_path"].startswith(str(runtime.runtime_dir("cpu")))
+    assert info["training_importable"] is True
+    assert info["genai_loaded"] is False
+    assert "CPUExecutionProvider" in info["providers"]
+
+
+def test_events_stream_in_order_and_library_output_stays_out(tmp_path):
+    seen = []
+    log = tmp_path / "child.log"
+    result = launcher.run("tests.runtime_entries:chatty", {"steps": 5}, on_event=seen.append, log_path=log)
+    assert result == {"steps": 5, "modules": []}
+    assert [e["step"] for e in seen if e["event"] == "progress"] == [1, 2, 3, 4, 5]
+    assert seen[-1] == {**seen[-1], "event": "log", "message": "done"}
+    assert "library noise on stdout" in log.read_text()
+
+
+def test_user_error_in_child_is_a_plain_message():
+    with pytest.raises(EdgeftError) as info:
+        launcher.run("tests.runtime_entries:user_error")
+    assert type(info.value) is EdgeftError
+    assert str(info.value) == "the data file has 3 malformed lines; run `edgeft data check`"
+
+
+def test_bug_in_child_names_exception_and_log(tmp_path):
+    log = tmp_path / "child.log"
+    with pytest.raises(launcher.TrainingRuntimeError) as info:
+        launcher.run("tests.runtime_entries:bug", log_path=log)
+    message = str(info.value)
+    assert "ZeroDivisionError: division by zero" in message and str(log) in message
+    assert "Traceback" not in message
+    assert "1 / 0" in info.value.traceback
+
+
+def test_killed_child_is_reported_with_its_last_output(tmp_path):
+    with pytest.raises(launcher.TrainingRuntimeError, match=r"killed by signal 9(.|\n)*about to die"):
+        launcher.run("tests.runtime_entries:killed", log_path=tmp_path / "child.log")
+
+
+def test_install_is_idempotent():
+    path = runtime.runtime_dir("cpu")
+    stamp = path / runtime.STAMP
+    before = stamp.stat().st_mtime_ns
+    assert runtime.install() == path
+    assert stamp.stat().st_mtime_ns == before
