@@ -1,0 +1,82 @@
+"""Tiny random-weight models of every supported family, built from the real config classes.
+
+Each keeps its family's structural features (fused projections, GQA, partial rotary, long-context rope,
+tied embeddings, biased q/k/v). Sizes avoid the GenAI builder's LM-head pitfall: neither
+intermediate_size nor 2*intermediate_size equals the vocabulary size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config
+
+VOCAB = 320
+CORPUS = [
+    "turn on the kitchen lights", "set the thermostat to 21 degrees", "open the garage door at 7 am",
+    "what is the temperature in the bedroom", "play jazz in the living room", "lock the front door",
+    '{"action": "set", "device": "light", "room": "kitchen", "value": "on"}',
+] * 20
+
+
+def build_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def _longrope(rotary_half: int, original: int, maximum: int) -> dict:
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.01 * i for i in range(rotary_half)],
+            "long_factor": [1.0 + 0.5 * i for i in range(rotary_half)],
+            "original_max_position_embeddings": original}
+
+
+def _phi3(**kw) -> Phi3Config:
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                pad_token_id=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    base.update(kw)
+    return Phi3Config(**base)
+
+
+CONFIGS = {
+    "phi3-mini-4k": lambda: _phi3(),
+    "phi3-mini-128k": lambda: _phi3(max_position_embeddings=131072, original_max_position_embeddings=4096,
+                                    rope_scaling=_longrope(8, 4096, 131072)),
+    "phi3.5-mini": lambda: _phi3(max_position_embeddings=131072, original_max_position_embeddings=4096,
+                                 rope_scaling=_longrope(8, 4096, 131072), num_hidden_layers=3),
+    # Phi-4-mini: GQA, partial rotary 0.75 of head 64 (rotary half 24, a multiple of 8), tied embeddings.
+    "phi4-mini": lambda: _phi3(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=96,
+                               partial_rotary_factor=0.75, tie_word_embeddings=True,
+                               max_position_embeddings=131072, original_max_position_embeddings=4096,
+                               rope_scaling=_longrope(24, 4096, 131072)),
+    "llama3.2": lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=True, pad_token_id=3,
+        bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}),
+    "qwen2.5": lambda: Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, pad_token_id=3,
+        bos_token_id=1, eos_token_id=2),
+}
+
+
+def build(name: str, out: Path, seed: int = 0) -> Path:
+    """Write a tiny model folder (config, safetensors, tokenizer) for family `name` into `out`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return Path(out)
