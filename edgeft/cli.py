@@ -125,6 +125,53 @@ def cmd_devices_probe(args) -> int:
     return 0
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def cmd_prepare(args) -> int:
+    """Load a Hugging Face model folder, add LoRA/DoRA adapters with PEFT, and start a workspace."""
+    from edgeft import devices, schema
+    from edgeft.prepare import PrepareConfig, prepare
+
+    device = devices.load(args.device) if args.device else None
+    options = {"model_dir": args.model_dir, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+               "lora_dropout": args.lora_dropout, "targets": _csv(args.targets), "dora": args.dora,
+               "train_modules": _csv(args.train_modules) or [], "seed": args.seed,
+               "trainable_token_indices": [int(i) for i in _csv(args.trainable_tokens) or []],
+               "trust_remote_code": args.trust_remote_code}
+    cfg = schema.parse(PrepareConfig, {k: v for k, v in options.items() if v is not None}, "prepare options")
+    out = prepare(cfg, Path(args.out), device)
+    p = json.loads((out / "manifest.json").read_text())["stages"]["prepare"]["params"]
+    print(f"prepared {out}: {p['trainable']:,} trainable of {p['total']:,} parameters "
+          f"({100 * p['trainable'] / p['total']:.3f} %)")
+    print(f"next: `edgeft export {out}`")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Export a prepared workspace to ONNX Runtime training artifacts and verify them against PyTorch."""
+    from edgeft.export import ExportConfig, export
+
+    cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format)
+    out = export(Path(args.workspace), cfg)
+    rec = json.loads((Path(args.workspace) / "manifest.json").read_text())["stages"]["export"]
+    v, m = rec["verification"], rec["memory_mb"]
+    print(f"exported {out}: {', '.join(rec['outputs'])}")
+    print(f"verified: ORT loss {v['ort_eval_loss']:.6f} vs PyTorch {v['torch_loss']:.6f} "
+          f"(relative {v['relative_difference']:.1e}); {rec['timing_s']['total']:.1f} s, peak RSS "
+          f"{max(m['torch_export_peak_rss'], m['generate_artifacts_peak_rss']):.0f} MB")
+    print(f"next: `edgeft train {args.workspace} --data FILE.jsonl`")
+    return 0
+
+
+def _int_or(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -140,6 +187,20 @@ def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
 
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", cmd_doctor, (arg("--json", action="store_true", help="machine-readable output"),)),
+    Command("prepare", cmd_prepare, (
+        arg("model_dir", help="Hugging Face causal-LM folder"),
+        arg("--out", required=True, help="workspace folder to create"),
+        arg("--lora-r", type=_int_or), arg("--lora-alpha", type=float), arg("--lora-dropout", type=float),
+        arg("--targets", help="comma-separated module names (default: the family's attention + MLP Linears)"),
+        arg("--dora", action="store_true", help="DoRA instead of plain LoRA"),
+        arg("--train-modules", help="whole modules to train too, e.g. lm_head,embed_tokens"),
+        arg("--trainable-tokens", help="comma-separated embedding rows to train (new tokens)"),
+        arg("--trust-remote-code", action="store_true"), arg("--seed", type=_int_or),
+        arg("--device", help="device profile name or file"))),
+    Command("export", cmd_export, (
+        arg("workspace", help="a prepared workspace"),
+        arg("--nominal-checkpoint", action="store_true", help="also write a nominal (shapes-only) checkpoint"),
+        arg("--ort-format", action="store_true", help="also write .ort models"))),
     Command("runtime install", cmd_runtime_install, (
         arg("--cuda", action="store_true", help="the CUDA training build (841 MB) instead of the CPU one"),
         arg("--force", action="store_true", help="reinstall even if present"))),

@@ -1,0 +1,117 @@
+"""Export time and peak memory: tiny Phi-3 and a real-width Phi-3-mini slice whose fp32 weights pass 2 GB.
+
+    python benchmarks/export_memory.py [--layers 4] [--only tiny|slice] [--out benchmarks/results]
+
+Builds each model with random weights from a real Phi3Config (hidden 3072, ffn 8192, vocab 32064, 32 heads
+for the slice), runs `edgeft prepare` and `edgeft export` through the CLI (each its own process), and
+reads the figures export records in the manifest: trace, artifact generation and verification peaks,
+against the fp32 weight size. Writes export.json and export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GOAL_RATIO = 2.5
+
+
+def build(kind: str, out: Path, layers: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from tests.tiny_models import build_tokenizer
+
+    if kind == "tiny":
+        cfg = Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                         pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    else:
+        cfg = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                         original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out
+
+
+def run(cmd: list[str]) -> float:
+    t = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.time() - t
+
+
+def measure(kind: str, layers: int, root: Path) -> dict:
+    model_dir = build(kind, root / f"{kind}-model", layers)
+    ws = root / f"{kind}-ws"
+    edgeft = [sys.executable, "-m", "edgeft"]
+    prepare_s = run([*edgeft, "prepare", str(model_dir), "--out", str(ws)])
+    export_s = run([*edgeft, "export", str(ws)])
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    mem = rec["memory_mb"]
+    peak = max(mem["torch_export_peak_rss"], mem["generate_artifacts_peak_rss"], mem["verify_peak_rss"])
+    return {
+        "model": kind, "layers": layers if kind == "slice" else 2,
+        "fp32_weights_mb": mem["fp32_weights"], "trainable_params": rec["trainable_params"],
+        "prepare_wall_s": round(prepare_s, 1), "export_wall_s": round(export_s, 1), "timing_s": rec["timing_s"],
+        "peak_rss_mb": mem, "export_peak_mb": peak, "peak_over_weights": round(peak / mem["fp32_weights"], 2),
+        "loss_relative_difference": rec["verification"]["relative_difference"],
+        "artifacts_mb": {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted((ws / "artifacts").iterdir())},
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "# Export: time and peak memory", "",
+        f"Goal: the whole export (trace, artifact generation, verification) peaks at <= {GOAL_RATIO}x the fp32 "
+        "weight size. Each step is its own process; peaks are VmHWM of that process.", "",
+        "| model | fp32 weights | trace peak | generate_artifacts peak | verify peak | peak / weights | "
+        "export time (trace / generate / verify) | ORT vs torch loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, t = r["peak_rss_mb"], r["timing_s"]
+        lines.append(
+            f"| {r['model']} ({r['layers']} layers) | {m['fp32_weights']:.0f} MB | {m['torch_export_peak_rss']:.0f} MB | "
+            f"{m['generate_artifacts_peak_rss']:.0f} MB | {m['verify_peak_rss']:.0f} MB | "
+            f"**{r['peak_over_weights']}x** | {t['total']} s ({t['trace']} / {t['generate_artifacts']} / "
+            f"{t['verify']}) | {r['loss_relative_difference']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--only", choices=("tiny", "slice"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
+        for kind in ("tiny", "slice"):
+            if args.only in (None, kind):
+                rows.append(measure(kind, args.layers, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+    import platform
+
+    result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "export.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

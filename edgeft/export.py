@@ -1,0 +1,133 @@
+"""export: turn a prepared workspace into ONNX Runtime on-device training artifacts, and prove them.
+
+Writes `WS/artifacts/` (training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint) with only
+the adapter weights (and any --train-modules / trainable tokens) trainable. The export verifies itself:
+the training runtime's loss on a padded probe batch must equal PEFT/torch's within `tolerance`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft import launcher, rss
+from edgeft.atomic import atomic_dir
+from edgeft.errors import EdgeftError
+from edgeft.schema import spec
+from edgeft.workspace import Workspace
+
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    nominal_checkpoint: bool = spec("also write nominal_checkpoint (shapes only, for apps that ship weights apart)",
+                                    False)
+    ort_format: bool = spec("also write the models in ORT format (.ort) for minimal runtime builds", False)
+    probe_seq_len: int = spec("tokens per row of the verification batch", 24, min=4)
+    tolerance: float = spec("largest accepted relative loss difference between ORT and torch", 1e-4, gt=0)
+
+
+class VerificationError(EdgeftError):
+    """The exported artifacts do not reproduce the PyTorch model."""
+
+
+def _unchanged(ws: Workspace, cfg: ExportConfig) -> dict | None:
+    record = ws.stage("export")
+    prep = ws.stage("prepare")
+    if not record or record.get("config") != dataclasses.asdict(cfg):
+        return None
+    if record.get("prepared_at") != prep["finished_at"]:
+        return None
+    if not all((ws.root / "artifacts" / f).exists() for f in ARTIFACT_FILES):
+        return None
+    return record
+
+
+def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> Path:
+    import torch
+    from peft import PeftModel
+
+    from edgeft import onnx_export
+    from edgeft.prepare import load_base
+
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    if prep["config"]["dora"]:
+        raise EdgeftError(
+            "DoRA workspaces cannot be exported to the ONNX Runtime training build yet: PEFT detaches DoRA's "
+            "weight norm, ONNX has no stop-gradient, so ORT 1.19.2 would differentiate through the norm (and its "
+            "ReduceL2 gradient builds an invalid opset-17 graph). Prepare with plain LoRA, or train this "
+            "workspace with `--backend torch`")
+    out = ws.root / "artifacts"
+    if (previous := _unchanged(ws, cfg)) is not None:
+        print(f"export: workspace unchanged since {previous['finished_at']}; nothing to do")
+        return out
+    started = time.time()
+    rss.reset_peak()
+    model_dir = Path(prep["config"]["model_dir"])
+    base = load_base(model_dir, prep["config"]["trust_remote_code"])
+    peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=True)
+    wrapper = onnx_export.CausalLMLoss(peft_model)
+    config = base.config
+    pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
+    batch = onnx_export.probe_batch(config.vocab_size, cfg.probe_seq_len, pad_id)
+    reference = onnx_export.torch_loss(wrapper, batch)
+    trainable, frozen = onnx_export.parameter_names(wrapper)
+    n_trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in wrapper.parameters()}.values())
+
+    with atomic_dir(out) as tmp:
+        work = tmp / ".export"
+        work.mkdir()
+        t0 = time.time()
+        onnx_export.export(wrapper, batch, work / "model.onnx")
+        trace_seconds = time.time() - t0
+        torch_peak = rss.peak_mb()
+        del wrapper, peft_model, base
+        gc.collect()
+        np.savez(work / "probe.npz", **batch)
+        log = ws.root / "logs" / "export-runtime.log"
+        generated = launcher.run("edgeft.trainer.artifacts:generate", {
+            "model": str(work / "model.onnx"), "out": str(tmp), "requires_grad": trainable, "frozen": frozen,
+            "nominal_checkpoint": cfg.nominal_checkpoint, "ort_format": cfg.ort_format},
+            on_event=on_event, log_path=log)
+        verified = launcher.run("edgeft.trainer.artifacts:verify",
+                                {"artifacts": str(tmp), "batch": str(work / "probe.npz")},
+                                on_event=on_event, log_path=log)
+        shutil.rmtree(work)
+        rel = abs(verified["eval_loss"] - reference) / max(abs(reference), 1e-12)
+        if rel > cfg.tolerance:
+            raise VerificationError(
+                f"export verification failed: ONNX Runtime loss {verified['eval_loss']:.6f} vs PyTorch "
+                f"{reference:.6f} (relative difference {rel:.2e} > {cfg.tolerance:g}); nothing was written. "
+                "Report this with the model's config.json")
+        if sorted(verified["trainable"]) != sorted(trainable) or verified["trainable_count"] != n_trainable:
+            raise VerificationError(
+                f"export verification failed: the checkpoint trains {verified['trainable_count']} values in "
+                f"{len(verified['trainable'])} tensors, PEFT {n_trainable} in {len(trainable)}")
+
+    ws.drop("train", "merge", "package")
+    ws.record("export", {
+        "config": dataclasses.asdict(cfg), "prepared_at": prep["finished_at"],
+        "outputs": sorted(p.name for p in out.iterdir()),
+        "trainable_tensors": len(trainable), "trainable_params": n_trainable, "frozen_tensors": len(frozen),
+        "max_seq_len": prep["max_seq_len"], "opset": onnx_export.OPSET,
+        "verification": {"torch_loss": reference, "ort_eval_loss": verified["eval_loss"],
+                         "ort_train_loss": verified["train_loss"], "relative_difference": rel,
+                         "tolerance": cfg.tolerance, "batch": list(batch["input_ids"].shape), "padded_rows": 1},
+        "timing_s": {"total": round(time.time() - started, 2), "trace": round(trace_seconds, 2),
+                     "generate_artifacts": generated["seconds"], "verify": verified["seconds"]},
+        "memory_mb": {"fp32_weights": round(weight_bytes / 2**20, 1), "torch_export_peak_rss": round(torch_peak, 1),
+                      "generate_artifacts_peak_rss": generated["peak_rss_mb"],
+                      "verify_peak_rss": verified["peak_rss_mb"]},
+    })
+    return out

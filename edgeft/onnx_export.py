@@ -1,0 +1,101 @@
+"""The torch side of export: a causal-LM loss wrapper traced to ONNX with parameter names intact.
+
+Settings measured to work (DESIGN.md): the TorchScript exporter (`dynamo=False`), opset 17, no constant
+folding, TrainingMode.TRAINING, traced with a padded batch so the masking branches are in the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+INPUT_NAMES = ("input_ids", "attention_mask", "labels")
+OPSET = 17
+IGNORE_INDEX = -100
+
+
+class CausalLMLoss(torch.nn.Module):
+    """forward(input_ids, attention_mask, labels) -> mean next-token cross-entropy over labelled tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        vocab = logits.shape[-1]
+        shift_logits = logits[:, :-1, :].reshape(-1, vocab).float()
+        shift_labels = labels[:, 1:].reshape(-1)
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+@contextlib.contextmanager
+def static_long_rope(model: torch.nn.Module) -> Iterator[int]:
+    """Pin long-rope rotary modules to their short-factor frequencies while tracing.
+
+    transformers 5 switches `inv_freq` between short and long factors in place (`copy_`) at every forward,
+    which the TorchScript exporter cannot express (aten::copy, opset 17). With the short factors pinned the
+    graph equals the model for sequences up to original_max_position_embeddings, which export records as
+    the longest trainable sequence. Only these module instances change, and only inside this block.
+    """
+    changed = []
+    for module in model.modules():
+        if getattr(module, "rope_type", None) == "longrope" and hasattr(module, "original_inv_freq"):
+            changed.append(module)
+            with torch.no_grad():
+                module.inv_freq.copy_(module.original_inv_freq)
+            module.rope_type = "longrope-pinned-short"
+    try:
+        yield len(changed)
+    finally:
+        for module in changed:
+            module.rope_type = "longrope"
+
+
+def probe_batch(vocab_size: int, seq_len: int = 24, pad_id: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two rows; the second is right-padded, so the graph is traced and verified with masking in play."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab_size, size=(2, seq_len), dtype=np.int64)
+    mask = np.ones_like(ids)
+    cut = seq_len * 2 // 3
+    ids[1, cut:] = pad_id
+    mask[1, cut:] = 0
+    labels = ids.copy()
+    labels[mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def torch_loss(wrapper: CausalLMLoss, batch: dict[str, np.ndarray]) -> float:
+    wrapper.eval()
+    with torch.no_grad(), static_long_rope(wrapper):
+        return float(wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES)))
+
+
+def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path) -> None:
+    """Trace `wrapper` to `path` (external data beside it when the weights pass 2 GB)."""
+    args = tuple(torch.from_numpy(batch[k]) for k in INPUT_NAMES)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    wrapper.train()
+    with static_long_rope(wrapper), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            wrapper, args, str(path), input_names=list(INPUT_NAMES), output_names=["loss"], dynamic_axes=axes,
+            opset_version=OPSET, do_constant_folding=False, training=torch.onnx.TrainingMode.TRAINING,
+            dynamo=False, export_params=True)
+
+
+def parameter_names(wrapper: CausalLMLoss) -> tuple[list[str], list[str]]:
+    """(trainable, frozen) parameter names as the exporter names the initializers."""
+    trainable, frozen, seen = [], [], set()
+    for name, p in wrapper.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (trainable if p.requires_grad else frozen).append(name)
+    return trainable, frozen

@@ -1,0 +1,156 @@
+"""prepare: load a Hugging Face model folder, add PEFT LoRA/DoRA adapters, start the workspace.
+
+Writes `WS/adapter_init/` (the freshly initialised adapter, PEFT format) so that export and the torch
+backend start from the very same weights, and the `prepare` record of `WS/manifest.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft import families, schema
+from edgeft.atomic import atomic_dir
+from edgeft.errors import EdgeftError
+from edgeft.schema import spec
+from edgeft.workspace import Workspace, hash_files
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    model_dir: str = spec("Hugging Face causal-LM folder (config.json, safetensors, tokenizer)")
+    lora_r: int = spec("LoRA rank", 16, gt=0)
+    lora_alpha: float = spec("LoRA alpha (scale = alpha / r)", 32.0, gt=0)
+    lora_dropout: float = spec("dropout on the LoRA input during training", 0.0, min=0.0, max=0.9)
+    targets: list[str] | None = spec("module names to adapt; default: the family's attention and MLP Linears", None)
+    dora: bool = spec("DoRA (weight-decomposed LoRA) instead of plain LoRA", False)
+    train_modules: list[str] = spec("whole modules to train as well (PEFT modules_to_save): lm_head, embed_tokens",
+                                    default_factory=list)
+    trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
+    trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False)
+    seed: int = spec("seed for the adapter initialisation", 0)
+
+    def __post_init__(self):
+        problems: list[str] = []
+        schema.check(problems, all(i >= 0 for i in self.trainable_token_indices),
+                     "trainable_token_indices: indices must be >= 0")
+        schema.check(problems, not (self.trainable_token_indices and {"lm_head", "embed_tokens"} & set(self.train_modules)),
+                     "trainable_token_indices: not with --train-modules lm_head/embed_tokens, which already train "
+                     "every row; drop one of the two")
+        schema.check(problems, not self.targets or all(t.strip() for t in self.targets),
+                     "targets: empty module name; pass names like q_proj,v_proj")
+        schema.raise_if(problems, "prepare options")
+
+
+def lora_config(cfg: PrepareConfig, family: families.Family):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.targets or family.default_targets), use_dora=cfg.dora,
+        modules_to_save=list(cfg.train_modules) or None,
+        trainable_token_indices=list(cfg.trainable_token_indices) or None,
+        task_type="CAUSAL_LM", bias="none")
+
+
+def linear_names(model) -> list[str]:
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def max_train_seq_len(config: dict) -> int:
+    """Longest sequence the exported graph is valid for: long-rope exports pin the short-factor frequencies."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type")) == "longrope":
+        return int(rope.get("original_max_position_embeddings") or config["original_max_position_embeddings"])
+    return int(config.get("max_position_embeddings", 4096))
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise EdgeftError(f"--out {out} is a file; pass a folder for the workspace")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise EdgeftError(f"--out {out} exists and holds other files; pass a new or empty folder "
+                          "(or an existing edgeft workspace)")
+
+
+def input_hashes(model_dir: Path) -> dict[str, str]:
+    files = [model_dir / "config.json", *families.weight_files(model_dir)]
+    files += [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    return hash_files(files, model_dir)
+
+
+def load_base(model_dir: Path, trust_remote_code: bool = False, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            attn_implementation="eager", local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"cannot load the model in {model_dir}: {e}") from None
+
+
+def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
+    """Validate the model folder and options, initialise the adapter, record the workspace."""
+    import torch
+    from peft import get_peft_model
+
+    started = time.time()
+    model_dir = Path(cfg.model_dir).resolve()
+    out = Path(out)
+    check_out_dir(out)
+    config = families.read_config(model_dir)
+    family = families.detect(config, model_dir)
+    hashes = input_hashes(model_dir)
+    ws = Workspace(out)
+    record_cfg = dataclasses.asdict(cfg) | {"model_dir": str(model_dir)}
+    previous = ws.stage("prepare")
+    if previous and previous["config"] == record_cfg and previous["inputs"] == hashes:
+        print(f"prepare: inputs and options unchanged since {previous['finished_at']}; nothing to do")
+        return out
+    n_layers = config.get("num_hidden_layers")
+    vocab = config.get("vocab_size")
+    bad_tokens = [i for i in cfg.trainable_token_indices if vocab and i >= vocab]
+    if bad_tokens:
+        raise EdgeftError(f"trainable_token_indices {bad_tokens} are outside the vocabulary (size {vocab})")
+
+    base = load_base(model_dir, cfg.trust_remote_code)
+    targets = list(cfg.targets or family.default_targets)
+    linears = linear_names(base)
+    missing = [t for t in targets if t not in linears]
+    if missing:
+        raise EdgeftError(f"target modules {missing} not found in {model_dir.name}; Linear layers there: "
+                          f"{', '.join(linears)}")
+    modules = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [m for m in cfg.train_modules if m not in modules]
+    if missing:
+        raise EdgeftError(f"--train-modules {missing} not found; try lm_head or embed_tokens")
+    torch.manual_seed(cfg.seed)
+    peft_model = get_peft_model(base, lora_config(cfg, family))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out / "adapter_init") as tmp:
+        peft_model.save_pretrained(tmp)
+    if previous:
+        changed = [k for k in set(previous["inputs"]) | set(hashes) if previous["inputs"].get(k) != hashes.get(k)]
+        what = f"inputs changed: {', '.join(sorted(changed))}" if changed else "options changed"
+        print(f"prepare: {what}; later stages will run again")
+        ws.drop("export", "train", "merge", "package")
+    ws.record("prepare", {
+        "config": record_cfg, "inputs": hashes, "family": family.name, "architecture": family.architecture,
+        "targets": targets, "num_hidden_layers": n_layers, "vocab_size": vocab,
+        "max_seq_len": max_train_seq_len(config), "device": getattr(device, "name", None),
+        "params": {"trainable": trainable, "total": total, "base": total - trainable},
+        "seconds": round(time.time() - started, 2),
+    })
+    return out

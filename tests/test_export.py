@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgeft import launcher
+from edgeft.errors import EdgeftError
+from edgeft.export import ExportConfig, export
+from edgeft.onnx_export import CausalLMLoss, probe_batch
+from edgeft.prepare import PrepareConfig, load_base, prepare
+from tests.tiny_models import CONFIGS
+
+TOLERANCE = 1e-4  # relative, on the mean cross-entropy
+
+
+def randomize_adapter(ws, seed=1):
+    """LoRA B starts at zero, which would hide a broken adapter path; give every adapter tensor values."""
+    path = ws / "adapter_init" / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in load_file(path).items()}
+    save_file(tensors, path)
+
+
+def peft_loss(ws, model_dir, batch):
+    """The reference: transformers + PEFT as a user runs them, long-rope switching left on."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init")
+    wrapper = CausalLMLoss(model).eval()
+    with torch.no_grad():
+        return float(wrapper(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))))
+
+
+def ort_loss(ws, batch, tmp_path):
+    np.savez(tmp_path / "batch.npz", **batch)
+    return launcher.run("edgeft.trainer.artifacts:verify",
+                        {"artifacts": str(ws / "artifacts"), "batch": str(tmp_path / "batch.npz")})
+
+
+def prepared(tiny_model, tmp_path, family, **options):
+    model_dir = tiny_model(family)
+    ws = prepare(PrepareConfig(model_dir=str(model_dir), lora_r=4, **options), tmp_path / "ws")
+    randomize_adapter(ws)
+    return ws, model_dir
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_export_matches_peft_for_every_family(tiny_model, tmp_path, family):
+    ws, model_dir = prepared(tiny_model, tmp_path, family)
+    out = export(ws)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "eval_model.onnx", "optimizer_model.onnx",
+                                                    "training_model.onnx"]
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    assert rec["verification"]["relative_difference"] <= TOLERANCE
+    assert rec["memory_mb"]["generate_artifacts_peak_rss"] > 0 and rec["timing_s"]["total"] > 0
+
+    # another batch size and length than the one traced: the axes are dynamic
+    batch = probe_batch(320, seq_len=11, pad_id=3, seed=7)
+    batch = {k: np.concatenate([v, v[:1]]) for k, v in batch.items()}  # 3 rows
+    result = ort_loss(ws, batch, tmp_path)
+    reference = peft_loss(ws, model_dir, batch)
+    assert result["eval_loss"] == pytest.approx(reference, rel=TOLERANCE)
+    assert result["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in result["trainable"])
+    assert result["trainable_count"] == rec["trainable_params"]
+
+
+@pytest.mark.parametrize("family, options, marker", [
+    ("phi3-mini-4k", {"train_modules": ["lm_head"]}, "lm_head.modules_to_save"),
+    ("phi4-mini", {"train_modules": ["embed_tokens"]}, "embed_tokens.modules_to_save"),
+    ("qwen2.5", {"trainable_token_indices": [5, 6]}, "token_adapter.trainable_tokens_delta"),
+])
+def test_modules_to_save_and_trainable_tokens_are_trainable(tiny_model, tmp_path, family, options, marker):
+    ws, model_dir = prepared(tiny_model, tmp_path, family, **options)
+    export(ws)
+    batch = probe_batch(320, seq_len=9, pad_id=3, seed=3)
+    result = ort_loss(ws, batch, tmp_path)
+    assert result["eval_loss"] == pytest.approx(peft_loss(ws, model_dir, batch), rel=TOLERANCE)
+    assert any(marker in n for n in result["trainable"])
+    prep = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    assert result["trainable_count"] == prep["params"]["trainable"]
+
+
+def test_long_rope_export_records_its_valid_length(tiny_model, tmp_path):
+    ws, _ = prepared(tiny_model, tmp_path, "phi3-mini-128k")
+    export(ws)
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    assert rec["max_seq_len"] == 4096
+
+
+def test_options_rerun_and_errors(tiny_model, tmp_path, capsys):
+    ws, _ = prepared(tiny_model, tmp_path, "llama3.2")
+    export(ws, ExportConfig(nominal_checkpoint=True, ort_format=True))
+    names = {p.name for p in (ws / "artifacts").iterdir()}
+    assert {"nominal_checkpoint", "training_model.ort", "eval_model.ort", "optimizer_model.ort"} <= names
+    capsys.readouterr()
+    export(ws, ExportConfig(nominal_checkpoint=True, ort_format=True))
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_export_refuses_dora(tiny_model, tmp_path):
+    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), dora=True), tmp_path / "ws")
+    with pytest.raises(EdgeftError, match="DoRA.*--backend torch"):
+        export(ws)
+    assert not (ws / "artifacts").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_export_of_unprepared_workspace_exits_2(tmp_path, make):
+    ws = tmp_path / "ws"
+    if make == "empty":
+        ws.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "edgeft", "export", str(ws)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "run `edgeft prepare MODEL_DIR --out" in proc.stderr and "Traceback" not in proc.stderr
