@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import launcher, rss
+import onnx
+
+from edgeft import base_weights, launcher, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
 from edgeft.workspace import Workspace
 
-ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", base_weights.BASE_DATA)
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,19 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         del wrapper, peft_model, base
         gc.collect()
         np.savez(work / "probe.npz", **batch)
+        t0 = time.time()
+        rss.reset_peak()
+        slim, stored = base_weights.externalize(work / "model.onnx", tmp, set(frozen))
+        onnx.save(slim, str(tmp / "slim_model.onnx"))
+        del slim
+        externalize = {"seconds": round(time.time() - t0, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
+        shutil.rmtree(work / "weights", ignore_errors=True)
         log = ws.root / "logs" / "export-runtime.log"
         generated = launcher.run("edgeft.trainer.artifacts:generate", {
-            "model": str(work / "model.onnx"), "out": str(tmp), "requires_grad": trainable, "frozen": frozen,
+            "model": str(tmp / "slim_model.onnx"), "out": str(tmp), "requires_grad": trainable,
             "nominal_checkpoint": cfg.nominal_checkpoint, "ort_format": cfg.ort_format},
-            on_event=on_event, log_path=log)
+            on_event=on_event, log_path=log, cwd=tmp)
+        (tmp / "slim_model.onnx").unlink()
         verified = launcher.run("edgeft.trainer.artifacts:verify",
                                 {"artifacts": str(tmp), "batch": str(work / "probe.npz")},
                                 on_event=on_event, log_path=log)
@@ -120,13 +130,16 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         "config": dataclasses.asdict(cfg), "prepared_at": prep["finished_at"],
         "outputs": sorted(p.name for p in out.iterdir()),
         "trainable_tensors": len(trainable), "trainable_params": n_trainable, "frozen_tensors": len(frozen),
+        "base_weights": {"file": base_weights.BASE_DATA, **stored},
         "max_seq_len": prep["max_seq_len"], "opset": onnx_export.OPSET,
         "verification": {"torch_loss": reference, "ort_eval_loss": verified["eval_loss"],
                          "ort_train_loss": verified["train_loss"], "relative_difference": rel,
                          "tolerance": cfg.tolerance, "batch": list(batch["input_ids"].shape), "padded_rows": 1},
         "timing_s": {"total": round(time.time() - started, 2), "trace": round(trace_seconds, 2),
-                     "generate_artifacts": generated["seconds"], "verify": verified["seconds"]},
+                     "externalize": externalize["seconds"], "generate_artifacts": generated["seconds"],
+                     "verify": verified["seconds"]},
         "memory_mb": {"fp32_weights": round(weight_bytes / 2**20, 1), "torch_export_peak_rss": round(torch_peak, 1),
+                      "externalize_peak_rss": externalize["peak_rss_mb"],
                       "generate_artifacts_peak_rss": generated["peak_rss_mb"],
                       "verify_peak_rss": verified["peak_rss_mb"]},
     })

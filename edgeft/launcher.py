@@ -42,10 +42,11 @@ def child_env(runtime_path: Path) -> dict[str, str]:
 
 
 def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: EventHandler | None = None,
-        log_path: Path | None = None) -> dict:
+        log_path: Path | None = None, cwd: Path | None = None) -> dict:
     """Call `entry` ("module:function") in the training runtime; return its result.
 
-    `on_event` sees every progress and log event as it arrives. A user error in the child is raised here
+    `on_event` sees every progress and log event as it arrives. `cwd` is the child's working folder
+    (onnxblock writes temp files into it). A user error in the child is raised here
     as EdgeftError with the child's message; a bug as TrainingRuntimeError naming the log.
     """
     runtime_path = runtime.runtime_dir(runtime.active_variant(ep))
@@ -60,7 +61,7 @@ def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: Even
         env["EDGEFT_EVENT_FD"] = str(write_fd)
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgeft.trainer.child", entry],
-            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,), cwd=cwd,
         )
         os.close(write_fd)
         proc.stdin.write(json.dumps(args or {}).encode())

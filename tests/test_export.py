@@ -52,8 +52,8 @@ def prepared(tiny_model, tmp_path, family, **options):
 def test_export_matches_peft_for_every_family(tiny_model, tmp_path, family):
     ws, model_dir = prepared(tiny_model, tmp_path, family)
     out = export(ws)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "eval_model.onnx", "optimizer_model.onnx",
-                                                    "training_model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["base.data", "checkpoint", "eval_model.onnx",
+                                                    "optimizer_model.onnx", "training_model.onnx"]
     rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
     assert rec["verification"]["relative_difference"] <= TOLERANCE
     assert rec["memory_mb"]["generate_artifacts_peak_rss"] > 0 and rec["timing_s"]["total"] > 0
@@ -66,6 +66,16 @@ def test_export_matches_peft_for_every_family(tiny_model, tmp_path, family):
     assert result["eval_loss"] == pytest.approx(reference, rel=TOLERANCE)
     assert result["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in result["trainable"])
     assert result["trainable_count"] == rec["trainable_params"]
+    # the checkpoint holds only what trains; the frozen base lives once, in base.data
+    assert result["checkpoint_tensors"] == len(result["trainable"])
+    assert (out / "checkpoint").stat().st_size < 4 * rec["trainable_params"] + 65536
+    assert rec["base_weights"]["tensors"] == rec["frozen_tensors"]
+    assert rec["base_weights"]["bytes"] >= 4 * (rec["frozen_tensors"] and 1)
+    import onnx
+
+    graph = onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph
+    assert rec["base_weights"]["transposed"] >= 2 * 4  # 4+ adapted Linears per layer, 2 layers
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0].endswith("base_layer.weight")]
 
 
 @pytest.mark.parametrize("family, options, marker", [

@@ -10,46 +10,43 @@ import numpy as np
 from edgeft import rss
 from edgeft.errors import EdgeftError
 from edgeft.trainer import events
+from edgeft.trainer.session import open_module
 
 
 def generate(args: dict) -> dict:
+    """generate_artifacts on the slim model: frozen weights stay initializers in base.data, never loaded."""
     import onnx
     from onnxruntime.training import artifacts
 
     started = time.time()
-    model_path = Path(args["model"])
     out = Path(args["out"])
-    graph_inits = {i.name for i in onnx.load(str(model_path), load_external_data=False).graph.initializer}
-    requires_grad = [n for n in args["requires_grad"] if n in graph_inits]
-    missing = sorted(set(args["requires_grad"]) - graph_inits)
+    model = onnx.load(str(args["model"]), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    missing = sorted(set(args["requires_grad"]) - inits)
     if missing:
         raise EdgeftError(f"trainable parameters missing from the exported graph: {missing[:5]}")
-    frozen = [n for n in args["frozen"] if n in graph_inits]
-    events.log(f"generating artifacts: {len(requires_grad)} trainable, {len(frozen)} frozen tensors")
+    events.log(f"generating artifacts: {len(args['requires_grad'])} trainable tensors")
     artifacts.generate_artifacts(
-        str(model_path), requires_grad=requires_grad, frozen_params=frozen, loss=None,
+        model, requires_grad=list(args["requires_grad"]), frozen_params=[], loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
         ort_format=bool(args.get("ort_format")), nominal_checkpoint=bool(args.get("nominal_checkpoint")))
-    return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1),
-            "trainable": requires_grad, "frozen_count": len(frozen)}
+    return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
 
 
 def verify(args: dict) -> dict:
-    """The training runtime's loss on the probe batch, in eval and in training mode (no update)."""
-    from onnxruntime.training.api import CheckpointState, Module
-
+    """The training runtime's loss on a batch, in eval and in training mode (no update)."""
     started = time.time()
-    out = Path(args["artifacts"])
+    opened = open_module(Path(args["artifacts"]))
     batch = dict(np.load(args["batch"]))
-    state = CheckpointState.load_checkpoint(str(out / "checkpoint"))
-    module = Module(str(out / "training_model.onnx"), state, str(out / "eval_model.onnx"), device="cpu")
     inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
+    module = opened.module
     module.eval()
     eval_loss = float(np.asarray(module(*inputs)))
     module.train()
     train_loss = float(np.asarray(module(*inputs)))
-    params = dict(iter(state.parameters))
+    params = dict(iter(opened.state.parameters))
     trainable = sorted(name for name, p in params.items() if p.requires_grad)
     return {"eval_loss": eval_loss, "train_loss": train_loss, "trainable": trainable,
+            "checkpoint_tensors": len(params),
             "trainable_count": int(sum(params[n].data.size for n in trainable)),
             "seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}

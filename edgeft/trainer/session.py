@@ -1,0 +1,50 @@
+"""Open ONNX Runtime training artifacts with the frozen base memory-mapped once for all sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.base_weights import BASE_DATA, external_initializers
+
+
+@dataclass
+class Opened:
+    module: object
+    state: object
+    # OrtValue.ortvalue_from_numpy does not copy: the arrays (and the map under them) must outlive the sessions.
+    keep_alive: list = field(default_factory=list)
+
+
+def session_options_with_base(artifacts: Path, graph_path: Path):
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    keep: list = []
+    base = artifacts / BASE_DATA
+    if not base.exists():
+        return options, keep
+    mapped = np.memmap(base, dtype=np.uint8, mode="r")
+    keep.append(mapped)
+    model = onnx.load(str(graph_path), load_external_data=False)
+    for name, dtype, shape, offset in external_initializers(model):
+        count = int(np.prod(shape)) if shape else 1
+        array = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(name, value)
+        keep.extend((array, value))
+    return options, keep
+
+
+def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "cpu") -> Opened:
+    from onnxruntime.training.api import CheckpointState, Module
+
+    artifacts = Path(artifacts)
+    options, keep = session_options_with_base(artifacts, artifacts / "training_model.onnx")
+    state = CheckpointState.load_checkpoint(str(checkpoint or artifacts / "checkpoint"))
+    module = Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"),
+                    device=device, session_options=options)
+    return Opened(module, state, keep)
