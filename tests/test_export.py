@@ -126,3 +126,18 @@ def test_export_of_unprepared_workspace_exits_2(tmp_path, make):
     proc = subprocess.run([sys.executable, "-m", "edgeft", "export", str(ws)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "run `edgeft prepare MODEL_DIR --out" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_artifacts_train_only_the_adapter(tiny_model, tmp_path):
+    import hashlib
+
+    ws, _ = prepared(tiny_model, tmp_path, "phi3-mini-4k")
+    out = export(ws)
+    base_hash = hashlib.sha256((out / "base.data").read_bytes()).hexdigest()
+    batch = probe_batch(320, seq_len=16, pad_id=3, seed=5)
+    np.savez(tmp_path / "b.npz", **batch)
+    result = launcher.run("edgeft.trainer.artifacts:steps",
+                          {"artifacts": str(out), "batch": str(tmp_path / "b.npz"), "steps": 5, "lr": 1e-2})
+    losses = result["losses"]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert hashlib.sha256((out / "base.data").read_bytes()).hexdigest() == base_hash

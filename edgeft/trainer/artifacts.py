@@ -50,3 +50,26 @@ def verify(args: dict) -> dict:
             "checkpoint_tensors": len(params),
             "trainable_count": int(sum(params[n].data.size for n in trainable)),
             "seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
+
+
+def steps(args: dict) -> dict:
+    """Run `steps` AdamW updates on one batch (a smoke test of the artifacts; `edgeft train` is the real loop)."""
+    from onnxruntime.training.api import Optimizer
+
+    artifacts = Path(args["artifacts"])
+    opened = open_module(artifacts)
+    optimizer = Optimizer(str(artifacts / "optimizer_model.onnx"), opened.module)
+    optimizer.set_learning_rate(float(args.get("lr", 1e-3)))
+    batch = dict(np.load(args["batch"]))
+    inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
+    module = opened.module
+    module.train()
+    losses, times = [], []
+    for _ in range(int(args.get("steps", 1))):
+        t = time.time()
+        losses.append(float(np.asarray(module(*inputs))))
+        optimizer.step()
+        module.lazy_reset_grad()
+        times.append(time.time() - t)
+        events.progress(step=len(losses), loss=losses[-1], seconds=times[-1])
+    return {"losses": losses, "step_seconds": times, "peak_rss_mb": round(rss.peak_mb(), 1)}
