@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import onnx
 
-from edgeft import base_weights, launcher, rss
+from edgeft import atomic, base_weights, detach, launcher, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
+from edgeft.trainer.session import INPUTS_FILE
 from edgeft.workspace import Workspace
 
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", base_weights.BASE_DATA)
@@ -34,6 +34,8 @@ class ExportConfig:
     ort_format: bool = spec("also write the models in ORT format (.ort) for minimal runtime builds", False)
     probe_seq_len: int = spec("tokens per row of the verification batch", 24, min=4)
     tolerance: float = spec("largest accepted relative loss difference between ORT and torch", 1e-4, gt=0)
+    grad_tolerance: float = spec("largest accepted relative gradient error (all trainable tensors together)",
+                                 1e-3, gt=0)
 
 
 class VerificationError(EdgeftError):
@@ -53,7 +55,6 @@ def _unchanged(ws: Workspace, cfg: ExportConfig) -> dict | None:
 
 
 def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> Path:
-    import torch
     from peft import PeftModel
 
     from edgeft import onnx_export
@@ -63,12 +64,6 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     if not ws.root.is_dir():
         raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
-    if prep["config"]["dora"]:
-        raise EdgeftError(
-            "DoRA workspaces cannot be exported to the ONNX Runtime training build yet: PEFT detaches DoRA's "
-            "weight norm, ONNX has no stop-gradient, so ORT 1.19.2 would differentiate through the norm (and its "
-            "ReduceL2 gradient builds an invalid opset-17 graph). Prepare with plain LoRA, or train this "
-            "workspace with `--backend torch`")
     out = ws.root / "artifacts"
     if (previous := _unchanged(ws, cfg)) is not None:
         print(f"export: workspace unchanged since {previous['finished_at']}; nothing to do")
@@ -82,7 +77,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     config = base.config
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     batch = onnx_export.probe_batch(config.vocab_size, cfg.probe_seq_len, pad_id)
-    reference = onnx_export.torch_loss(wrapper, batch)
+    reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
     trainable, frozen = onnx_export.parameter_names(wrapper)
     n_trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in wrapper.parameters()}.values())
@@ -100,6 +95,8 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         t0 = time.time()
         rss.reset_peak()
         slim, stored = base_weights.externalize(work / "model.onnx", tmp, set(frozen))
+        detached = detach.detach_norms(slim, set(trainable))
+        atomic.write_json(tmp / INPUTS_FILE, {"inputs": list(onnx_export.INPUT_NAMES), "detached": detached})
         onnx.save(slim, str(tmp / "slim_model.onnx"))
         del slim
         externalize = {"seconds": round(time.time() - t0, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
@@ -111,8 +108,11 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
             on_event=on_event, log_path=log, cwd=tmp)
         (tmp / "slim_model.onnx").unlink()
         verified = launcher.run("edgeft.trainer.artifacts:verify",
-                                {"artifacts": str(tmp), "batch": str(work / "probe.npz")},
+                                {"artifacts": str(tmp), "batch": str(work / "probe.npz"),
+                                 "grads_out": str(work / "ort_grads.npz")},
                                 on_event=on_event, log_path=log)
+        grad_error = onnx_export.gradient_error(torch_grads, dict(np.load(work / "ort_grads.npz")))
+        dropout = prep["config"]["lora_dropout"] > 0
         shutil.rmtree(work)
         rel = abs(verified["eval_loss"] - reference) / max(abs(reference), 1e-12)
         if rel > cfg.tolerance:
@@ -120,6 +120,10 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
                 f"export verification failed: ONNX Runtime loss {verified['eval_loss']:.6f} vs PyTorch "
                 f"{reference:.6f} (relative difference {rel:.2e} > {cfg.tolerance:g}); nothing was written. "
                 "Report this with the model's config.json")
+        if not dropout and grad_error > cfg.grad_tolerance:
+            raise VerificationError(
+                f"export verification failed: ONNX Runtime gradients differ from PyTorch's by {grad_error:.2e} "
+                f"(relative, > {cfg.grad_tolerance:g}); nothing was written. Report this with the model's config.json")
         if sorted(verified["trainable"]) != sorted(trainable) or verified["trainable_count"] != n_trainable:
             raise VerificationError(
                 f"export verification failed: the checkpoint trains {verified['trainable_count']} values in "
@@ -134,7 +138,11 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         "max_seq_len": prep["max_seq_len"], "opset": onnx_export.OPSET,
         "verification": {"torch_loss": reference, "ort_eval_loss": verified["eval_loss"],
                          "ort_train_loss": verified["train_loss"], "relative_difference": rel,
-                         "tolerance": cfg.tolerance, "batch": list(batch["input_ids"].shape), "padded_rows": 1},
+                         "tolerance": cfg.tolerance, "batch": list(batch["input_ids"].shape), "padded_rows": 1,
+                         "gradient_relative_error": None if dropout else grad_error,
+                         "gradient_tolerance": cfg.grad_tolerance,
+                         "gradient_note": "not compared: LoRA dropout is random in training mode" if dropout else None},
+        "detached_inputs": len(detached),
         "timing_s": {"total": round(time.time() - started, 2), "trace": round(trace_seconds, 2),
                      "externalize": externalize["seconds"], "generate_artifacts": generated["seconds"],
                      "verify": verified["seconds"]},

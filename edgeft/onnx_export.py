@@ -77,6 +77,29 @@ def torch_loss(wrapper: CausalLMLoss, batch: dict[str, np.ndarray]) -> float:
         return float(wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES)))
 
 
+def torch_loss_and_grads(wrapper: CausalLMLoss, batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and trainable-parameter gradients in eval mode (no dropout), the reference for export."""
+    wrapper.eval()
+    wrapper.zero_grad(set_to_none=True)
+    with static_long_rope(wrapper):
+        loss = wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))
+        loss.backward()
+    grads = {n: p.grad.detach().numpy().copy() for n, p in wrapper.named_parameters()
+             if p.requires_grad and p.grad is not None}
+    wrapper.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def gradient_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
+    """||g_other - g_ref|| / ||g_ref|| over all trainable tensors together (LoRA B = 0 zeroes A's grads)."""
+    missing = sorted(set(reference) ^ set(other))
+    if missing:
+        raise KeyError(f"gradients differ in which tensors they cover: {missing[:5]}")
+    diff = sum(float(np.sum((other[n].reshape(reference[n].shape) - reference[n]) ** 2)) for n in reference)
+    norm = sum(float(np.sum(reference[n] ** 2)) for n in reference)
+    return (diff / max(norm, 1e-30)) ** 0.5
+
+
 def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path) -> None:
     """Trace `wrapper` to `path` (external data beside it when the weights pass 2 GB)."""
     args = tuple(torch.from_numpy(batch[k]) for k in INPUT_NAMES)

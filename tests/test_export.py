@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgeft import launcher
-from edgeft.errors import EdgeftError
 from edgeft.export import ExportConfig, export
 from edgeft.onnx_export import CausalLMLoss, probe_batch
 from edgeft.prepare import PrepareConfig, load_base, prepare
@@ -52,10 +51,11 @@ def prepared(tiny_model, tmp_path, family, **options):
 def test_export_matches_peft_for_every_family(tiny_model, tmp_path, family):
     ws, model_dir = prepared(tiny_model, tmp_path, family)
     out = export(ws)
-    assert sorted(p.name for p in out.iterdir()) == ["base.data", "checkpoint", "eval_model.onnx",
+    assert sorted(p.name for p in out.iterdir()) == ["base.data", "checkpoint", "edgeft_inputs.json", "eval_model.onnx",
                                                     "optimizer_model.onnx", "training_model.onnx"]
     rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
     assert rec["verification"]["relative_difference"] <= TOLERANCE
+    assert rec["verification"]["gradient_relative_error"] <= 1e-3
     assert rec["memory_mb"]["generate_artifacts_peak_rss"] > 0 and rec["timing_s"]["total"] > 0
 
     # another batch size and length than the one traced: the axes are dynamic
@@ -111,11 +111,35 @@ def test_options_rerun_and_errors(tiny_model, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
-def test_export_refuses_dora(tiny_model, tmp_path):
-    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), dora=True), tmp_path / "ws")
-    with pytest.raises(EdgeftError, match="DoRA.*--backend torch"):
+@pytest.mark.parametrize("family", ["phi3-mini-4k", "llama3.2"])
+def test_dora_exports_with_peft_gradients(tiny_model, tmp_path, family):
+    ws, model_dir = prepared(tiny_model, tmp_path, family, dora=True)
+    export(ws)
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    assert rec["detached_inputs"] > 0
+    assert rec["verification"]["gradient_relative_error"] <= 1e-3
+    batch = probe_batch(320, seq_len=10, pad_id=3, seed=4)
+    result = ort_loss(ws, batch, tmp_path)
+    assert result["eval_loss"] == pytest.approx(peft_loss(ws, model_dir, batch), rel=TOLERANCE)
+    assert any("lora_magnitude_vector" in n for n in result["trainable"])
+
+
+def test_verification_failure_writes_nothing(tiny_model, tmp_path, monkeypatch):
+    from edgeft import onnx_export
+    from edgeft.export import VerificationError
+
+    ws, _ = prepared(tiny_model, tmp_path, "phi3-mini-4k")
+    real = onnx_export.torch_loss_and_grads
+
+    def wrong_grads(wrapper, batch):
+        loss, grads = real(wrapper, batch)
+        return loss, {k: 2 * v for k, v in grads.items()}
+
+    monkeypatch.setattr(onnx_export, "torch_loss_and_grads", wrong_grads)
+    with pytest.raises(VerificationError, match="gradients differ from PyTorch's"):
         export(ws)
     assert not (ws / "artifacts").exists()
+    assert "export" not in json.loads((ws / "manifest.json").read_text())["stages"]
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

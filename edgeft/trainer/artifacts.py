@@ -38,14 +38,15 @@ def verify(args: dict) -> dict:
     started = time.time()
     opened = open_module(Path(args["artifacts"]))
     batch = dict(np.load(args["batch"]))
-    inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
     module = opened.module
     module.eval()
-    eval_loss = float(np.asarray(module(*inputs)))
+    eval_loss = float(np.asarray(module(*opened.inputs(batch))))
     module.train()
-    train_loss = float(np.asarray(module(*inputs)))
+    train_loss = float(np.asarray(module(*opened.inputs(batch))))
     params = dict(iter(opened.state.parameters))
     trainable = sorted(name for name, p in params.items() if p.requires_grad)
+    if args.get("grads_out"):
+        np.savez(args["grads_out"], **{name: np.asarray(params[name].grad) for name in trainable})
     return {"eval_loss": eval_loss, "train_loss": train_loss, "trainable": trainable,
             "checkpoint_tensors": len(params),
             "trainable_count": int(sum(params[n].data.size for n in trainable)),
@@ -61,13 +62,12 @@ def steps(args: dict) -> dict:
     optimizer = Optimizer(str(artifacts / "optimizer_model.onnx"), opened.module)
     optimizer.set_learning_rate(float(args.get("lr", 1e-3)))
     batch = dict(np.load(args["batch"]))
-    inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
     module = opened.module
     module.train()
     losses, times = [], []
     for _ in range(int(args.get("steps", 1))):
         t = time.time()
-        losses.append(float(np.asarray(module(*inputs))))
+        losses.append(float(np.asarray(module(*opened.inputs(batch)))))
         optimizer.step()
         module.lazy_reset_grad()
         times.append(time.time() - t)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeft.base_weights import BASE_DATA, external_initializers
+
+INPUTS_FILE = "edgeft_inputs.json"
 
 
 @dataclass
@@ -16,6 +19,19 @@ class Opened:
     state: object
     # OrtValue.ortvalue_from_numpy does not copy: the arrays (and the map under them) must outlive the sessions.
     keep_alive: list = field(default_factory=list)
+    detached: dict = field(default_factory=dict)
+
+    def inputs(self, batch: dict) -> list:
+        """The module's inputs in its order: batch arrays, plus detached copies of parameters (see detach.py)."""
+        feeds = []
+        for name in self.module.input_names():
+            if name in batch:
+                feeds.append(batch[name])
+            elif name in self.detached:
+                feeds.append(np.ascontiguousarray(self.state.parameters[self.detached[name]].data))
+            else:
+                raise KeyError(f"no value for model input {name!r}")
+        return feeds
 
 
 def session_options_with_base(artifacts: Path, graph_path: Path):
@@ -47,4 +63,6 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
     state = CheckpointState.load_checkpoint(str(checkpoint or artifacts / "checkpoint"))
     module = Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"),
                     device=device, session_options=options)
-    return Opened(module, state, keep)
+    inputs_file = artifacts / INPUTS_FILE
+    detached = json.loads(inputs_file.read_text())["detached"] if inputs_file.exists() else {}
+    return Opened(module, state, keep, detached)
