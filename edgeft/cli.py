@@ -165,6 +165,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    """Check a training file: format errors with line numbers, token statistics, duplicates, time per epoch."""
+    from edgeft import devices
+    from edgeft.data import check
+
+    profile = devices.load(args.device) if args.device else None
+    report = check.check(Path(args.file), Path(args.model), args.seq_len, profile, args.train_on_prompt)
+    print(json.dumps(report, indent=2) if args.json else check.render(report))
+    return 0 if report["clean"] else 1
+
+
 def _int_or(value: str) -> int:
     try:
         return int(value)
@@ -201,6 +212,12 @@ COMMANDS: tuple[Command, ...] = (
         arg("workspace", help="a prepared workspace"),
         arg("--nominal-checkpoint", action="store_true", help="also write a nominal (shapes-only) checkpoint"),
         arg("--ort-format", action="store_true", help="also write .ort models"))),
+    Command("data check", cmd_data_check, (
+        arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
+        arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),
+        arg("--seq-len", type=_int_or, default=512), arg("--device", help="device profile for the time estimate"),
+        arg("--train-on-prompt", action="store_true", help="count every token as trained"),
+        arg("--json", action="store_true"))),
     Command("runtime install", cmd_runtime_install, (
         arg("--cuda", action="store_true", help="the CUDA training build (841 MB) instead of the CPU one"),
         arg("--force", action="store_true", help="reinstall even if present"))),

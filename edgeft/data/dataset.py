@@ -1,0 +1,136 @@
+"""Tokenized datasets as plain numpy arrays, cached by content hash of data + tokenizer + settings.
+
+Each split is one .npz the training runtime reads with numpy alone: `tokens` (int32, all samples
+concatenated), `loss_mask` (bool, same length), `offsets` (int64, n+1 sample boundaries), `lines` (int32,
+source line of each sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft import atomic, schema
+from edgeft.data import formats, tokenize
+from edgeft.data.tokenize import Encoded
+from edgeft.errors import EdgeftError
+from edgeft.schema import spec
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seq_len: int = spec("longest sample in tokens", 512, min=8)
+    truncation: str = spec("over-long samples: drop them, or keep their first seq_len tokens", "drop",
+                           choices=tokenize.TRUNCATION)
+    train_on_prompt: bool = spec("train on every token, not only assistant / completion tokens", False)
+    val_fraction: float = spec("share of the data held out for validation when no eval file is given", 0.1,
+                               min=0.0, max=0.5)
+    seed: int = spec("seed of the validation split", 0)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    meta: dict
+
+    def split(self, name: str) -> Path:
+        return self.root / f"{name}.npz"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cache_key(data: Path, eval_data: Path | None, model_dir: Path, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FORMAT_VERSION, "cfg": dataclasses.asdict(cfg)}, sort_keys=True).encode())
+    h.update(_sha(data).encode())
+    if eval_data:
+        h.update(_sha(eval_data).encode())
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            h.update(name.encode() + _sha(Path(model_dir) / name).encode())
+    return h.hexdigest()[:20]
+
+
+def read_clean(path: Path) -> formats.ReadResult:
+    result = formats.read(path)
+    if result.problems:
+        kinds = ", ".join(f"{k} ({len(v)}: line {', '.join(map(str, v[:3]))}{'...' if len(v) > 3 else ''})"
+                          for k, v in result.problems_by_kind().items())
+        raise EdgeftError(f"{path} has {len(result.problems)} problem(s): {kinds}; "
+                          f"run `edgeft data check {path} --model MODEL_DIR` for the full list")
+    return result
+
+
+def to_arrays(samples: list[Encoded]) -> dict[str, np.ndarray]:
+    lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return {
+        "tokens": np.concatenate([s.input_ids for s in samples]).astype(np.int32) if samples else np.zeros(0, np.int32),
+        "loss_mask": np.concatenate([s.loss_mask for s in samples]) if samples else np.zeros(0, bool),
+        "offsets": offsets, "lines": np.array([s.line for s in samples], dtype=np.int32),
+    }
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if fraction <= 0 or n < 2:
+        return np.arange(n), np.arange(0)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataConfig(),
+          eval_data: Path | None = None) -> Dataset:
+    """Tokenize `data` (and `eval_data`, else a `val_fraction` split) into out_root/<key>/, or reuse it."""
+    key = cache_key(data, eval_data, model_dir, cfg)
+    root = Path(out_root) / key
+    if (root / "meta.json").is_file():
+        return Dataset(root, json.loads((root / "meta.json").read_text()))
+    tok = tokenize.load_tokenizer(model_dir)
+    train_read = read_clean(data)
+    train, problems, stats = tokenize.encode_all(tok, train_read.records, cfg.seq_len, cfg.truncation,
+                                                 cfg.train_on_prompt)
+    val_stats = None
+    if eval_data:
+        val_read = read_clean(eval_data)
+        val, val_problems, val_stats = tokenize.encode_all(tok, val_read.records, cfg.seq_len, cfg.truncation,
+                                                           cfg.train_on_prompt)
+        problems += val_problems
+    else:
+        tr, va = split_indices(len(train), cfg.val_fraction, cfg.seed)
+        train, val = [train[i] for i in tr], [train[i] for i in va]
+    if problems:
+        raise EdgeftError(f"{len(problems)} record(s) cannot be tokenized, first at line {problems[0].line}: "
+                          f"{problems[0].message}; run `edgeft data check {data} --model {model_dir}`")
+    if not train:
+        raise EdgeftError(f"no training samples left in {data} after truncation ({stats['dropped']} of "
+                          f"{len(train_read.records)} longer than --seq-len {cfg.seq_len}); raise --seq-len or "
+                          "use --truncation right")
+    meta = {
+        "version": FORMAT_VERSION, "key": key, "config": dataclasses.asdict(cfg), "format": train_read.format,
+        "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        "truncation": stats, "eval_truncation": val_stats,
+        "splits": {name: {"samples": len(s), "tokens": int(sum(len(x.input_ids) for x in s)),
+                          "target_tokens": int(sum(int(x.loss_mask.sum()) for x in s))}
+                   for name, s in (("train", train), ("val", val))},
+    }
+    with atomic.atomic_dir(root) as tmp:
+        for name, samples in (("train", train), ("val", val)):
+            np.savez(tmp / f"{name}.npz", **to_arrays(samples))
+        atomic.write_json(tmp / "meta.json", meta)
+    return Dataset(root, meta)
+
+
+__all__ = ["DataConfig", "Dataset", "build", "schema"]

@@ -1,0 +1,206 @@
+"""Reading training files and checking their records, with every problem's line number.
+
+Formats (auto-detected, never mixed in one file):
+- chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
+  (OpenAI chat fine-tuning format; weight 0 excludes an assistant message from the loss)
+- prompt/completion: {"prompt": str, "completion": str}
+- text: {"text": str}
+Files: .jsonl (one object per line) or .json (a list of objects).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "prompt_completion", "text")
+MAX_LINE_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int
+    kind: str
+    message: str
+
+
+@dataclass
+class Record:
+    line: int
+    format: str
+    data: dict
+
+
+@dataclass
+class ReadResult:
+    path: Path
+    records: list[Record] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    format: str | None = None
+
+    def problems_by_kind(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for p in self.problems:
+            out.setdefault(p.kind, []).append(p.line)
+        return out
+
+
+def _format_of(obj: dict) -> str | None:
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _check_chat(obj: dict, line: int) -> list[Problem]:
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list):
+        return [Problem(line, "messages_not_list", f"'messages' must be a list, got {type(msgs).__name__}")]
+    if not msgs:
+        return [Problem(line, "empty_messages", "'messages' is empty")]
+    problems = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            problems.append(Problem(line, "message_not_object", f"messages[{i}] is not an object"))
+            continue
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            problems.append(Problem(line, "unknown_role",
+                                    f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}"))
+        if not isinstance(content, str):
+            problems.append(Problem(line, "content_not_string",
+                                    f"messages[{i}].content must be a string, got {type(content).__name__}"))
+        elif not content.strip():
+            problems.append(Problem(line, "empty_content", f"messages[{i}].content is empty"))
+        if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            problems.append(Problem(line, "bad_weight", f"messages[{i}].weight must be 0 or 1, got {m['weight']!r}"))
+        if "weight" in m and role != "assistant":
+            problems.append(Problem(line, "bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
+        unknown = set(m) - {"role", "content", "weight", "name"}
+        if unknown:
+            problems.append(Problem(line, "unknown_key", f"messages[{i}] has unknown keys {sorted(unknown)}"))
+    roles = [m.get("role") for m in msgs if isinstance(m, dict)]
+    if "assistant" not in roles:
+        problems.append(Problem(line, "no_assistant", "no assistant message: nothing to learn from"))
+    elif all(m.get("weight", 1) == 0 for m in msgs if isinstance(m, dict) and m.get("role") == "assistant"):
+        problems.append(Problem(line, "no_assistant", "every assistant message has weight 0: nothing to learn from"))
+    if "system" in roles[1:]:
+        problems.append(Problem(line, "system_not_first", "a system message may only come first"))
+    return problems
+
+
+def _check_fields(obj: dict, line: int, keys: tuple[str, ...]) -> list[Problem]:
+    problems = []
+    for key in keys:
+        value = obj.get(key)
+        if key not in obj:
+            problems.append(Problem(line, "missing_field", f"missing '{key}'"))
+        elif not isinstance(value, str):
+            problems.append(Problem(line, "not_string", f"'{key}' must be a string, got {type(value).__name__}"))
+        elif not value.strip() and key != "prompt":
+            problems.append(Problem(line, "empty_content", f"'{key}' is empty"))
+    unknown = set(obj) - set(keys)
+    if unknown:
+        problems.append(Problem(line, "unknown_key", f"unknown keys {sorted(unknown)}; expected {', '.join(keys)}"))
+    return problems
+
+
+CHECKS = {
+    "chat": lambda obj, line: _check_chat(obj, line),
+    "prompt_completion": lambda obj, line: _check_fields(obj, line, ("prompt", "completion")),
+    "text": lambda obj, line: _check_fields(obj, line, ("text",)),
+}
+
+
+def _open_checked(path: Path) -> bytes:
+    path = Path(path)
+    if not path.exists():
+        raise EdgeftError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise EdgeftError(f"{path} is a directory; pass a .jsonl or .json file")
+    if path.suffix not in (".jsonl", ".json"):
+        raise EdgeftError(f"{path}: expected a .jsonl or .json file, got '{path.suffix or 'no extension'}'")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise EdgeftError(f"{path} is empty; it needs one JSON object per line")
+    return raw
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark (Windows editors write one); harmless, so accepted
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise EdgeftError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+
+
+def _objects(text: str, path: Path, result: ReadResult) -> list[tuple[int, object]]:
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EdgeftError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(data, list):
+            raise EdgeftError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
+        return [(i + 1, obj) for i, obj in enumerate(data)]  # "line" = position in the list
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if len(line) > MAX_LINE_BYTES:
+            result.problems.append(Problem(n, "line_too_long", f"line is {len(line) / 2**20:.0f} MB; at most "
+                                                               f"{MAX_LINE_BYTES // 2**20} MB per record"))
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            result.problems.append(Problem(n, "not_json", f"not valid JSON: {e.msg} (column {e.colno})"))
+    return out
+
+
+def read(path: Path) -> ReadResult:
+    """Every record and every problem; raises EdgeftError only when the file is unusable as a whole."""
+    path = Path(path)
+    result = ReadResult(path)
+    text = _decode(_open_checked(path), path)
+    objects = _objects(text, path, result)
+    formats: Counter[str] = Counter()
+    first_line: dict[str, int] = {}
+    for line, obj in objects:
+        if not isinstance(obj, dict):
+            result.problems.append(Problem(line, "not_object", f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        fmt = _format_of(obj)
+        if fmt is None:
+            result.problems.append(Problem(line, "unknown_format",
+                                           f"no 'messages', 'prompt'/'completion' or 'text' key (keys: {sorted(obj)})"))
+            continue
+        formats[fmt] += 1
+        first_line.setdefault(fmt, line)
+        problems = CHECKS[fmt](obj, line)
+        result.problems.extend(problems)
+        if not problems:
+            result.records.append(Record(line, fmt, obj))
+    if formats:
+        result.format = formats.most_common(1)[0][0]
+    if len(formats) > 1:
+        for fmt in formats:
+            if fmt != result.format:
+                lines = [r.line for r in result.records if r.format == fmt]
+                lines += [ln for ln, o in objects if isinstance(o, dict) and _format_of(o) == fmt and ln not in lines]
+                shown = ", ".join(map(str, sorted(set(lines))[:10]))
+                result.problems.append(Problem(first_line[fmt], "mixed_formats",
+                                               f"{formats[fmt]} {fmt} record(s) in a {result.format} file "
+                                               f"(lines {shown}); use one format per file"))
+        result.records = [r for r in result.records if r.format == result.format]
+    return result

@@ -1,0 +1,1 @@
+"""Embedded sample tasks for the demo and the tests."""

@@ -1,0 +1,236 @@
+"""Sample task: natural-language commands for one specific home, answered with that home's JSON action.
+
+Two renderings of the same commands:
+- `home`: the fine-tuning target, Home-Assistant-style service calls on this home's own entities,
+  e.g. {"service": "light.turn_on", "entity_id": "light.kitchen_counter", "brightness_pct": 40}.
+- `generic`: a generic schema for broad pretraining data of the domain,
+  e.g. {"intent": "set", "device": "light", "room": "kitchen", "value": 40}.
+
+    python -m edgeft.tasks.home generate --out DIR [--schema home|generic] [--train N --val N --test N --seed S]
+    python -m edgeft.tasks.home score PREDICTIONS.jsonl GOLD.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+SYSTEM = {
+    "home": "You control the Lindqvist home. Answer with exactly one JSON action.",
+    "generic": "Turn the request into one JSON command.",
+}
+
+# (entity_id, room, kind, phrases that name it)
+ENTITIES = [
+    ("light.kitchen_ceiling", "kitchen", "light", ["kitchen lights", "kitchen ceiling light", "lights in the kitchen"]),
+    ("light.kitchen_counter", "kitchen", "light", ["counter lights", "kitchen counter lights", "under-cabinet lights"]),
+    ("light.living_room_lamp", "living room", "light", ["living room lamp", "floor lamp", "lamp in the living room"]),
+    ("light.living_room_ceiling", "living room", "light", ["living room lights", "big light in the living room"]),
+    ("light.bedroom_lamp", "bedroom", "light", ["bedroom lamp", "bedside lamp", "lamp in the bedroom"]),
+    ("light.hallway", "hallway", "light", ["hallway light", "hall lights", "lights in the hallway"]),
+    ("light.office_desk", "office", "light", ["desk lamp", "office light", "light in the office"]),
+    ("light.porch", "porch", "light", ["porch light", "outside light", "front porch light"]),
+    ("climate.downstairs", "downstairs", "thermostat", ["downstairs thermostat", "heating downstairs"]),
+    ("climate.upstairs", "upstairs", "thermostat", ["upstairs thermostat", "heating upstairs"]),
+    ("lock.front_door", "front door", "lock", ["front door", "front door lock"]),
+    ("lock.back_door", "back door", "lock", ["back door", "back door lock"]),
+    ("cover.garage_door", "garage", "cover", ["garage door", "garage"]),
+    ("cover.living_room_blinds", "living room", "cover", ["living room blinds", "blinds in the living room"]),
+    ("cover.bedroom_blinds", "bedroom", "cover", ["bedroom blinds", "blinds in the bedroom"]),
+    ("media_player.kitchen_speaker", "kitchen", "speaker", ["kitchen speaker", "speaker in the kitchen"]),
+    ("media_player.living_room_tv", "living room", "tv", ["tv", "living room tv", "television"]),
+    ("switch.coffee_maker", "kitchen", "switch", ["coffee maker", "coffee machine"]),
+    ("switch.office_fan", "office", "switch", ["office fan", "fan in the office"]),
+]
+
+POLITE = ["", "please ", "could you ", "can you ", "hey, ", "i'd like you to "]
+TAIL = ["", "", " please", " now", " thanks"]
+
+
+def _time_phrase(rng: random.Random) -> tuple[str, str]:
+    hour, minute = rng.randint(5, 23), rng.choice([0, 0, 15, 30, 45])
+    if rng.random() < 0.5:
+        spoken = f"{hour:02d}:{minute:02d}"
+    else:
+        h12 = hour % 12 or 12
+        spoken = f"{h12}{':%02d' % minute if minute else ''} {'am' if hour < 12 else 'pm'}"
+    return f" at {spoken}", f"{hour:02d}:{minute:02d}"
+
+
+def command(rng: random.Random) -> tuple[str, dict]:
+    """One request and its meaning: {entity, room, kind, op, value?, at?}."""
+    entity, room, kind, names = rng.choice(ENTITIES)
+    name = rng.choice(names)
+    meaning: dict = {"entity": entity, "room": room, "kind": kind}
+    if kind == "light":
+        choice = rng.random()
+        if choice < 0.35:
+            meaning["op"], text = "on", rng.choice([f"turn on the {name}", f"switch the {name} on", f"{name} on"])
+        elif choice < 0.65:
+            meaning["op"], text = "off", rng.choice([f"turn off the {name}", f"switch the {name} off",
+                                                     f"kill the {name}"])
+        else:
+            pct = rng.choice(range(5, 101, 5))
+            meaning.update(op="dim", value=pct)
+            text = rng.choice([f"dim the {name} to {pct}%", f"set the {name} to {pct} percent",
+                               f"{name} at {pct}%"])
+    elif kind == "thermostat":
+        temp = rng.choice([x / 2 for x in range(32, 52)])
+        temp = int(temp) if temp == int(temp) else temp
+        meaning.update(op="set", value=temp)
+        text = rng.choice([f"set the {name} to {temp} degrees", f"make it {temp} degrees {room}",
+                           f"{name} to {temp}"])
+    elif kind == "lock":
+        meaning["op"] = rng.choice(["lock", "unlock"])
+        text = rng.choice([f"{meaning['op']} the {name}", f"{meaning['op']} {name}"])
+    elif kind == "cover":
+        choice = rng.random()
+        if choice < 0.4:
+            meaning["op"], text = "open", rng.choice([f"open the {name}", f"raise the {name}"])
+        elif choice < 0.8:
+            meaning["op"], text = "close", rng.choice([f"close the {name}", f"shut the {name}"])
+        else:
+            pos = rng.choice(range(10, 100, 10))
+            meaning.update(op="position", value=pos)
+            text = rng.choice([f"set the {name} to {pos}%", f"open the {name} {pos} percent"])
+    elif kind in ("speaker", "tv"):
+        choice = rng.random()
+        if choice < 0.4:
+            vol = rng.choice(range(5, 101, 5))
+            meaning.update(op="volume", value=vol)
+            text = rng.choice([f"set the {name} volume to {vol}", f"{name} volume {vol}%"])
+        else:
+            meaning["op"] = rng.choice(["play", "pause"])
+            text = rng.choice([f"{meaning['op']} the {name}", f"{meaning['op']} music on the {name}"])
+    else:
+        meaning["op"] = rng.choice(["on", "off"])
+        text = rng.choice([f"turn {meaning['op']} the {name}", f"switch the {name} {meaning['op']}"])
+    if meaning["op"] not in ("play", "pause", "volume") and rng.random() < 0.2:
+        phrase, at = _time_phrase(rng)
+        meaning["at"] = at
+        text += phrase
+    return rng.choice(POLITE) + text + rng.choice(TAIL), meaning
+
+
+SERVICES = {
+    ("light", "on"): "light.turn_on", ("light", "off"): "light.turn_off", ("light", "dim"): "light.turn_on",
+    ("thermostat", "set"): "climate.set_temperature", ("lock", "lock"): "lock.lock", ("lock", "unlock"): "lock.unlock",
+    ("cover", "open"): "cover.open_cover", ("cover", "close"): "cover.close_cover",
+    ("cover", "position"): "cover.set_cover_position", ("speaker", "volume"): "media_player.volume_set",
+    ("tv", "volume"): "media_player.volume_set", ("speaker", "play"): "media_player.media_play",
+    ("tv", "play"): "media_player.media_play", ("speaker", "pause"): "media_player.media_pause",
+    ("tv", "pause"): "media_player.media_pause", ("switch", "on"): "switch.turn_on", ("switch", "off"): "switch.turn_off",
+}
+VALUE_FIELD = {"dim": "brightness_pct", "set": "temperature", "position": "position", "volume": "volume_pct"}
+GENERIC_INTENT = {"on": "turn_on", "off": "turn_off", "dim": "set", "set": "set", "lock": "lock", "unlock": "unlock",
+                  "open": "open", "close": "close", "position": "set", "volume": "set_volume", "play": "play",
+                  "pause": "pause"}
+
+
+def render(meaning: dict, schema: str) -> dict:
+    if schema == "home":
+        action = {"service": SERVICES[(meaning["kind"], meaning["op"])], "entity_id": meaning["entity"]}
+        if "value" in meaning:
+            action[VALUE_FIELD[meaning["op"]]] = meaning["value"]
+    else:
+        action = {"intent": GENERIC_INTENT[meaning["op"]], "device": meaning["kind"], "room": meaning["room"]}
+        if "value" in meaning:
+            action["value"] = meaning["value"]
+    if "at" in meaning:
+        action["at"] = meaning["at"]
+    return action
+
+
+def example(rng: random.Random, schema: str) -> dict:
+    text, meaning = command(rng)
+    return {"messages": [{"role": "system", "content": SYSTEM[schema]}, {"role": "user", "content": text},
+                         {"role": "assistant", "content": json.dumps(render(meaning, schema))}]}
+
+
+def generate(out: Path, schema: str = "home", sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, Path]:
+    """Write train/val/test JSONL; requests never repeat across splits."""
+    sizes = sizes or {"train": 1200, "val": 150, "test": 150}
+    rng = random.Random(f"{schema}-{seed}")
+    seen: set[str] = set()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in sizes.items():
+        rows = []
+        while len(rows) < n:
+            ex = example(rng, schema)
+            key = ex["messages"][1]["content"]
+            if key not in seen:
+                seen.add(key)
+                rows.append(ex)
+        paths[split] = out / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def parse_action(text: str) -> dict | None:
+    match = re.search(r"\{.*\}", text, re.S)
+    if not match:
+        return None
+    try:
+        value = json.loads(match.group(0))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def score(predictions: list[str], gold: list[dict]) -> dict:
+    """Exact match (the parsed action equals the expected one), per-field accuracy, valid-JSON rate."""
+    exact = fields_right = fields_total = valid = 0
+    per_field: dict[str, list[int]] = {}
+    for text, expected in zip(predictions, gold, strict=True):
+        pred = parse_action(text)
+        valid += pred is not None
+        pred = pred or {}
+        exact += pred == expected
+        for key, value in expected.items():
+            ok = pred.get(key) == value
+            per_field.setdefault(key, [0, 0])
+            per_field[key][0] += ok
+            per_field[key][1] += 1
+            fields_right += ok
+            fields_total += 1
+    n = max(len(gold), 1)
+    return {"samples": len(gold), "exact_match": exact / n, "field_accuracy": fields_right / max(fields_total, 1),
+            "valid_json": valid / n, "per_field": {k: r / t for k, (r, t) in sorted(per_field.items())}}
+
+
+DATA_DIR = Path(__file__).parent / "home_data"
+
+
+def gold_actions(path: Path) -> list[dict]:
+    return [json.loads(json.loads(line)["messages"][-1]["content"]) for line in Path(path).read_text().splitlines()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edgeft.tasks.home", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("--out", type=Path, default=DATA_DIR)
+    g.add_argument("--schema", choices=tuple(SYSTEM), default="home")
+    g.add_argument("--seed", type=int, default=0)
+    for split, n in (("train", 1200), ("val", 150), ("test", 150)):
+        g.add_argument(f"--{split}", type=int, default=n)
+    s = sub.add_parser("score")
+    s.add_argument("predictions", type=Path, help="JSONL with a 'prediction' string per line")
+    s.add_argument("gold", type=Path, help="the chat JSONL the predictions answer")
+    args = ap.parse_args(argv)
+    if args.cmd == "generate":
+        paths = generate(args.out, args.schema, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
+        print("\n".join(str(p) for p in paths.values()))
+    else:
+        preds = [json.loads(line)["prediction"] for line in args.predictions.read_text().splitlines()]
+        print(json.dumps(score(preds, gold_actions(args.gold)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

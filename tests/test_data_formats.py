@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from edgeft.data import formats
+from edgeft.errors import EdgeftError
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("record, fmt", [
+    (CHAT, "chat"), ({"prompt": "a", "completion": "b"}, "prompt_completion"), ({"text": "abc"}, "text")])
+def test_formats_are_detected(tmp_path, record, fmt):
+    result = formats.read(write(tmp_path, [record, record]))
+    assert result.format == fmt and len(result.records) == 2 and not result.problems
+
+
+def test_json_list_file(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([CHAT, CHAT, CHAT]))
+    assert len(formats.read(path).records) == 3
+
+
+def test_mixed_formats_refused_with_line_numbers(tmp_path):
+    result = formats.read(write(tmp_path, [CHAT, CHAT, {"text": "x"}, CHAT, {"text": "y"}]))
+    (problem,) = [p for p in result.problems if p.kind == "mixed_formats"]
+    assert "2 text record(s) in a chat file (lines 3, 5)" in problem.message
+    assert all(r.format == "chat" for r in result.records)
+
+
+@pytest.mark.parametrize("line, kind", [
+    ("{not json", "not_json"),
+    ("[1, 2]", "not_object"),
+    ({"messages": []}, "empty_messages"),
+    ({"messages": "hi"}, "messages_not_list"),
+    ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}, "content_not_string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no_assistant"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y", "weight": 0}]},
+     "no_assistant"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y", "weight": 2}]},
+     "bad_weight"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "system_not_first"),
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]}, "empty_content"),
+    ({"prompt": "a", "completion": 3}, "not_string"),
+    ({"prompt": "a"}, "missing_field"),
+    ({"text": "a", "label": 1}, "unknown_key"),
+    ({"input": "a"}, "unknown_format"),
+])
+def test_each_problem_kind_with_its_line(tmp_path, line, kind):
+    first = CHAT
+    if isinstance(line, dict) and "prompt" in line:
+        first = {"prompt": "p", "completion": "c"}
+    elif isinstance(line, dict) and "text" in line:
+        first = {"text": "t"}
+    result = formats.read(write(tmp_path, [first, line]))
+    assert kind in result.problems_by_kind(), result.problems
+    assert result.problems_by_kind()[kind] == [2]
+
+
+def test_bom_is_accepted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\n")
+    assert len(formats.read(path).records) == 1
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p.write_text(""), "is empty"),
+    (lambda p: p.write_text("\n  \n"), "is empty"),
+    (lambda p: p.write_bytes(json.dumps(CHAT).encode() + b"\n{\"text\": \"caf\xe9\"}\n"),
+     r"d.jsonl:2: not valid UTF-8"),
+    (lambda p: p.mkdir(), "is a directory"),
+])
+def test_unusable_files(tmp_path, setup, message):
+    path = tmp_path / "d.jsonl"
+    setup(path)
+    with pytest.raises(EdgeftError, match=message):
+        formats.read(path)
+
+
+def test_missing_and_wrong_extension(tmp_path):
+    with pytest.raises(EdgeftError, match="does not exist"):
+        formats.read(tmp_path / "none.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(EdgeftError, match="expected a .jsonl or .json file"):
+        formats.read(tmp_path / "d.csv")
+    (tmp_path / "d.json").write_text('{"text": "x"}')
+    with pytest.raises(EdgeftError, match="must hold a list"):
+        formats.read(tmp_path / "d.json")
+
+
+def test_50mb_single_line_is_reported_not_loaded(tmp_path):
+    path = tmp_path / "d.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps(CHAT) + "\n")
+        f.write('{"text": "' + "x" * (50 * 2**20) + '"}\n')
+    result = formats.read(path)
+    assert result.problems_by_kind() == {"line_too_long": [2]}
+    assert "50 MB" in result.problems[0].message
