@@ -22,12 +22,12 @@ def tok():
 def marked(tok, enc):
     """The decoded sequence with trained tokens in [brackets]."""
     return "".join(f"[{tok.decode([int(i)])}]" if m else tok.decode([int(i)])
-                   for i, m in zip(enc.input_ids, enc.loss_mask))
+                   for i, m in zip(enc.input_ids, enc.loss_mask, strict=True))
 
 
 def test_multi_turn_mask_token_by_token(tok):
     enc = tokenize.encode(tok, Record(1, "chat", {"messages": MULTI_TURN}))
-    trained = [tok.decode([int(i)]) for i, m in zip(enc.input_ids, enc.loss_mask) if m]
+    trained = [tok.decode([int(i)]) for i, m in zip(enc.input_ids, enc.loss_mask, strict=True) if m]
     # Phi-3's template has no generation markers: the answers, their <|end|> and newline, and the final EOS
     assert trained == ["o", "k", "<|end|>", "\n", "d", "on", "e", "<|end|>", "\n", "</s>"]
     assert marked(tok, enc) == (

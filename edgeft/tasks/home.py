@@ -57,7 +57,7 @@ def _time_phrase(rng: random.Random) -> tuple[str, str]:
         spoken = f"{hour:02d}:{minute:02d}"
     else:
         h12 = hour % 12 or 12
-        spoken = f"{h12}{':%02d' % minute if minute else ''} {'am' if hour < 12 else 'pm'}"
+        spoken = f"{h12}{f':{minute:02d}' if minute else ''} {'am' if hour < 12 else 'pm'}"
     return f" at {spoken}", f"{hour:02d}:{minute:02d}"
 
 
