@@ -176,6 +176,29 @@ def cmd_data_check(args) -> int:
     return 0 if report["clean"] else 1
 
 
+def cmd_train(args) -> int:
+    """Fine-tune a workspace's adapter on JSONL data with ONNX Runtime training (or --backend torch)."""
+    from edgeft import devices, schema
+    from edgeft.train import TrainConfig, train
+
+    device = devices.load(args.device) if args.device else None
+    names = [f.name for f in __import__("dataclasses").fields(TrainConfig)]
+    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    cfg = schema.parse(TrainConfig, options, "train options")
+    result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
+    if result.get("interrupted"):
+        print(f"interrupted at step {result['step']}/{result['total_steps']}; checkpoint {result['checkpoint']}")
+        print(f"resume: `{result['resume_command']}` (with the same options)")
+        return 130
+    best = result.get("best_eval_loss")
+    print(f"trained {result['step']} steps" + (f", best eval loss {best:.4f}" if best is not None else "")
+          + (f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") else "")
+          + f", peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(f"metrics: {result['metrics']}  plot: {result['plot']}")
+    print(f"next: `edgeft merge {args.workspace}`")
+    return 0
+
+
 def _int_or(value: str) -> int:
     try:
         return int(value)
@@ -212,6 +235,19 @@ COMMANDS: tuple[Command, ...] = (
         arg("workspace", help="a prepared workspace"),
         arg("--nominal-checkpoint", action="store_true", help="also write a nominal (shapes-only) checkpoint"),
         arg("--ort-format", action="store_true", help="also write .ort models"))),
+    Command("train", cmd_train, (
+        arg("workspace"), arg("--data", required=True, help="training JSONL"),
+        arg("--eval-data", help="validation JSONL (default: --val-fraction of --data)"),
+        arg("--device", help="device profile name or file"),
+        arg("--epochs", type=_int_or), arg("--max-steps", type=_int_or), arg("--lr", type=float),
+        arg("--warmup-steps", type=_int_or), arg("--schedule", choices=("cosine", "linear", "constant")),
+        arg("--weight-decay", type=float), arg("--batch-size", type=_int_or), arg("--grad-accum", type=_int_or),
+        arg("--seq-len", type=_int_or), arg("--truncation", choices=("drop", "right")),
+        arg("--train-on-prompt", action="store_true", default=None), arg("--val-fraction", type=float),
+        arg("--seed", type=_int_or), arg("--eval-every", type=_int_or), arg("--save-every", type=_int_or),
+        arg("--keep-last", type=_int_or), arg("--max-grad-norm", type=float),
+        arg("--resume", action="store_true", help="continue from the latest checkpoint"),
+        arg("--backend", choices=("ort", "torch")), arg("--ep", choices=("cpu", "cuda")))),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),

@@ -30,26 +30,30 @@ class TrainingRuntimeError(EdgeftError):
         self.log_path = log_path
 
 
-def child_env(runtime_path: Path) -> dict[str, str]:
+def child_env(runtime_path: Path | None) -> dict[str, str]:
     env = dict(os.environ)
-    parts = [str(runtime_path), str(Path(__file__).resolve().parent.parent)]
+    parts = ([str(runtime_path)] if runtime_path else []) + [str(Path(__file__).resolve().parent.parent)]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)
-    env["EDGEFT_RUNTIME_PATH"] = str(runtime_path)
+    env.pop("EDGEFT_RUNTIME_PATH", None)
+    if runtime_path:
+        env["EDGEFT_RUNTIME_PATH"] = str(runtime_path)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
 def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: EventHandler | None = None,
-        log_path: Path | None = None, cwd: Path | None = None) -> dict:
+        log_path: Path | None = None, cwd: Path | None = None, runtime_name: str = "training") -> dict:
     """Call `entry` ("module:function") in the training runtime; return its result.
 
     `on_event` sees every progress and log event as it arrives. `cwd` is the child's working folder
     (onnxblock writes temp files into it). A user error in the child is raised here
     as EdgeftError with the child's message; a bug as TrainingRuntimeError naming the log.
+    `runtime_name="main"` runs the child in the main environment instead (the torch backend), with the
+    same protocol.
     """
-    runtime_path = runtime.runtime_dir(runtime.active_variant(ep))
+    runtime_path = runtime.runtime_dir(runtime.active_variant(ep)) if runtime_name == "training" else None
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="edgeft-runtime-", suffix=".log")
         os.close(fd)

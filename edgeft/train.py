@@ -1,0 +1,243 @@
+"""train: fine-tune a workspace's adapter with ONNX Runtime (default) or PyTorch, on JSONL data.
+
+Both backends run as a subprocess with the same loop (`edgeft.trainer.loop`) and stream the same
+events; this side shows progress, writes `WS/train/metrics.jsonl` and `metrics.png`, and records the
+summary in the manifest. Checkpoints: `WS/train/checkpoints/step-NNNNNN/` (last N plus the best).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft import atomic, launcher, runtime, schema
+from edgeft.data.dataset import DataConfig, build
+from edgeft.errors import EdgeftError
+from edgeft.schema import spec
+from edgeft.trainer import checkpoints
+from edgeft.trainer.schedule import SCHEDULES
+from edgeft.workspace import Workspace
+
+CADENCE = ("eval_every", "save_every", "keep_last")  # may change between a run and its resume
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = spec("passes over the training data (ignored with max_steps)", 1, min=1)
+    max_steps: int | None = spec("optimizer steps to run, instead of epochs", None, min=1)
+    lr: float = spec("peak learning rate", 2e-4, gt=0)
+    warmup_steps: int = spec("linear warmup steps", 0, min=0)
+    schedule: str = spec("decay after warmup", "cosine", choices=SCHEDULES)
+    weight_decay: float = spec("AdamW weight decay", 0.0, min=0)
+    batch_size: int = spec("samples per micro-batch", 4, min=1)
+    grad_accum: int = spec("micro-batches per optimizer step", 1, min=1)
+    seq_len: int = spec("longest sample in tokens", 512, min=8)
+    truncation: str = spec("over-long samples: drop or right (keep the start)", "drop", choices=("drop", "right"))
+    train_on_prompt: bool = spec("train on every token, not only the answers", False)
+    val_fraction: float = spec("validation share when no --eval-data is given", 0.1, min=0, max=0.5)
+    seed: int = spec("seed for data order and split", 0)
+    eval_every: int = spec("steps between evaluations (0: once per epoch)", 0, min=0)
+    save_every: int = spec("steps between checkpoints (0: only at evaluations and the end)", 0, min=0)
+    keep_last: int = spec("checkpoints kept besides the best", 2, min=1)
+    max_grad_norm: float | None = spec("clip the gradient norm (none: no clipping)", 1.0, gt=0)
+    backend: str = spec("ort: ONNX Runtime training; torch: PEFT + torch AdamW", "ort", choices=("ort", "torch"))
+    ep: str = spec("execution provider of the ORT backend", "cpu", choices=("cpu", "cuda"))
+
+    def __post_init__(self):
+        problems: list[str] = []
+        schema.check(problems, self.backend == "ort" or self.ep == "cpu",
+                     "ep: --ep cuda applies to the ort backend; the torch backend uses torch's own device")
+        schema.raise_if(problems, "train options")
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CADENCE}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Reporter:
+    """Live progress on a terminal; a line every few percent otherwise (CI logs, pipes)."""
+
+    def __init__(self, metrics_path: Path, resume_step: int):
+        self.metrics_path = metrics_path
+        self.tty = sys.stdout.isatty()
+        self.progress = self.task = None
+        self.total = None
+        self.every = 1
+        self._trim(resume_step)
+        self.file = open(metrics_path, "a", encoding="utf-8")
+
+    def _trim(self, resume_step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        atomic.write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind in ("progress", "eval", "checkpoint"):
+            self.file.write(json.dumps(event) + "\n")
+            self.file.flush()
+        if kind == "start":
+            self.total = event["total_steps"]
+            self.every = max(1, self.total // 20)
+            print(f"training: {event['train_samples']} samples ({event['val_samples']} validation), "
+                  f"{self.total} steps" + (f", resuming at step {event['resumed_from']}" if event["resumed_from"] else ""))
+            if self.tty:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.description}"), TimeRemainingColumn())
+                self.progress.start()
+                self.task = self.progress.add_task("", total=self.total, completed=event["resumed_from"])
+        elif kind == "progress":
+            text = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s  "
+                    f"rss {event['rss_mb']:.0f} MB (peak {event['peak_rss_mb']:.0f})")
+            if self.progress:
+                self.progress.update(self.task, completed=event["step"], description=text)
+            elif event["step"] % self.every == 0 or event["step"] == self.total:
+                eta = f"  eta {event['eta_s']:.0f} s" if event.get("eta_s") is not None else ""
+                print(f"step {event['step']}/{event['total']}  {text}{eta}", flush=True)
+        elif kind == "eval":
+            line = f"step {event['step']}: eval loss {event['eval_loss']:.4f}" + ("  (best)" if event["best"] else "")
+            (self.progress.console.print if self.progress else print)(line)
+        elif kind == "log":
+            pass
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        self.file.close()
+
+
+def plot(metrics_path: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    prog = [r for r in rows if r["event"] == "progress"]
+    evals = [r for r in rows if r["event"] == "eval"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    ax1.plot([r["step"] for r in prog], [r["loss"] for r in prog], lw=1, label="train loss")
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot([r["step"] for r in prog], [r["lr"] for r in prog], color="tab:green")
+    ax2.set_ylabel("learning rate")
+    ax2.set_xlabel("step")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _identity(ws: Workspace, backend: str) -> str:
+    prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    if backend == "ort":
+        exp = ws.require("export", f"the ort backend trains exported artifacts; run `edgeft export {ws.root}` "
+                                   "first (or train with --backend torch)")
+        return f"{prep['finished_at']}|{exp['finished_at']}"
+    return prep["finished_at"]
+
+
+def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
+          device=None, resume: bool = False) -> dict:
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}`")
+    identity = _identity(ws, cfg.backend)
+    prep = ws.stage("prepare")
+    max_len = prep["max_seq_len"]
+    if cfg.seq_len > max_len:
+        raise EdgeftError(f"--seq-len {cfg.seq_len} exceeds {max_len}, the longest sequence this model was exported "
+                          f"for (long-context rope is exported up to original_max_position_embeddings); use <= {max_len}")
+    if cfg.backend == "ort" and runtime.unsupported_reason():
+        raise EdgeftError(runtime.unsupported_reason())
+    model_dir = Path(prep["config"]["model_dir"])
+    dataset = build(Path(data), model_dir, ws.root / "data",
+                    DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed),
+                    Path(eval_data) if eval_data else None)
+    out = ws.root / "train"
+    root = out / "checkpoints"
+    chash = config_hash(cfg)
+    previous = ws.stage("train")
+    resume_state, resume_path = None, None
+    if resume:
+        resume_path = checkpoints.latest(root)
+        if resume_path is None:
+            raise EdgeftError(f"nothing to resume: {root} has no complete checkpoint; run without --resume")
+        resume_state = checkpoints.read_state(resume_path)
+        mismatch = [name for name, want in (("model or export", identity), ("data", dataset.meta["key"]),
+                                            ("training options", chash))
+                    if resume_state[{"model or export": "identity", "data": "data_key",
+                                     "training options": "config_hash"}[name]] != want]
+        if mismatch:
+            raise EdgeftError(f"cannot resume from {resume_path}: its {', '.join(mismatch)} differ from this run's; "
+                              f"resume with the original data and options, or remove {out} to start over")
+    elif previous and previous["config_hash"] == chash and previous["data_key"] == dataset.meta["key"] \
+            and previous["identity"] == identity and checkpoints.latest(root):
+        print(f"train: finished with these data and options at {previous['finished_at']}; nothing to do")
+        return previous
+    elif checkpoints.latest(root):
+        raise EdgeftError(f"{out} holds checkpoints of another run; continue it with --resume, or remove {out} "
+                          "to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in (out / "metrics.jsonl", root / "best.json"):
+            stale.unlink(missing_ok=True)
+    args = {
+        "config": dataclasses.asdict(cfg), "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
+        "checkpoints": str(root), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
+        "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,
+        "artifacts": str(ws.root / "artifacts"), "work": str(out / "work"), "device": cfg.ep,
+        "model_dir": str(model_dir), "adapter_init": str(ws.root / "adapter_init"),
+    }
+    entry = "edgeft.trainer.ort_engine:main" if cfg.backend == "ort" else "edgeft.torch_engine:main"
+    reporter = Reporter(out / "metrics.jsonl", resume_state["position"]["step"] if resume_state else 0)
+    started = time.time()
+    try:
+        result = launcher.run(entry, args, ep=cfg.ep, on_event=reporter, log_path=ws.root / "logs" / "train.log",
+                              runtime_name="training" if cfg.backend == "ort" else "main")
+    except KeyboardInterrupt:
+        reporter.close()
+        raise EdgeftError(f"interrupted; continue with `edgeft train {ws.root} --data {data} --resume` "
+                          "(the same options)") from None
+    finally:
+        reporter.close()
+    png = plot(out / "metrics.jsonl", out / "metrics.png")
+    if result["interrupted"]:
+        result["resume_command"] = f"edgeft train {ws.root} --data {data} --resume"
+        return result
+    record = {
+        "config": dataclasses.asdict(cfg), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
+        "data": dataset.meta, "device": getattr(device, "name", None), "wall_s": round(time.time() - started, 1),
+        "metrics": str(out / "metrics.jsonl"), "plot": str(png),
+        **{k: result[k] for k in ("step", "total_steps", "best_eval_loss", "tokens_seen", "tokens_per_s",
+                                  "peak_rss_mb", "last", "best")},
+    }
+    ws.drop("merge", "package")
+    ws.record("train", record)
+    return ws.stage("train")
+
+
+def steps_per_epoch(samples: int, cfg: TrainConfig) -> int:
+    return math.ceil(math.ceil(samples / cfg.batch_size) / cfg.grad_accum)

@@ -1,0 +1,79 @@
+"""Training checkpoints: folders written atomically, the last N kept plus the best, trainer state in JSON.
+
+WS/train/checkpoints/step-000120/ holds the engine's files (adapter weights and optimizer state) and
+trainer_state.json (step, data position, schedule inputs, config hash). A folder without
+trainer_state.json is not a checkpoint: it is written last, inside the temporary folder, before the
+rename that makes the checkpoint appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+STATE = "trainer_state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def complete(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE).is_file())
+
+
+def latest(root: Path) -> Path | None:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def save(root: Path, step: int, write_engine_files, state: dict) -> Path:
+    """Write a checkpoint atomically: engine files and state into a temp folder, then rename."""
+    final = step_dir(root, step)
+    tmp = Path(root) / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_engine_files(tmp)
+        with open(tmp / STATE, "w") as f:
+            json.dump(state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(root: Path, keep_last: int, best: Path | None) -> None:
+    found = complete(root)
+    for path in found[:-keep_last] if keep_last > 0 else found:
+        if best is None or path.resolve() != Path(best).resolve():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def mark_best(root: Path, path: Path) -> None:
+    pointer = Path(root) / "best.json"
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"path": Path(path).name}))
+    os.replace(tmp, pointer)
+
+
+def best(root: Path) -> Path | None:
+    pointer = Path(root) / "best.json"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / json.loads(pointer.read_text())["path"]
+    return path if (path / STATE).is_file() else None

@@ -1,0 +1,75 @@
+"""The ONNX Runtime engine of the training loop (runs inside the training runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.trainer import events, loop
+from edgeft.trainer.session import open_module
+
+CHECKPOINT = "ort_checkpoint"
+
+
+def build_optimizer(state, out: Path, weight_decay: float, max_grad_norm: float | None) -> Path:
+    """The AdamW graph for this run: weight decay and clipping are attributes of the graph in ORT 1.19."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.training import onnxblock
+
+    params = [numpy_helper.from_array(np.asarray(p.data), name) for name, p in state.parameters if p.requires_grad]
+    clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm else None
+    block = onnxblock.optim.AdamW(weight_decay=weight_decay, clip_grad=clip)
+    with onnxblock.empty_base(opset_version=17):
+        block((params, []))
+        model = block.to_model_proto()
+    onnx.save(model, str(out))
+    return out
+
+
+class OrtEngine:
+    def __init__(self, artifacts: Path, work: Path, cfg: dict, checkpoint: Path | None = None, device: str = "cpu"):
+        from onnxruntime.training.api import Optimizer
+
+        self.opened = open_module(artifacts, checkpoint, device)
+        self.module = self.opened.module
+        path = build_optimizer(self.opened.state, work / "optimizer_model.onnx", cfg["weight_decay"],
+                               cfg["max_grad_norm"])
+        self.optimizer = Optimizer(str(path), self.module)
+        self._train_mode = None
+
+    def _mode(self, train: bool) -> None:
+        if self._train_mode is not train:
+            self.module.train() if train else self.module.eval()
+            self._train_mode = train
+
+    def forward_backward(self, batch: dict) -> float:
+        self._mode(True)
+        return float(np.asarray(self.module(*self.opened.inputs(batch))))
+
+    def step(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def eval_loss(self, batch: dict) -> float:
+        self._mode(False)
+        return float(np.asarray(self.module(*self.opened.inputs(batch))))
+
+    def save(self, folder: Path) -> None:
+        from onnxruntime.training.api import CheckpointState
+
+        CheckpointState.save_checkpoint(self.opened.state, str(Path(folder) / CHECKPOINT), include_optimizer_state=True)
+
+
+def main(args: dict) -> dict:
+    import onnxruntime
+
+    onnxruntime.set_seed(int(args["config"]["seed"]))
+    resume = Path(args["resume_path"]) / CHECKPOINT if args.get("resume_path") else None
+    work = Path(args["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    engine = OrtEngine(Path(args["artifacts"]), work, args["config"], resume, args.get("device", "cpu"))
+    events.log(f"ONNX Runtime {onnxruntime.__version__} engine ready")
+    return loop.run(engine, args)
