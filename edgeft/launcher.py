@@ -70,26 +70,32 @@ def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: Even
         os.close(write_fd)
         proc.stdin.write(json.dumps(args or {}).encode())
         proc.stdin.close()
-        result, error = None, None
-        try:
-            with os.fdopen(read_fd, "r", encoding="utf-8") as events:
+        outcome: dict = {"result": None, "error": None}
+
+        def handle(line: str) -> None:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                return
+            kind = event.get("event")
+            if kind == "result":
+                outcome["result"] = event.get("data")
+            elif kind == "error":
+                outcome["error"] = event
+            elif on_event is not None:
+                on_event(event)
+
+        with os.fdopen(read_fd, "r", encoding="utf-8") as events:
+            try:
                 for line in events:
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
-                    kind = event.get("event")
-                    if kind == "result":
-                        result = event.get("data")
-                    elif kind == "error":
-                        error = event
-                    elif on_event is not None:
-                        on_event(event)
+                    handle(line)
+            except KeyboardInterrupt:
+                # The child got the same SIGINT (same process group) and is saving what it must: keep
+                # listening until it exits, so its final report (where it saved) reaches the user.
+                for line in events:
+                    handle(line)
             code = proc.wait()
-        except KeyboardInterrupt:
-            # The child got the same SIGINT (same process group) and saves what it must; wait for it.
-            proc.wait()
-            raise
+    result, error = outcome["result"], outcome["error"]
     if error is not None:
         if error.get("kind") == "user":
             raise EdgeftError(error["message"])

@@ -26,6 +26,7 @@ def test_trainable_count_worked_out_by_hand(tiny_model, tmp_path, r):
     assert stage["family"] == "phi3"
     assert stage["targets"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert set(stage["inputs"]) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                    "chat_template.jinja",
                                     "generation_config.json"}
     assert all(len(h) == 64 for h in stage["inputs"].values())
     assert stage["versions"]["peft"] and stage["versions"]["transformers"].startswith("5.")

@@ -26,7 +26,22 @@ def _check_runtime() -> None:
                            f"not from the training runtime at {expected_dir}")
 
 
+def _die_with_parent() -> None:
+    """A SIGKILLed parent must not leave the child training (and writing checkpoints) on its own."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def main() -> int:
+    _die_with_parent()
     events.open_channel()
     try:
         entry = sys.argv[1]

@@ -73,3 +73,13 @@ def main(args: dict) -> dict:
     engine = OrtEngine(Path(args["artifacts"]), work, args["config"], resume, args.get("device", "cpu"))
     events.log(f"ONNX Runtime {onnxruntime.__version__} engine ready")
     return loop.run(engine, args)
+
+
+def read_trained(args: dict) -> dict:
+    """Write the trainable tensors of an ORT checkpoint to an .npz (names as in the training graph)."""
+    from onnxruntime.training.api import CheckpointState
+
+    state = CheckpointState.load_checkpoint(str(args["checkpoint"]))
+    tensors = {name: np.asarray(p.data) for name, p in state.parameters if p.requires_grad}
+    np.savez(args["out"], **tensors)
+    return {"tensors": len(tensors)}

@@ -1,0 +1,157 @@
+"""Training: ORT vs PyTorch parity, exact resume after SIGKILL, Ctrl-C, and bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft import launcher
+from edgeft.errors import EdgeftError
+from edgeft.export import export
+from edgeft.prepare import PrepareConfig, prepare
+from edgeft.tasks.home import DATA_DIR
+from edgeft.train import TrainConfig, train
+
+DATA = DATA_DIR / "train.jsonl"
+FAST = {"batch_size": 4, "seq_len": 256, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws") / "ws"
+    prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), ws)
+    export(ws)
+    return ws
+
+
+def fresh(exported, tmp_path, name="ws"):
+    ws = tmp_path / name
+    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("train", "data"))
+    return ws
+
+
+def losses(ws):
+    rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "progress"]
+
+
+def trained(checkpoint, tmp_path):
+    out = tmp_path / f"{checkpoint.parent.parent.parent.name}-{checkpoint.name}.npz"
+    launcher.run("edgeft.trainer.ort_engine:read_trained",
+                 {"checkpoint": str(checkpoint / "ort_checkpoint"), "out": str(out)})
+    return dict(np.load(out))
+
+
+def test_ort_and_torch_agree_over_20_steps(exported, tmp_path):
+    cfg = dict(FAST, max_steps=20, eval_every=10)
+    ort_ws, torch_ws = fresh(exported, tmp_path, "ort"), fresh(exported, tmp_path, "torch")
+    ort = train(ort_ws, DATA, TrainConfig(**cfg))
+    ref = train(torch_ws, DATA, TrainConfig(**cfg, backend="torch"))
+    a, b = np.array(losses(ort_ws)), np.array(losses(torch_ws))
+    assert len(a) == len(b) == 20
+    assert abs(a[0] - b[0]) < 1e-5  # same init, data and rate: the first step is the same computation
+    # Stated tolerance: 1e-2 absolute per step (ORT's HF-style AdamW adds eps before bias correction,
+    # torch after; float noise compounds through Adam). Measured: below 2e-3.
+    assert np.max(np.abs(a - b)) < 1e-2, np.abs(a - b)
+    assert a[-1] < a[0] - 0.1 and b[-1] < b[0] - 0.1
+    assert abs(ort["best_eval_loss"] - ref["best_eval_loss"]) < 1e-2
+    for ws in (ort_ws, torch_ws):
+        assert (ws / "train" / "metrics.png").stat().st_size > 10_000
+    rec = json.loads((ort_ws / "manifest.json").read_text())["stages"]["train"]
+    assert rec["step"] == 20 and rec["tokens_per_s"] > 0 and rec["peak_rss_mb"] > 0
+
+
+def cli(ws, *extra):
+    return [sys.executable, "-m", "edgeft", "train", str(ws), "--data", str(DATA), "--batch-size", "4",
+            "--seq-len", "256", "--lr", "1e-3", "--max-steps", "12", "--save-every", "3", *extra]
+
+
+def wait_for_step(ws, step, proc, timeout=120):
+    metrics = ws / "train" / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if metrics.exists():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def test_sigkill_then_resume_ends_with_the_same_adapter(exported, tmp_path):
+    straight = fresh(exported, tmp_path, "straight")
+    assert subprocess.run(cli(straight), capture_output=True).returncode == 0
+    killed = fresh(exported, tmp_path, "killed")
+    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_step(killed, 7, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    states = [json.loads((p / "trainer_state.json").read_text())["position"]["step"]
+              for p in (killed / "train" / "checkpoints").glob("step-*")]
+    assert max(states) < 12  # it really was cut short
+    done = subprocess.run(cli(killed, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming at step" in done.stdout
+    a = trained(straight / "train" / "checkpoints" / "step-000012", tmp_path)
+    b = trained(killed / "train" / "checkpoints" / "step-000012", tmp_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert losses(straight) == losses(killed)
+
+
+def test_ctrl_c_saves_and_prints_the_resume_command(exported, tmp_path):
+    ws = fresh(exported, tmp_path)
+    proc = subprocess.Popen(cli(ws, "--max-steps", "400"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_step(ws, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "--resume" in out and "Traceback" not in err
+    import re
+
+    step, path = re.search(r"interrupted at step (\d+)/400; checkpoint (\S+)", out).groups()
+    state = json.loads((Path(path) / "trainer_state.json").read_text())
+    assert state["position"]["step"] == int(step) >= 2  # saved then (or just before, by --save-every)
+
+
+def test_bad_input(exported, tiny_model, tmp_path):
+    unexported = tmp_path / "unexported"
+    prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), unexported)
+    with pytest.raises(EdgeftError, match="run `edgeft export"):
+        train(unexported, DATA, TrainConfig(**FAST, max_steps=1))
+    ws = fresh(exported, tmp_path)
+    with pytest.raises(EdgeftError, match="exceeds 4096"):
+        train(ws, DATA, TrainConfig(batch_size=4, seq_len=8192, max_steps=1))
+    with pytest.raises(EdgeftError, match="nothing to resume"):
+        train(ws, DATA, TrainConfig(**FAST, max_steps=2), resume=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(EdgeftError, match="edgeft data check"):
+        train(ws, bad, TrainConfig(**FAST, max_steps=1))
+    train(ws, DATA, TrainConfig(**FAST, max_steps=2))
+    with pytest.raises(EdgeftError, match="holds checkpoints of another run"):
+        train(ws, DATA, TrainConfig(**FAST, max_steps=3))
+    with pytest.raises(EdgeftError, match="its training options differ"):
+        train(ws, DATA, TrainConfig(**{**FAST, "lr": 5e-4}, max_steps=2), resume=True)
+    again = train(ws, DATA, TrainConfig(**FAST, max_steps=2))
+    assert again["step"] == 2  # unchanged: nothing to do
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgeft", "train", str(tmp_path / "none"), "--data", str(DATA)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "edgeft", "train", str(tmp_path), "--data", str(DATA),
+                           "--lr", "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "lr: -1.0 must be greater than 0" in proc.stderr
