@@ -155,3 +155,21 @@ def test_cli_bad_input_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgeft", "train", str(tmp_path), "--data", str(DATA),
                            "--lr", "-1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "lr: -1.0 must be greater than 0" in proc.stderr
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(exported, tmp_path):
+    ws = fresh(exported, tmp_path)
+    root = ws / "train" / "checkpoints"
+    root.mkdir(parents=True)
+    # one tiny-model checkpoint (LoRA r8 + AdamW moments) is ~170 kB: room for one, not for two
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(root)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        with pytest.raises(EdgeftError, match=r"no space left .* while saving the step 4 checkpoint; the previous "
+                                              r"checkpoint step-000002 is intact.*--resume"):
+            train(ws, DATA, TrainConfig(**FAST, max_steps=6, save_every=2, keep_last=1, val_fraction=0.0))
+        assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+        state = json.loads((root / "step-000002" / "trainer_state.json").read_text())
+        assert state["position"]["step"] == 2
+    finally:
+        subprocess.run(["umount", str(root)], check=False)

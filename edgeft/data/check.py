@@ -44,7 +44,7 @@ def check(path: Path, model_dir: Path, seq_len: int = 512, profile=None, train_o
         from edgeft import plan
 
         params = plan.safetensors_params(model_dir)
-        est = plan.estimate_time(int(kept.sum()), params, profile)
+        est = plan.estimate_time(int(kept.sum()), plan.matmul_params(model_dir), profile)
         report["estimate"] = {
             "device": profile.name, "base_params": params, "seconds_per_epoch": round(est.seconds, 1),
             "flops_per_epoch": est.flops, "peak_gflops": est.peak_gflops, "compute": est.compute,

@@ -8,10 +8,13 @@ rename that makes the checkpoint appear.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
+
+from edgeft.errors import EdgeftError
 
 STATE = "trainer_state.json"
 
@@ -51,10 +54,22 @@ def save(root: Path, step: int, write_engine_files, state: dict) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            previous = latest(root)
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            raise EdgeftError(f"no space left on the device of {root} while saving the step {step} checkpoint; "
+                              f"{kept}. Free some space, then continue with --resume") from None
         raise
     return final
+
+
+def _disk_full(error: BaseException) -> bool:
+    # ORT's C++ checkpoint writer reports ENOSPC as a RuntimeError carrying the OS message.
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, (OSError, RuntimeError)) and "No space left on device" in str(error)
 
 
 def prune(root: Path, keep_last: int, best: Path | None) -> None:
