@@ -199,6 +199,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    """Write the trained adapter in PEFT format and the merged model, both checked against training."""
+    from edgeft.merge import MergeConfig, merge
+
+    ws = merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint))
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    v = rec["verification"]
+    check = (f"PEFT vs ORT eval logits {v['peft_vs_ort_eval_max_abs']:.1e}, " if "peft_vs_ort_eval_max_abs" in v else "")
+    print(f"merged {rec['checkpoint']} (step {rec['step']}): {ws / 'adapter'} and {ws / 'merged'}")
+    print(f"verified: {check}merged vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs)")
+    print(f"next: `edgeft package {args.workspace}`")
+    return 0
+
+
 def _int_or(value: str) -> int:
     try:
         return int(value)
@@ -248,6 +262,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--keep-last", type=_int_or), arg("--max-grad-norm", type=float),
         arg("--resume", action="store_true", help="continue from the latest checkpoint"),
         arg("--backend", choices=("ort", "torch")), arg("--ep", choices=("cpu", "cuda")))),
+    Command("merge", cmd_merge, (
+        arg("workspace"), arg("--checkpoint", default="best", help="best, last, or a step number"))),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),

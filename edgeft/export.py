@@ -24,6 +24,8 @@ from edgeft.schema import spec
 from edgeft.trainer.session import INPUTS_FILE
 from edgeft.workspace import Workspace
 
+# Bumped when the artifacts' layout changes (2: frozen base in base.data; 3: logits as second output).
+ARTIFACTS_FORMAT = 3
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", base_weights.BASE_DATA)
 
 
@@ -46,6 +48,8 @@ def _unchanged(ws: Workspace, cfg: ExportConfig) -> dict | None:
     record = ws.stage("export")
     prep = ws.stage("prepare")
     if not record or record.get("config") != dataclasses.asdict(cfg):
+        return None
+    if record.get("format") != ARTIFACTS_FORMAT:
         return None
     if record.get("prepared_at") != prep["finished_at"]:
         return None
@@ -131,7 +135,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
 
     ws.drop("train", "merge", "package")
     ws.record("export", {
-        "config": dataclasses.asdict(cfg), "prepared_at": prep["finished_at"],
+        "config": dataclasses.asdict(cfg), "format": ARTIFACTS_FORMAT, "prepared_at": prep["finished_at"],
         "outputs": sorted(p.name for p in out.iterdir()),
         "trainable_tensors": len(trainable), "trainable_params": n_trainable, "frozen_tensors": len(frozen),
         "base_weights": {"file": base_weights.BASE_DATA, **stored},

@@ -21,7 +21,11 @@ IGNORE_INDEX = -100
 
 
 class CausalLMLoss(torch.nn.Module):
-    """forward(input_ids, attention_mask, labels) -> mean next-token cross-entropy over labelled tokens."""
+    """forward(input_ids, attention_mask, labels) -> (mean next-token cross-entropy over labelled tokens, logits).
+
+    The loss comes first: ORT's gradient builder differentiates the first graph output. The logits are the
+    second output so that later stages (merge, package) can check their outputs against the training
+    runtime's eval model."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -32,7 +36,7 @@ class CausalLMLoss(torch.nn.Module):
         vocab = logits.shape[-1]
         shift_logits = logits[:, :-1, :].reshape(-1, vocab).float()
         shift_labels = labels[:, 1:].reshape(-1)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX), logits
 
 
 @contextlib.contextmanager
@@ -74,7 +78,7 @@ def probe_batch(vocab_size: int, seq_len: int = 24, pad_id: int = 0, seed: int =
 def torch_loss(wrapper: CausalLMLoss, batch: dict[str, np.ndarray]) -> float:
     wrapper.eval()
     with torch.no_grad(), static_long_rope(wrapper):
-        return float(wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES)))
+        return float(wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))[0])
 
 
 def torch_loss_and_grads(wrapper: CausalLMLoss, batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
@@ -82,7 +86,7 @@ def torch_loss_and_grads(wrapper: CausalLMLoss, batch: dict[str, np.ndarray]) ->
     wrapper.eval()
     wrapper.zero_grad(set_to_none=True)
     with static_long_rope(wrapper):
-        loss = wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))
+        loss = wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))[0]
         loss.backward()
     grads = {n: p.grad.detach().numpy().copy() for n, p in wrapper.named_parameters()
              if p.requires_grad and p.grad is not None}
@@ -103,12 +107,12 @@ def gradient_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray
 def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path) -> None:
     """Trace `wrapper` to `path` (external data beside it when the weights pass 2 GB)."""
     args = tuple(torch.from_numpy(batch[k]) for k in INPUT_NAMES)
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, "logits")}
     wrapper.train()
     with static_long_rope(wrapper), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(
-            wrapper, args, str(path), input_names=list(INPUT_NAMES), output_names=["loss"], dynamic_axes=axes,
+            wrapper, args, str(path), input_names=list(INPUT_NAMES), output_names=["loss", "logits"], dynamic_axes=axes,
             opset_version=OPSET, do_constant_folding=False, training=torch.onnx.TrainingMode.TRAINING,
             dynamo=False, export_params=True)
 

@@ -44,7 +44,7 @@ class TorchEngine:
 
     def forward_backward(self, batch: dict) -> float:
         self.wrapper.train()
-        loss = self.wrapper(*self._tensors(batch))
+        loss = self.wrapper(*self._tensors(batch))[0]
         loss.backward()
         return float(loss.detach())
 
@@ -59,7 +59,7 @@ class TorchEngine:
     def eval_loss(self, batch: dict) -> float:
         self.wrapper.eval()
         with torch.no_grad():
-            return float(self.wrapper(*self._tensors(batch)))
+            return float(self.wrapper(*self._tensors(batch))[0])
 
     def save(self, folder: Path) -> None:
         save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(Path(folder) / ADAPTER))

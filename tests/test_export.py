@@ -31,7 +31,7 @@ def peft_loss(ws, model_dir, batch):
     model = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init")
     wrapper = CausalLMLoss(model).eval()
     with torch.no_grad():
-        return float(wrapper(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))))
+        return float(wrapper(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels")))[0])
 
 
 def ort_loss(ws, batch, tmp_path):

@@ -34,15 +34,20 @@ def generate(args: dict) -> dict:
 
 
 def verify(args: dict) -> dict:
-    """The training runtime's loss on a batch, in eval and in training mode (no update)."""
+    """The training runtime's loss on a batch, in eval and in training mode (no update); optionally the
+    eval logits and the gradients, written to .npz files. `checkpoint` picks a trained state."""
     started = time.time()
-    opened = open_module(Path(args["artifacts"]))
+    checkpoint = Path(args["checkpoint"]) if args.get("checkpoint") else None
+    opened = open_module(Path(args["artifacts"]), checkpoint)
     batch = dict(np.load(args["batch"]))
     module = opened.module
     module.eval()
-    eval_loss = float(np.asarray(module(*opened.inputs(batch))))
+    eval_loss, logits = (np.asarray(x) for x in module(*opened.inputs(batch)))
+    if args.get("logits_out"):
+        np.save(args["logits_out"], logits)
     module.train()
-    train_loss = float(np.asarray(module(*opened.inputs(batch))))
+    train_loss = float(np.asarray(module(*opened.inputs(batch))[0]))
+    eval_loss = float(eval_loss)
     params = dict(iter(opened.state.parameters))
     trainable = sorted(name for name, p in params.items() if p.requires_grad)
     if args.get("grads_out"):
@@ -67,7 +72,7 @@ def steps(args: dict) -> dict:
     losses, times = [], []
     for _ in range(int(args.get("steps", 1))):
         t = time.time()
-        losses.append(float(np.asarray(module(*opened.inputs(batch)))))
+        losses.append(float(np.asarray(module(*opened.inputs(batch))[0])))
         optimizer.step()
         module.lazy_reset_grad()
         times.append(time.time() - t)

@@ -46,7 +46,7 @@ class OrtEngine:
 
     def forward_backward(self, batch: dict) -> float:
         self._mode(True)
-        return float(np.asarray(self.module(*self.opened.inputs(batch))))
+        return float(np.asarray(self.module(*self.opened.inputs(batch))[0]))
 
     def step(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)
@@ -55,7 +55,7 @@ class OrtEngine:
 
     def eval_loss(self, batch: dict) -> float:
         self._mode(False)
-        return float(np.asarray(self.module(*self.opened.inputs(batch))))
+        return float(np.asarray(self.module(*self.opened.inputs(batch))[0]))
 
     def save(self, folder: Path) -> None:
         from onnxruntime.training.api import CheckpointState

@@ -1,0 +1,107 @@
+"""merge: the PEFT adapter and the merged model reproduce the training runtime's eval logits."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from edgeft import launcher
+from edgeft.errors import EdgeftError
+from edgeft.export import export
+from edgeft.merge import MergeConfig, merge
+from edgeft.onnx_export import INPUT_NAMES, CausalLMLoss, probe_batch
+from edgeft.prepare import PrepareConfig, load_base, prepare
+from edgeft.tasks.home import DATA_DIR
+from edgeft.train import TrainConfig, train
+
+DATA = DATA_DIR / "train.jsonl"
+TOL = 1e-4  # absolute, on logits
+
+
+def trained_ws(tiny_model, root, family="phi3-mini-4k", backend="ort", **options):
+    ws = root / f"ws-{family}-{backend}"
+    prepare(PrepareConfig(model_dir=str(tiny_model(family)), lora_r=8, **options), ws)
+    if backend == "ort":
+        export(ws)
+    train(ws, DATA, TrainConfig(max_steps=6, batch_size=4, seq_len=256, lr=1e-2, eval_every=3, backend=backend))
+    return ws
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return CausalLMLoss(model).eval()(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))[1].numpy()
+
+
+def ort_eval_logits(ws, ckpt, batch, tmp_path):
+    np.savez(tmp_path / "b.npz", **batch)
+    launcher.run("edgeft.trainer.artifacts:verify", {
+        "artifacts": str(ws / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
+        "batch": str(tmp_path / "b.npz"), "logits_out": str(tmp_path / "l.npy")})
+    return np.load(tmp_path / "l.npy")
+
+
+@pytest.mark.parametrize("options", [{}, {"train_modules": ["lm_head"]}, {"dora": True}],
+                         ids=["lora", "lora+lm_head", "dora"])
+def test_adapter_and_merged_model_reproduce_ort_eval_logits(tiny_model, tmp_path, options):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ws = trained_ws(tiny_model, tmp_path, **options)
+    merge(ws)
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    ckpt = ws / "train" / "checkpoints" / rec["checkpoint"]
+    batch = probe_batch(320, seq_len=13, pad_id=3, seed=21)
+    reference = ort_eval_logits(ws, ckpt, batch, tmp_path)
+    model_dir = tiny_model("phi3-mini-4k")
+    adapter = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter")
+    assert np.abs(logits_of(adapter, batch) - reference).max() < TOL
+    merged = AutoModelForCausalLM.from_pretrained(ws / "merged", attn_implementation="eager")
+    assert np.abs(logits_of(merged, batch) - reference).max() < TOL
+    # it really trained: the adapter moved away from its initialisation
+    init = load_file(ws / "adapter_init" / "adapter_model.safetensors")
+    done = load_file(ws / "adapter" / "adapter_model.safetensors")
+    assert init.keys() == done.keys()
+    assert max(float(np.abs(init[k] - done[k]).max()) for k in init) > 1e-3
+    if options.get("train_modules"):
+        assert any("lm_head" in k for k in done)
+    assert {p.name for p in (ws / "merged").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_torch_backend_merges_too(tiny_model, tmp_path):
+    from peft import PeftModel
+
+    ws = trained_ws(tiny_model, tmp_path, backend="torch")
+    merge(ws, MergeConfig(checkpoint="last"))
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    assert rec["backend"] == "torch" and rec["step"] == 6
+    trained = load_file(ws / "train" / "checkpoints" / "step-000006" / "adapter.safetensors")
+    adapter = PeftModel.from_pretrained(load_base(tiny_model("phi3-mini-4k")), ws / "adapter")
+    params = dict(CausalLMLoss(adapter).named_parameters())
+    for name, value in trained.items():
+        np.testing.assert_array_equal(params[name].detach().numpy(), value)
+
+
+def test_bad_input(tiny_model, tmp_path):
+    ws = tmp_path / "ws"
+    prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), ws)
+    with pytest.raises(EdgeftError, match="train it first"):
+        merge(ws)
+    export(ws)
+    train(ws, DATA, TrainConfig(max_steps=4, batch_size=4, seq_len=256, save_every=2, val_fraction=0.0))
+    with pytest.raises(EdgeftError, match="no best checkpoint.*--checkpoint last"):
+        merge(ws)
+    with pytest.raises(EdgeftError, match=r"not one of: best, last, or a kept step \(2, 4\)"):
+        merge(ws, MergeConfig(checkpoint="7"))
+    merge(ws, MergeConfig(checkpoint="2"))
+    assert json.loads((ws / "manifest.json").read_text())["stages"]["merge"]["step"] == 2
+    other = tmp_path / "other"
+    shutil.copytree(ws, other)
+    state_file = other / "train" / "checkpoints" / "step-000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config_hash"] = "0" * 16
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(EdgeftError, match="written by another training run"):
+        merge(other, MergeConfig(checkpoint="last"))
