@@ -213,6 +213,31 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_package(args) -> int:
+    """Build an ONNX Runtime GenAI bundle of the merged model (int4 by default), verified against transformers."""
+    from edgeft import devices, schema
+    from edgeft.package import PackageConfig, package
+
+    device = devices.load(args.device) if args.device else None
+    options = {k: getattr(args, k) for k in ("precision", "ep", "force") if getattr(args, k) is not None}
+    out = package(Path(args.workspace), schema.parse(PackageConfig, options, "package options"), device)
+    m = json.loads((out / "manifest.json").read_text())
+    v = m["verification"]
+    print(f"packaged {out} ({m['precision']}, {m['execution_provider']}, {m['bytes'] / 2**20:.1f} MB)")
+    print(f"verified against transformers: greedy token agreement {v['token_agreement']:.0%} on {v['prompts']} prompts, "
+          f"max logit error {v['max_logit_error']:.2e}")
+    print(f"next: `edgeft chat {out}`")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Stream a reply from a packaged model (interactive without --prompt)."""
+    from edgeft.package import chat
+
+    chat(Path(args.bundle), args.prompt, args.max_new_tokens)
+    return 0
+
+
 def _int_or(value: str) -> int:
     try:
         return int(value)
@@ -264,6 +289,13 @@ COMMANDS: tuple[Command, ...] = (
         arg("--backend", choices=("ort", "torch")), arg("--ep", choices=("cpu", "cuda")))),
     Command("merge", cmd_merge, (
         arg("workspace"), arg("--checkpoint", default="best", help="best, last, or a step number"))),
+    Command("package", cmd_package, (
+        arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers"),
+        arg("--precision", choices=("int4", "int8", "fp16", "fp32")),
+        arg("--ep", choices=("cpu", "cuda", "dml", "webgpu")), arg("--force", action="store_true", default=None))),
+    Command("chat", cmd_chat, (
+        arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),
+        arg("--max-new-tokens", type=_int_or, default=256))),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),

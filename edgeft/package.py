@@ -1,0 +1,252 @@
+"""package: build an ONNX Runtime GenAI model of the merged model into `WS/bundle/`, verified and described.
+
+The GenAI builder runs through its public command line (`python -m onnxruntime_genai.models.builder`);
+int4 settings (block size, accuracy level, symmetry) come from the device profile. The bundle's
+`manifest.json` holds the sha256 of every file, the source model and adapter hashes, the profile,
+precision, library versions and the verification figures: greedy tokens on a few prompts against
+transformers on the merged model (fp32 must match token for token; int4 reports agreement and the
+largest logit error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft import rss, schema
+from edgeft.atomic import atomic_dir
+from edgeft.devices import Quantization
+from edgeft.errors import EdgeftError
+from edgeft.schema import spec
+from edgeft.workspace import Workspace, hash_files, library_versions
+
+BUILDER_EPS = ("cpu", "cuda", "dml", "webgpu")
+BUILDER_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    precision: str | None = spec("int4, int8, fp16 or fp32 (default: the device profile's, else int4)", None,
+                                 choices=BUILDER_PRECISIONS)
+    ep: str = spec("execution provider the model is built for", "cpu", choices=BUILDER_EPS)
+    max_new_tokens: int = spec("tokens generated per verification prompt", 16, min=1)
+    prompts: int = spec("verification prompts", 3, min=1)
+    force: bool = spec("replace an existing bundle", False)
+
+    def __post_init__(self):
+        problems: list[str] = []
+        schema.check(problems, not (self.precision == "fp16" and self.ep == "cpu"),
+                     "precision: fp16 is for GPU execution providers; use int4 or fp32 on cpu")
+        schema.raise_if(problems, "package options")
+
+
+class BuilderError(EdgeftError):
+    pass
+
+
+def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quant: Quantization) -> float:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+           "-p", precision, "-e", ep, "-c", str(cache)]
+    if precision in ("int4", "int8"):
+        cmd += ["--extra_options", f"block_size={quant.block_size}", f"accuracy_level={quant.accuracy_level}",
+                f"is_symmetric={str(quant.symmetric).lower()}"]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        hint = ("the builder needs a tokenizer in the merged folder and a supported architecture; check "
+                f"{src}/config.json, or try another --precision")
+        raise BuilderError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n{tail}\nhint: {hint}")
+    return time.time() - started
+
+
+def _prompts(merged: Path, n: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from edgeft.tasks.home import DATA_DIR
+
+    tok = AutoTokenizer.from_pretrained(merged, local_files_only=True)
+    rows = [json.loads(x) for x in (DATA_DIR / "test.jsonl").read_text().splitlines()[:n]]
+    out = []
+    for row in rows:
+        msgs = row["messages"][:-1]
+        if tok.chat_template:
+            out.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+        else:
+            out.append(tok(msgs[-1]["content"])["input_ids"])
+    return [list(map(int, ids)) for ids in out]
+
+
+def reference(merged: Path, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager", local_files_only=True).eval()
+    tokens, logits = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            logits.append(model(x).logits[0, -1].numpy())
+            out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+                                 pad_token_id=model.config.pad_token_id)
+            tokens.append(out[0, len(ids):].tolist())
+    return tokens, logits
+
+
+def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    tokens, logits = [], []
+    for ids in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        logits.append(np.asarray(gen.get_logits()).reshape(-1))
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        tokens.append(out)
+    return tokens, logits
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    same = total = 0
+    for x, y in zip(a, b, strict=True):
+        n = max(len(x), len(y))
+        same += sum(1 for i in range(min(len(x), len(y))) if x[i] == y[i])
+        total += n
+    return same / max(total, 1)
+
+
+USAGE = """# {name}
+
+An ONNX Runtime GenAI model ({precision}, {ep}) packaged by edgeft {version}. Load it in an app:
+
+```python
+import onnxruntime_genai as og
+
+model = og.Model("{name}")
+tokenizer = og.Tokenizer(model)
+stream = tokenizer.create_stream()
+prompt = tokenizer.apply_chat_template('[{{"role": "user", "content": "turn on the porch light"}}]',
+                                       add_generation_prompt=True)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256, do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode(prompt))
+while not generator.is_done():
+    generator.generate_next_token()
+    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)
+```
+
+Or from a shell: `edgeft chat {name}`. `manifest.json` lists every file with its sha256, the source model
+and adapter, the build settings and the verification figures.
+"""
+
+
+def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) -> Path:
+    from edgeft import __version__
+
+    ws = Workspace(ws_path)
+    merged_rec = ws.require("merge", f"merge it first: `edgeft merge {ws.root}`")
+    merged = ws.root / "merged"
+    recorded = merged_rec["outputs"]["merged"]
+    actual = hash_files([p for p in merged.rglob("*") if p.is_file()], ws.root) if merged.is_dir() else {}
+    if actual != recorded:
+        changed = sorted(set(recorded) ^ set(actual) | {k for k in recorded if actual.get(k) != recorded[k]})
+        raise EdgeftError(f"{merged} no longer matches what merge wrote ({', '.join(changed[:3])}); run "
+                          f"`edgeft merge {ws.root}` again")
+    quant = device.quantization if device else Quantization()
+    precision = cfg.precision or quant.precision
+    if device and cfg.ep not in device.execution_providers.inference:
+        raise EdgeftError(f"--ep {cfg.ep} is not an inference provider of {device.name} "
+                          f"({', '.join(device.execution_providers.inference)})")
+    out = ws.root / "bundle"
+    if out.exists() and not cfg.force:
+        raise EdgeftError(f"{out} exists; pass --force to replace it")
+    started = time.time()
+    rss.reset_peak()
+    with atomic_dir(out) as tmp:
+        cache = ws.root / ".builder-cache"
+        build_s = run_builder(merged, tmp, cache, precision, cfg.ep, quant)
+        prompts = _prompts(merged, cfg.prompts)
+        ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens)
+        got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens)
+        verification = {
+            "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+            "token_agreement": agreement(ref_tokens, got_tokens),
+            "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(ref_logits, got_logits, strict=True))),
+            "reference": "transformers greedy generate on WS/merged (fp32)",
+        }
+        if precision == "fp32" and verification["token_agreement"] < 1.0:
+            raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from transformers' "
+                              f"(agreement {verification['token_agreement']:.1%}); nothing was written")
+        files = {p.name: p for p in tmp.rglob("*") if p.is_file()}
+        (tmp / "README.md").write_text(USAGE.format(name=out.name, precision=precision, ep=cfg.ep, version=__version__))
+        manifest = {
+            "edgeft": __version__, "precision": precision, "execution_provider": cfg.ep,
+            "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None,
+            "device": device.name if device else None,
+            "source": {"model_dir": ws.stage("prepare")["config"]["model_dir"], "model_sha256": ws.stage("prepare")["inputs"],
+                       "adapter_sha256": merged_rec["outputs"]["adapter"], "checkpoint": merged_rec["checkpoint"]},
+            "verification": verification, "versions": library_versions(),
+            "files": hash_files([tmp / "README.md", *files.values()], tmp),
+            "bytes": sum(p.stat().st_size for p in files.values()),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    peak = rss.peak_mb()
+    ws.record("package", {"config": dataclasses.asdict(cfg), "precision": precision, "bundle": str(out),
+                          "merged_at": merged_rec["finished_at"], "verification": verification,
+                          "bytes": manifest["bytes"], "seconds": round(time.time() - started, 1),
+                          "build_seconds": round(build_s, 1), "peak_rss_mb": round(peak, 1)})
+    return out
+
+
+def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256) -> None:
+    """Stream replies from a packaged model (one prompt, or an interactive loop)."""
+    import onnxruntime_genai as og
+
+    bundle = Path(bundle)
+    if not (bundle / "genai_config.json").is_file():
+        raise EdgeftError(f"{bundle} is not an ONNX Runtime GenAI bundle (no genai_config.json); "
+                          "build one with `edgeft package WS`")
+    model = og.Model(str(bundle))
+    tok = og.Tokenizer(model)
+
+    def reply(text: str) -> None:
+        messages = json.dumps([{"role": "user", "content": text}])
+        try:
+            rendered = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a bundle without a chat template: send the text as it is
+            rendered = text
+        ids = tok.encode(rendered)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        stream = tok.create_stream()
+        while not gen.is_done():
+            gen.generate_next_token()
+            print(stream.decode(gen.get_next_tokens()[0]), end="", flush=True)
+        print()
+
+    if prompt is not None:
+        reply(prompt)
+        return
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            return
+        if text.strip():
+            reply(text)
