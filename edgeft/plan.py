@@ -18,41 +18,31 @@ from edgeft.devices import Profile
 ASSUMED_EFFICIENCY = 0.3
 
 
-def safetensors_params(model_dir: Path) -> int:
-    """Parameter count read from the safetensors headers (no tensor data is loaded)."""
-    total = 0
+def tensor_sizes(model_dir: Path):
+    """(name, element count) of every weight, read from the safetensors headers (no tensor data is loaded)."""
     for path in families.weight_files(model_dir):
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            total += n
-    return total
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                yield name, n
+
+
+def safetensors_params(model_dir: Path) -> int:
+    return sum(n for _, n in tensor_sizes(model_dir))
 
 
 def matmul_params(model_dir: Path) -> int:
     """Parameters that take part in matrix products: all but the input embedding table, which is a
     lookup (unless tied, when the same table is also the LM head's matrix)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    total, embed = 0, 0
-    for path in families.weight_files(model_dir):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            total += n
-            if name.endswith("embed_tokens.weight"):
-                embed += n
+    sizes = list(tensor_sizes(model_dir))
+    total = sum(n for _, n in sizes)
+    embed = sum(n for name, n in sizes if name.endswith("embed_tokens.weight"))
     return total if config.get("tie_word_embeddings") else total - embed
 
 
