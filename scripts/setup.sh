@@ -9,10 +9,19 @@ VENV="${VENV:-.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 STAMP="$VENV/.edgeft-setup"
-WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+WANT="$(cat pyproject.toml scripts/setup.sh | python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+
+install_runtime() {
+  # onnxruntime-training 1.19.2 has no Linux aarch64 wheel (Raspberry Pi, Jetson): there, train with --backend torch.
+  if [[ "$(uname -s)" == "Linux" && "$(uname -m)" =~ ^(aarch64|arm64)$ ]]; then
+    echo "setup: no ONNX Runtime training wheel for Linux $(uname -m); edgeft will train with --backend torch"
+    return 0
+  fi
+  "$VENV/bin/edgeft" runtime path >/dev/null || "$VENV/bin/edgeft" runtime install
+}
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/edgeft" ]]; then
-  "$VENV/bin/edgeft" runtime path >/dev/null || "$VENV/bin/edgeft" runtime install
+  install_runtime
   exit 0
 fi
 
@@ -44,6 +53,6 @@ fi
 echo "setup: installing edgeft with dev extras"
 "${PIP[@]}" install -e ".[dev]"
 echo "setup: installing the ONNX Runtime training build"
-"$VENV/bin/edgeft" runtime install
+install_runtime
 echo "$WANT" > "$STAMP"
 echo "setup: done ($VENV)"
