@@ -7,7 +7,7 @@ import importlib.metadata as md
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft import runtime
@@ -143,4 +143,3 @@ def as_json(checks: list[Check]) -> dict:
     return out
 
 
-__all__ = ["Check", "run_checks", "as_json", "asdict"]

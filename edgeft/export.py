@@ -88,9 +88,10 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
 
     with atomic_dir(out) as tmp:
         work = tmp / ".export"
-        work.mkdir()
+        traced = work / "traced" / "model.onnx"  # with its weights as files beside it, past 2 GB
+        traced.parent.mkdir(parents=True)
         t0 = time.time()
-        onnx_export.export(wrapper, batch, work / "model.onnx")
+        onnx_export.export(wrapper, batch, traced)
         trace_seconds = time.time() - t0
         torch_peak = rss.peak_mb()
         del wrapper, peft_model, base
@@ -98,13 +99,13 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         np.savez(work / "probe.npz", **batch)
         t0 = time.time()
         rss.reset_peak()
-        slim, stored = base_weights.externalize(work / "model.onnx", tmp, set(frozen))
+        slim, stored = base_weights.externalize(traced, tmp, set(frozen))
+        shutil.rmtree(traced.parent)  # its weights now live in base.data
         detached = detach.detach_norms(slim, set(trainable))
         atomic.write_json(tmp / INPUTS_FILE, {"inputs": list(onnx_export.INPUT_NAMES), "detached": detached})
         onnx.save(slim, str(tmp / "slim_model.onnx"))
         del slim
         externalize = {"seconds": round(time.time() - t0, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
-        shutil.rmtree(work / "weights", ignore_errors=True)
         log = ws.root / "logs" / "export-runtime.log"
         generated = launcher.run("edgeft.trainer.artifacts:generate", {
             "model": str(tmp / "slim_model.onnx"), "out": str(tmp), "requires_grad": trainable,

@@ -136,9 +136,8 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
-            for extra in ("generation_config.json",):
-                if (model_dir / extra).is_file() and not (tmp / extra).exists():
-                    shutil.copy(model_dir / extra, tmp / extra)
+            if (model_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+                shutil.copy(model_dir / "generation_config.json", tmp / "generation_config.json")
     outputs = {name: hash_files([p for p in (ws.root / name).rglob("*") if p.is_file()], ws.root)
                for name in ("adapter", "merged")}
     ws.drop("package")

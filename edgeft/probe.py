@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from edgeft import atomic, devices, runtime, schema
+from edgeft import atomic, devices, runtime
 
 INTERESTING_ISA = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -62,7 +62,6 @@ def _freq_ghz(info: dict[str, str]) -> tuple[float, str]:
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> tuple[float, str]:
     """fp32 MatMul n x n x n in ONNX Runtime (the MLAS kernels training and inference use), best of repeats."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -81,7 +80,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> tuple[float, str]:
     sess.run(None, feeds)
     best = min(_timed(lambda: sess.run(None, feeds)) for _ in range(repeats))
     ref = f"onnxruntime {ort.__version__} fp32 MatMul {n}x{n}x{n}, {opts.intra_op_num_threads} threads, best of {repeats}"
-    del onnx
     return 2 * n**3 / best / 1e9, ref
 
 
@@ -190,5 +188,3 @@ def write(profile: devices.Profile, out: Path) -> Path:
     devices.load_file(out)
     return out
 
-
-__all__ = ["probe", "write", "schema"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -114,8 +113,6 @@ class Reporter:
         elif kind == "eval":
             line = f"step {event['step']}: eval loss {event['eval_loss']:.4f}" + ("  (best)" if event["best"] else "")
             (self.progress.console.print if self.progress else print)(line)
-        elif kind == "log":
-            pass
 
     def close(self) -> None:
         if self.progress:
@@ -186,10 +183,9 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         if resume_path is None:
             raise EdgeftError(f"nothing to resume: {root} has no complete checkpoint; run without --resume")
         resume_state = checkpoints.read_state(resume_path)
-        mismatch = [name for name, want in (("model or export", identity), ("data", dataset.meta["key"]),
-                                            ("training options", chash))
-                    if resume_state[{"model or export": "identity", "data": "data_key",
-                                     "training options": "config_hash"}[name]] != want]
+        expected = (("model or export", "identity", identity), ("data", "data_key", dataset.meta["key"]),
+                    ("training options", "config_hash", chash))
+        mismatch = [label for label, key, want in expected if resume_state[key] != want]
         if mismatch:
             raise EdgeftError(f"cannot resume from {resume_path}: its {', '.join(mismatch)} differ from this run's; "
                               f"resume with the original data and options, or remove {out} to start over")
@@ -218,7 +214,6 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         result = launcher.run(entry, args, ep=cfg.ep, on_event=reporter, log_path=ws.root / "logs" / "train.log",
                               runtime_name="training" if cfg.backend == "ort" else "main")
     except KeyboardInterrupt:
-        reporter.close()
         raise EdgeftError(f"interrupted; continue with `edgeft train {ws.root} --data {data} --resume` "
                           "(the same options)") from None
     finally:
@@ -237,7 +232,3 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
     ws.drop("merge", "package")
     ws.record("train", record)
     return ws.stage("train")
-
-
-def steps_per_epoch(samples: int, cfg: TrainConfig) -> int:
-    return math.ceil(math.ceil(samples / cfg.batch_size) / cfg.grad_accum)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic, schema
+from edgeft import atomic
 from edgeft.data import formats, tokenize
 from edgeft.data.tokenize import Encoded
 from edgeft.errors import EdgeftError
@@ -132,5 +132,3 @@ def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataCon
         atomic.write_json(tmp / "meta.json", meta)
     return Dataset(root, meta)
 
-
-__all__ = ["DataConfig", "Dataset", "build", "schema"]
