@@ -59,22 +59,18 @@ def verify(args: dict) -> dict:
 
 
 def steps(args: dict) -> dict:
-    """Run `steps` AdamW updates on one batch (a smoke test of the artifacts; `edgeft train` is the real loop)."""
-    from onnxruntime.training.api import Optimizer
+    """Run `steps` updates on one batch with the shipped optimizer_model.onnx (a smoke test of the artifacts as
+    an app would load them; `edgeft train` is the real loop)."""
+    from edgeft.trainer.ort_engine import OrtEngine
 
     artifacts = Path(args["artifacts"])
-    opened = open_module(artifacts)
-    optimizer = Optimizer(str(artifacts / "optimizer_model.onnx"), opened.module)
-    optimizer.set_learning_rate(float(args.get("lr", 1e-3)))
+    engine = OrtEngine(artifacts, artifacts / "optimizer_model.onnx")
     batch = dict(np.load(args["batch"]))
-    module = opened.module
-    module.train()
     losses, times = [], []
     for _ in range(int(args.get("steps", 1))):
         t = time.time()
-        losses.append(float(np.asarray(module(*opened.inputs(batch))[0])))
-        optimizer.step()
-        module.lazy_reset_grad()
+        losses.append(engine.forward_backward(batch))
+        engine.step(float(args.get("lr", 1e-3)))
         times.append(time.time() - t)
         events.progress(step=len(losses), loss=losses[-1], seconds=times[-1])
     return {"losses": losses, "step_seconds": times, "peak_rss_mb": round(rss.peak_mb(), 1)}

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
+from edgeft import atomic
+from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 
 STATE = "trainer_state.json"
@@ -40,22 +41,13 @@ def read_state(path: Path) -> dict:
 
 
 def save(root: Path, step: int, write_engine_files, state: dict) -> Path:
-    """Write a checkpoint atomically: engine files and state into a temp folder, then rename."""
+    """Write a checkpoint atomically: engine files, then the state, in a temp folder renamed into place."""
     final = step_dir(root, step)
-    tmp = Path(root) / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        write_engine_files(tmp)
-        with open(tmp / STATE, "w") as f:
-            json.dump(state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            write_engine_files(tmp)
+            atomic.write_json(tmp / STATE, state)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(e):
             previous = latest(root)
             kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
@@ -80,10 +72,7 @@ def prune(root: Path, keep_last: int, best: Path | None) -> None:
 
 
 def mark_best(root: Path, path: Path) -> None:
-    pointer = Path(root) / "best.json"
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": Path(path).name}))
-    os.replace(tmp, pointer)
+    atomic.write_json(Path(root) / "best.json", {"path": Path(path).name})
 
 
 def best(root: Path) -> Path | None:

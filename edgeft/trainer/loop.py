@@ -134,8 +134,9 @@ def run(engine, args: dict) -> dict:
         path = save("interrupted") if pos.step != last_saved else checkpoints.step_dir(root, pos.step)
         return {"interrupted": True, "step": pos.step, "total_steps": total, "checkpoint": str(path)}
     elapsed = time.time() - started
+    best = checkpoints.best(root)
     return {"interrupted": False, "step": pos.step, "total_steps": total, "best_eval_loss": pos.best_eval,
             "tokens_seen": pos.tokens_seen, "seconds": elapsed,
             "tokens_per_s": pos.tokens_seen / elapsed if elapsed and not done_at_start else None,
             "peak_rss_mb": round(rss.peak_mb(), 1), "last": str(checkpoints.latest(root)),
-            "best": str(checkpoints.best(root)) if checkpoints.best(root) else None}
+            "best": str(best) if best else None}

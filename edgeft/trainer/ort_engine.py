@@ -29,13 +29,14 @@ def build_optimizer(state, out: Path, weight_decay: float, max_grad_norm: float 
 
 
 class OrtEngine:
-    def __init__(self, artifacts: Path, work: Path, cfg: dict, checkpoint: Path | None = None, device: str = "cpu"):
+    """`optimizer`: an AdamW graph, or a callable that builds one from the checkpoint state."""
+
+    def __init__(self, artifacts: Path, optimizer, checkpoint: Path | None = None, device: str = "cpu"):
         from onnxruntime.training.api import Optimizer
 
         self.opened = open_module(artifacts, checkpoint, device)
         self.module = self.opened.module
-        path = build_optimizer(self.opened.state, work / "optimizer_model.onnx", cfg["weight_decay"],
-                               cfg["max_grad_norm"])
+        path = optimizer(self.opened.state) if callable(optimizer) else optimizer
         self.optimizer = Optimizer(str(path), self.module)
         self._train_mode = None
 
@@ -70,7 +71,12 @@ def main(args: dict) -> dict:
     resume = Path(args["resume_path"]) / CHECKPOINT if args.get("resume_path") else None
     work = Path(args["work"])
     work.mkdir(parents=True, exist_ok=True)
-    engine = OrtEngine(Path(args["artifacts"]), work, args["config"], resume, args.get("device", "cpu"))
+    cfg = args["config"]
+
+    def optimizer(state) -> Path:
+        return build_optimizer(state, work / "optimizer_model.onnx", cfg["weight_decay"], cfg["max_grad_norm"])
+
+    engine = OrtEngine(Path(args["artifacts"]), optimizer, resume, args.get("device", "cpu"))
     events.log(f"ONNX Runtime {onnxruntime.__version__} engine ready")
     return loop.run(engine, args)
 
