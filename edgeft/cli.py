@@ -230,6 +230,40 @@ def cmd_package(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Quality side by side: base (zero- and few-shot), adapter, merged model and packaged bundle."""
+    from edgeft import evaluate
+
+    report = evaluate.run(Path(args.workspace), Path(args.data), args.shots, Path(args.shots_from) if args.shots_from
+                          else None, args.limit, args.max_new_tokens, _csv(args.only))
+    print(evaluate.markdown(report))
+    print(f"report: {Path(args.workspace) / 'eval' / 'report.md'}  chart: {Path(args.workspace) / 'eval' / 'report.png'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Measure training and inference speed and memory with the real runtimes, judged against the budgets."""
+    from edgeft import bench, devices
+
+    profile = devices.load(args.device) if args.device else None
+    report = bench.run(Path(args.target), profile, args.runs, args.seq_len, args.batch_size, args.prompt_tokens,
+                       args.new_tokens, args.backend, Path(args.data) if args.data else None,
+                       Path(args.out) if args.out else None)
+    print(json.dumps(report, indent=2) if args.json else bench.markdown(report))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Predict peak memory and step time of a LoRA run on a device profile, before anything heavy runs."""
+    from edgeft import devices, plan
+
+    profile = devices.load(args.device)
+    p = plan.for_target(Path(args.target), profile, args.seq_len, args.batch_size, args.lora_r, _csv(args.targets),
+                        args.backend, _csv(args.train_modules))
+    print(json.dumps(plan.to_dict(p, profile), indent=2) if args.json else plan.render(p, profile))
+    return 0 if p.fits else 1
+
+
 def cmd_chat(args) -> int:
     """Stream a reply from a packaged model (interactive without --prompt)."""
     from edgeft.package import chat
@@ -293,6 +327,30 @@ COMMANDS: tuple[Command, ...] = (
         arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers"),
         arg("--precision", choices=("int4", "int8", "fp16", "fp32")),
         arg("--ep", choices=("cpu", "cuda", "dml", "webgpu")), arg("--force", action="store_true", default=None))),
+    Command("eval", cmd_eval, (
+        arg("workspace"), arg("--data", required=True, help="test JSONL (chat or prompt/completion)"),
+        arg("--shots", type=_int_or, default=3, help="solved examples in the few-shot baseline"),
+        arg("--shots-from", help="file to take them from (default: the training data)"),
+        arg("--limit", type=_int_or, help="evaluate the first N records only"),
+        arg("--max-new-tokens", type=_int_or, default=64),
+        arg("--only", help="comma-separated variants: base,base few-shot,adapter,merged,bundle"))),
+    Command("bench", cmd_bench, (
+        arg("target", help="a workspace (training, and its bundle if packaged) or a bundle folder"),
+        arg("--device", help="device profile whose budgets judge the figures"),
+        arg("--runs", type=_int_or, default=5), arg("--seq-len", type=_int_or, default=256),
+        arg("--batch-size", type=_int_or, default=1), arg("--prompt-tokens", type=_int_or, default=128),
+        arg("--new-tokens", type=_int_or, default=64), arg("--backend", choices=("ort", "torch")),
+        arg("--data", help="text for the batches and prompts (default: the sample task)"),
+        arg("--out", help="report folder (default: WS/bench, or BUNDLE-bench beside a bundle)"),
+        arg("--json", action="store_true"))),
+    Command("plan", cmd_plan, (
+        arg("target", help="Hugging Face model folder or a prepared workspace"),
+        arg("--device", required=True, help="device profile name or file"),
+        arg("--seq-len", type=_int_or, default=512), arg("--batch-size", type=_int_or, default=1),
+        arg("--lora-r", type=_int_or), arg("--targets", help="comma-separated module names"),
+        arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
+        arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
+        arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (
         arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),
         arg("--max-new-tokens", type=_int_or, default=256))),

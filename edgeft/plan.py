@@ -1,11 +1,18 @@
-"""Predictions before anything heavy runs: model size from the safetensors headers, time from a profile.
+"""Predictions before anything heavy runs: peak memory and step time of a LoRA run on a device profile.
 
-Step time comes from FLOPs per token against the profile's peak at an assumed efficiency. The efficiency
-is a stated assumption until the planner is calibrated against measurements (benchmarks/).
+Everything comes from `config.json` and the safetensors headers (no tensor data is read):
+- memory = frozen weights + adapters, their gradients and AdamW moments + saved activations + the
+  runtime's own footprint. Activations per token are linear in hidden size, MLP width and vocabulary, plus
+  the attention probabilities (heads x sequence length); the coefficients and the runtime footprint were
+  fitted to peak RSS measured on this project's dev machine (`benchmarks/plan_accuracy.py`, which also
+  checks the fit on configurations it was not fitted to).
+- time = model FLOPs per step against the profile's peak compute at a calibrated efficiency, plus a
+  per-layer overhead that dominates for tiny models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from dataclasses import dataclass
@@ -13,9 +20,19 @@ from pathlib import Path
 
 from edgeft import families
 from edgeft.devices import Profile
+from edgeft.errors import EdgeftError
 
-# Fraction of the profile's fp32 peak a LoRA training step reaches; uncalibrated (see module doc).
-ASSUMED_EFFICIENCY = 0.3
+# Calibrated against benchmarks/results/plan.md (see the module doc); per backend.
+CALIBRATION = {
+    # bytes per token of saved activations: per layer a*hidden + b*ffn + c*heads*seq, plus d*vocab for the loss
+    "ort": {"act_hidden": 24.0, "act_ffn": 16.0, "act_attn": 8.0, "act_vocab": 12.0, "runtime_mb": 330.0,
+            "efficiency": 0.45, "layer_overhead_s": 0.002, "step_overhead_s": 0.01},
+    "torch": {"act_hidden": 24.0, "act_ffn": 16.0, "act_attn": 8.0, "act_vocab": 12.0, "runtime_mb": 430.0,
+              "efficiency": 0.6, "layer_overhead_s": 0.002, "step_overhead_s": 0.01},
+}
+ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
+OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
+PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 32}
 
 
 def tensor_sizes(model_dir: Path):
@@ -46,6 +63,174 @@ def matmul_params(model_dir: Path) -> int:
     return total if config.get("tie_word_embeddings") else total - embed
 
 
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner needs from config.json."""
+
+    hidden: int
+    layers: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    max_seq_len: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        from edgeft.prepare import max_train_seq_len
+
+        def need(key):
+            if key not in config:
+                raise EdgeftError(f"config.json has no {key!r}; the planner needs it")
+            return int(config[key])
+
+        heads = need("num_attention_heads")
+        return cls(need("hidden_size"), need("num_hidden_layers"), need("intermediate_size"), heads,
+                   int(config.get("num_key_value_heads") or heads), need("vocab_size"),
+                   bool(config.get("tie_word_embeddings")), max_train_seq_len(config))
+
+
+def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """Module path -> (out_features, in_features) of every 2-D weight, from the safetensors headers."""
+    out = {}
+    for path in families.weight_files(model_dir):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name.endswith(".weight") and len(info.get("shape", ())) == 2:
+                out[name[: -len(".weight")]] = tuple(info["shape"])
+    return out
+
+
+def trainable_params(model_dir: Path, targets: list[str], lora_r: int, train_modules: list[str] = (),
+                     dora: bool = False) -> int:
+    """LoRA (r x (in + out) per targeted Linear, + out for DoRA's magnitude) and whole trained modules."""
+    shapes = linear_shapes(model_dir)
+    n = 0
+    for module, (rows, cols) in shapes.items():
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in targets and ".layers." in module:
+            n += lora_r * (rows + cols) + (rows if dora else 0)
+        if leaf in train_modules:
+            n += rows * cols
+    return n
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a plan is for."""
+
+    seq_len: int
+    batch_size: int
+    lora_r: int = 16
+    targets: tuple[str, ...] = ()
+    train_modules: tuple[str, ...] = ()
+    backend: str = "ort"
+    base_precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class Memory:
+    frozen: float
+    adapters: float
+    optimizer: float
+    activations: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.frozen + self.adapters + self.optimizer + self.activations + self.runtime
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_dir: Path
+    shape: Shape
+    run: Run
+    base_params: int
+    trainable: int
+    memory: Memory
+    budget_bytes: float | None
+    flops_per_step: float
+    step_s: float
+    tokens_per_s: float
+    peak_gflops: float
+    compute: str
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.memory.total <= self.budget_bytes
+
+
+def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str) -> float:
+    c = CALIBRATION[backend]
+    per_token = (shape.layers * (c["act_hidden"] * shape.hidden + c["act_ffn"] * shape.ffn
+                                 + c["act_attn"] * shape.heads * seq_len) + c["act_vocab"] * shape.vocab)
+    return per_token * seq_len * batch
+
+
+def memory(shape: Shape, run: Run, base_params: int, trainable: int) -> Memory:
+    c = CALIBRATION[run.backend]
+    embed = shape.vocab * shape.hidden
+    # Quantized bases keep the input embedding in fp32 unless tied (it is a lookup, not a MatMul).
+    quantized = base_params - (0 if shape.tied else embed)
+    frozen = quantized * PRECISION_BYTES[run.base_precision] + (base_params - quantized) * 4
+    return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
+                  activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend),
+                  runtime=c["runtime_mb"] * 1e6)
+
+
+def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflops: float) -> tuple[float, float]:
+    """(FLOPs per step, predicted seconds per step)."""
+    c = CALIBRATION[run.backend]
+    tokens = run.seq_len * run.batch_size
+    attention = 4.0 * 3 * shape.layers * shape.hidden * run.seq_len  # QK^T and PV, forward + backward
+    flops = tokens * (training_flops_per_token(matmul, trainable) + attention)
+    seconds = flops / (peak_gflops * 1e9 * c["efficiency"]) + c["layer_overhead_s"] * shape.layers \
+        + c["step_overhead_s"]
+    return flops, seconds
+
+
+def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | None = None) -> Plan:
+    model_dir = Path(model_dir)
+    config = families.read_config(model_dir)
+    family = families.detect(config, model_dir)
+    shape = Shape.from_config(config)
+    targets = list(run.targets or family.default_targets)
+    if trainable is None:
+        trainable = trainable_params(model_dir, targets, run.lora_r, list(run.train_modules))
+    total = safetensors_params(model_dir)
+    base = total - sum(n for name, n in tensor_sizes(model_dir) if name.split(".")[-2] in run.train_modules)
+    peak, compute = peak_gflops(profile) if profile else (None, "no profile")
+    flops, seconds = step_seconds(shape, run, matmul_params(model_dir), trainable, peak) if peak else (0.0, 0.0)
+    tokens = run.seq_len * run.batch_size
+    return Plan(model_dir=model_dir, shape=shape, run=run, base_params=base, trainable=trainable, memory=memory(shape, run, base, trainable),
+                budget_bytes=profile.memory_budget_bytes if profile else None, flops_per_step=flops,
+                step_s=seconds, tokens_per_s=tokens / seconds if seconds else 0.0, peak_gflops=peak or 0.0,
+                compute=compute)
+
+
+def largest_fit(model_dir: Path, run: Run, profile: Profile, trainable: int) -> tuple[int, int] | None:
+    """The largest (seq_len, batch) that fits the budget: longest sequence at batch 1, then the largest batch
+    at the requested sequence length (or that longest one, if the requested length does not fit)."""
+    fits = lambda s, b: make(model_dir, dataclasses.replace(run, seq_len=s, batch_size=b), profile,  # noqa: E731
+                             trainable).fits
+    if not fits(16, 1):
+        return None
+    lo, hi = 16, make(model_dir, run, None, trainable).shape.max_seq_len
+    while lo < hi:  # longest power-of-two-free length at batch 1, to 16 tokens
+        mid = (lo + hi + 16) // 32 * 16
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid, 1) else (lo, mid - 16)
+    seq = min(run.seq_len, lo)
+    batch = 1
+    while batch < 4096 and fits(seq, batch * 2):
+        batch *= 2
+    return seq, batch
 def training_flops_per_token(matmul: int, trainable_params: int = 0) -> float:
     """Forward 2M, backward to the activations 2M (M: matmul parameters), weight gradients only for
     what trains (2T). Attention's own products are left out (under 2 % at the lengths edge runs use)."""
@@ -75,3 +260,95 @@ def estimate_time(tokens: int, base_params: int, profile: Profile, trainable_par
     flops = tokens * training_flops_per_token(base_params, trainable_params)  # base_params: matmul parameters
     peak, compute = peak_gflops(profile)
     return TimeEstimate(tokens, flops, peak, efficiency, flops / (peak * 1e9 * efficiency), compute)
+
+
+# -- the `plan` command and the checks prepare and train make ---------------------------------------------
+
+def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
+               lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
+               train_modules: list[str] | None = None) -> Plan:
+    """A plan for a model folder or a prepared workspace (whose LoRA settings are the defaults here)."""
+    target = Path(target)
+    trainable = None
+    if (target / "manifest.json").is_file() and not (target / "config.json").is_file():
+        prep = json.loads((target / "manifest.json").read_text()).get("stages", {}).get("prepare")
+        if not prep:
+            raise EdgeftError(f"workspace {target} is not prepared; run `edgeft prepare MODEL_DIR --out {target}`")
+        c = prep["config"]
+        model_dir = Path(c["model_dir"])
+        if lora_r is None and targets is None and train_modules is None:
+            trainable = prep["params"]["trainable"]
+        lora_r = lora_r or c["lora_r"]
+        targets = targets or prep["targets"]
+        train_modules = train_modules if train_modules is not None else c["train_modules"]
+    else:
+        model_dir = target
+    if backend is None:
+        backend = profile.execution_providers.training_backend if profile else "ort"
+    run = Run(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r or 16, targets=tuple(targets or ()),
+              train_modules=tuple(train_modules or ()), backend=backend)
+    return make(model_dir, run, profile, trainable)
+
+
+def _gb(n: float) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def advice(p: Plan, profile: Profile) -> str:
+    """What fits instead, in one sentence."""
+    best = largest_fit(p.model_dir, p.run, profile, p.trainable)
+    if best is None:
+        return (f"nothing fits: the frozen weights alone take {_gb(p.memory.frozen)} of the {_gb(p.budget_bytes)} "
+                "budget; use a smaller model or a quantized base")
+    seq, batch = best
+    if seq < p.run.seq_len:
+        return f"the longest sequence that fits is {seq} tokens at batch 1 (use --seq-len {seq} --batch-size 1)"
+    return f"at {seq} tokens the largest batch that fits is {batch} (use --batch-size {batch} --grad-accum to keep the batch)"
+
+
+def render(p: Plan, profile: Profile | None) -> str:
+    s, m = p.shape, p.memory
+    lines = [f"model: {s.layers} layers x hidden {s.hidden}, ffn {s.ffn}, vocab {s.vocab}: {p.base_params / 1e6:,.1f} M "
+             f"frozen, {p.trainable / 1e6:,.2f} M trainable (LoRA r{p.run.lora_r}"
+             + (f" on {','.join(p.run.targets)}" if p.run.targets else "") + ")",
+             f"run: batch {p.run.batch_size} x {p.run.seq_len} tokens, {p.run.backend} backend, "
+             f"{p.run.base_precision} base"]
+    budget = f" of a {_gb(p.budget_bytes)} budget" if p.budget_bytes else ""
+    lines.append(f"peak memory: {_gb(m.total)}{budget}")
+    for label, value in (("frozen weights", m.frozen), ("adapters", m.adapters),
+                         ("gradients + AdamW state", m.optimizer), ("activations", m.activations),
+                         ("runtime", m.runtime)):
+        lines.append(f"  {label:<24} {_gb(value):>10}")
+    if profile:
+        lines.append(f"step time: {p.step_s:.3g} s ({p.flops_per_step / 1e12:.3g} TFLOP at "
+                     f"{CALIBRATION[p.run.backend]['efficiency']:.0%} of {p.peak_gflops:g} GFLOP/s, {p.compute}) "
+                     f"-> {p.tokens_per_s:,.0f} tokens/s")
+        b = profile.budgets
+        if b and b.train_tokens_per_s:
+            ok = p.tokens_per_s >= b.train_tokens_per_s.value
+            lines.append(f"  throughput budget {b.train_tokens_per_s.value:g} tokens/s: {'meets' if ok else 'misses'} "
+                         f"(budget basis: {b.basis})")
+        lines.append(f"fits {profile.name}: yes" if p.fits else f"fits {profile.name}: NO; {advice(p, profile)}")
+    return "\n".join(lines)
+
+
+def to_dict(p: Plan, profile: Profile | None) -> dict:
+    out = {"shape": dataclasses.asdict(p.shape), "run": dataclasses.asdict(p.run), "base_params": p.base_params,
+           "trainable_params": p.trainable, "memory_bytes": {**dataclasses.asdict(p.memory), "total": p.memory.total},
+           "budget_bytes": p.budget_bytes, "fits": p.fits, "flops_per_step": p.flops_per_step, "step_s": p.step_s,
+           "tokens_per_s": p.tokens_per_s, "peak_gflops": p.peak_gflops, "compute": p.compute,
+           "device": profile.name if profile else None, "model_dir": str(p.model_dir)}
+    if profile and not p.fits:
+        best = largest_fit(p.model_dir, p.run, profile, p.trainable)
+        out["largest_fit"] = {"seq_len": best[0], "batch_size": best[1]} if best else None
+    return out
+
+
+def require_fit(p: Plan, profile: Profile, what: str) -> None:
+    if p.fits is False:
+        raise EdgeftError(f"{what} needs about {_gb(p.memory.total)} at batch {p.run.batch_size} x "
+                          f"{p.run.seq_len} tokens, over {profile.name}'s {_gb(p.budget_bytes)} budget "
+                          f"(frozen weights {_gb(p.memory.frozen)}, activations {_gb(p.memory.activations)}); "
+                          f"{advice(p, profile)}; `edgeft plan` shows the breakdown")

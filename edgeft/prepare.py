@@ -122,6 +122,18 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     if bad_tokens:
         raise EdgeftError(f"trainable_token_indices {bad_tokens} are outside the vocabulary (size {vocab})")
 
+    if device is not None:
+        from edgeft import plan
+
+        p = plan.make(model_dir, plan.Run(seq_len=min(512, max_train_seq_len(config)), batch_size=1,
+                                          lora_r=cfg.lora_r, targets=tuple(cfg.targets or family.default_targets),
+                                          train_modules=tuple(cfg.train_modules),
+                                          backend=device.execution_providers.training_backend), device)
+        if plan.largest_fit(model_dir, p.run, device, p.trainable) is None:
+            plan.require_fit(p, device, "this model")
+        print(f"plan for {device.name}: peak {p.memory.total / 1e9:.2f} GB at batch 1 x {p.run.seq_len} tokens "
+              f"(budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.0f} tokens/s; "
+              f"`edgeft plan {out} --device {device.name}` for other settings")
     base = load_base(model_dir, cfg.trust_remote_code)
     targets = list(cfg.targets or family.default_targets)
     linears = linear_names(base)

@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import atomic, launcher, runtime, schema
+from edgeft import atomic, devices, launcher, plan, runtime, schema
 from edgeft.data.dataset import DataConfig, build
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
 from edgeft.trainer import checkpoints
+from edgeft.trainer.batching import Split
 from edgeft.trainer.schedule import SCHEDULES
 from edgeft.workspace import Workspace
 
@@ -173,6 +174,16 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
     dataset = build(Path(data), model_dir, ws.root / "data",
                     DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed),
                     Path(eval_data) if eval_data else None)
+    if device is None and prep.get("device"):
+        try:
+            device = devices.load(prep["device"])
+        except EdgeftError:
+            print(f"train: the profile {prep['device']!r} used at prepare is not found; pass --device to check the "
+                  "run against its budget")
+    if device:
+        longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
+        p = plan.for_target(ws.root, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend)
+        plan.require_fit(p, device, f"training (longest sample {longest} tokens)")
     out = ws.root / "train"
     root = out / "checkpoints"
     chash = config_hash(cfg)

@@ -46,7 +46,7 @@ def library_versions() -> dict[str, str | None]:
 
 class Workspace:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # the training runtime runs elsewhere: never hand it a relative path
 
     @property
     def manifest_path(self) -> Path:

@@ -61,9 +61,9 @@ def _time_phrase(rng: random.Random) -> tuple[str, str]:
     return f" at {spoken}", f"{hour:02d}:{minute:02d}"
 
 
-def command(rng: random.Random) -> tuple[str, dict]:
+def command(rng: random.Random, entities: list = ENTITIES) -> tuple[str, dict]:
     """One request and its meaning: {entity, room, kind, op, value?, at?}."""
-    entity, room, kind, names = rng.choice(ENTITIES)
+    entity, room, kind, names = rng.choice(entities)
     name = rng.choice(names)
     meaning: dict = {"entity": entity, "room": room, "kind": kind}
     if kind == "light":

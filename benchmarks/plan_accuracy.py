@@ -1,0 +1,167 @@
+"""Planner accuracy: predicted vs measured peak RSS and step time of real training runs on this machine.
+
+    python benchmarks/plan_accuracy.py [--only NAME,...] [--backends ort,torch] [--steps N] [--out benchmarks/results]
+
+Each configuration is a random-weight model built from a real config class (Phi3Config, or LlamaConfig for
+the GQA one), prepared with the default LoRA targets (r 16) and exported; then `edgeft train` runs a few
+steps on text samples cut to exactly the planned length, so every batch is batch x seq tokens. Measured:
+the training process's peak RSS (VmHWM) and the median step time after the first step. Predicted:
+`edgeft.plan.make` for the dev profile. Rows marked `fit` were used to calibrate `plan.CALIBRATION`; the
+others check it. Goals: memory within +-15 %, step time within +-30 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROFILE = "dev-2core-avx512"
+# name: (family, hidden, layers, ffn, heads, kv_heads, vocab, batch, seq, role)
+CONFIGS = {
+    "demo-128x8": ("phi3", 256, 4, 704, 4, 4, 1024, 8, 128, "fit"),
+    "demo-512x4": ("phi3", 256, 4, 704, 4, 4, 1024, 4, 512, "fit"),
+    "small-256x4": ("phi3", 512, 4, 1536, 8, 8, 8000, 4, 256, "fit"),
+    "mid-256x2": ("phi3", 1024, 6, 2816, 16, 16, 8000, 2, 256, "fit"),
+    "mid-1024x1": ("phi3", 1024, 6, 2816, 16, 16, 8000, 1, 1024, "fit"),
+    "slice-256x1": ("phi3", 3072, 2, 8192, 32, 32, 32064, 1, 256, "fit"),
+    "check-384x2": ("phi3", 768, 8, 2048, 12, 12, 16000, 2, 384, "check"),
+    "llama-gqa-512x1": ("llama", 2048, 4, 5632, 16, 4, 32000, 1, 512, "check"),
+    "slice-512x2": ("phi3", 3072, 2, 8192, 32, 32, 32064, 2, 512, "check"),
+}
+WORDS = ("turn on the kitchen lights set thermostat to degrees open garage door at am pm lock front play jazz "
+         "living room bedroom temperature what is").split()
+
+
+def build(name: str, out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
+
+    from tests.tiny_models import build_tokenizer
+
+    family, hidden, layers, ffn, heads, kv, vocab, *_ = CONFIGS[name]
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                  pad_token_id=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = Phi3Config(original_max_position_embeddings=4096, **common) if family == "phi3" else LlamaConfig(**common)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out
+
+
+def edgeft(*argv: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgeft", *argv], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"edgeft {' '.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def text_data(path: Path, seq: int, n: int = 256) -> Path:
+    rng = random.Random(0)
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(seq + 8))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict]:
+    from edgeft import devices, plan
+
+    family, hidden, layers, ffn, heads, kv, vocab, batch, seq, role = CONFIGS[name]
+    model = build(name, root / f"{name}-model")
+    base = root / f"{name}-ws"
+    edgeft("prepare", str(model), "--out", str(base))
+    edgeft("export", str(base))
+    data = text_data(root / f"{name}.jsonl", seq)
+    profile = devices.load(PROFILE)
+    rows = []
+    for backend in backends:
+        ws = root / f"{name}-{backend}"
+        shutil.copytree(base, ws)
+        edgeft("train", str(ws), "--data", str(data), "--backend", backend, "--max-steps", str(steps),
+               "--batch-size", str(batch), "--seq-len", str(seq), "--truncation", "right",
+               "--val-fraction", "0.02", "--eval-every", str(10 * steps), "--lr", "1e-4")
+        metrics = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
+        prog = [r for r in metrics if r["event"] == "progress"]
+        full = [r for r in prog[1:] if r["tokens"] == batch * seq]
+        if len(full) < 2:
+            raise SystemExit(f"{name}: fewer than 2 full-length steps; tokens per step: {[r['tokens'] for r in prog]}")
+        measured_rss = json.loads((ws / "manifest.json").read_text())["stages"]["train"]["peak_rss_mb"] * 2**20
+        measured_step = statistics.median(r["step_s"] for r in full)
+        p = plan.make(model, plan.Run(seq_len=seq, batch_size=batch, backend=backend), profile)
+        rows.append({
+            "config": name, "role": role, "backend": backend, "family": family, "hidden": hidden, "layers": layers,
+            "ffn": ffn, "heads": heads, "kv_heads": kv, "vocab": vocab, "batch": batch, "seq_len": seq,
+            "base_params": p.base_params, "trainable": p.trainable,
+            "measured_peak_bytes": measured_rss, "predicted_peak_bytes": p.memory.total,
+            "predicted_breakdown": {k: getattr(p.memory, k) for k in ("frozen", "adapters", "optimizer",
+                                                                        "activations", "runtime")},
+            "measured_step_s": measured_step, "predicted_step_s": p.step_s,
+            "memory_error": p.memory.total / measured_rss - 1, "time_error": p.step_s / measured_step - 1})
+        shutil.rmtree(ws)
+    shutil.rmtree(base)
+    shutil.rmtree(model)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Planner accuracy: predicted vs measured", "",
+             f"Measured {result['date']} on {result['machine']} ({result['profile']}) by "
+             "`python benchmarks/plan_accuracy.py`. Each row: a random-weight model, default LoRA targets r 16, "
+             f"{result['steps']} training steps on full-length batches; measured peak RSS of the training process "
+             "and median step time (after the first). `fit` rows calibrated `edgeft.plan.CALIBRATION`; `check` rows "
+             "did not. Goals: memory within +-15 %, step time within +-30 %.", "",
+             "| config | role | backend | hidden x layers, ffn, vocab | batch x seq | predicted peak | measured peak | "
+             "error | predicted step | measured step | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        mem_ok = abs(r["memory_error"]) <= 0.15
+        time_ok = abs(r["time_error"]) <= 0.30
+        lines.append(
+            f"| {r['config']} | {r['role']} | {r['backend']} | {r['hidden']} x {r['layers']}, {r['ffn']}, {r['vocab']} "
+            f"| {r['batch']} x {r['seq_len']} | {r['predicted_peak_bytes'] / 1e6:.0f} MB | "
+            f"{r['measured_peak_bytes'] / 1e6:.0f} MB | {r['memory_error']:+.1%} {'ok' if mem_ok else 'MISS'} | "
+            f"{r['predicted_step_s']:.3f} s | {r['measured_step_s']:.3f} s | "
+            f"{r['time_error']:+.1%} {'ok' if time_ok else 'MISS'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", help="comma-separated config names")
+    ap.add_argument("--backends", default="ort,torch")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--raw", type=Path, help="also append raw rows to this JSONL (for calibration)")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    rows = []
+    (REPO / "artifacts").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
+        for name in names:
+            for row in measure(name, args.backends.split(","), args.steps, Path(tmp)):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.raw:
+                    with open(args.raw, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "profile": PROFILE,
+              "steps": args.steps, "rows": rows}
+    if not args.only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "plan.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
