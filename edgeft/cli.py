@@ -253,6 +253,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Run the pipeline from a recipe: prepare, export, train, merge, package, eval, bench."""
+    from edgeft import run
+
+    recipe, base = run.load(Path(args.recipe), args.set or [])
+    result = run.run(recipe, base, force=tuple(_csv(args.force) or ()))
+    print(f"done: {result['workspace']}  ({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items()) or 'all stages unchanged'})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: fine-tune, package int4, evaluate and bench, no downloads."""
+    from edgeft import demo
+
+    demo.demo(args.seed, Path(args.workspace) if args.workspace else None, args.device)
+    return 0
+
+
 def cmd_plan(args) -> int:
     """Predict peak memory and step time of a LoRA run on a device profile, before anything heavy runs."""
     from edgeft import devices, plan
@@ -343,6 +361,13 @@ COMMANDS: tuple[Command, ...] = (
         arg("--data", help="text for the batches and prompts (default: the sample task)"),
         arg("--out", help="report folder (default: WS/bench, or BUNDLE-bench beside a bundle)"),
         arg("--json", action="store_true"))),
+    Command("run", cmd_run, (
+        arg("recipe", help="recipe YAML (see recipes/)"),
+        arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)"),
+        arg("--force", help="comma-separated stages to run even if unchanged"))),
+    Command("demo", cmd_demo, (
+        arg("--seed", type=_int_or, default=0), arg("--workspace", help="default: artifacts/home-demo-seed<SEED>"),
+        arg("--device", help="device profile to judge against (default: the recipe's)"))),
     Command("plan", cmd_plan, (
         arg("target", help="Hugging Face model folder or a prepared workspace"),
         arg("--device", required=True, help="device profile name or file"),

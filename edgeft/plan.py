@@ -22,12 +22,14 @@ from edgeft import families
 from edgeft.devices import Profile
 from edgeft.errors import EdgeftError
 
-# Calibrated against benchmarks/results/plan.md (see the module doc); per backend.
+# Fitted to measured peak RSS (benchmarks/plan_accuracy.py; results/plan.md). Saved activations per token:
+#   layers * (act_width * (hidden + ffn) + act_attn * heads * seq) + act_vocab * vocab   bytes
+# ORT keeps ~18 fp32 copies' worth per hidden+MLP unit (LoRA branches and the unfused attention add up)
+# and ~4.5 copies of each attention matrix; the torch backend keeps 0.61x of ORT's.
 CALIBRATION = {
-    # bytes per token of saved activations: per layer a*hidden + b*ffn + c*heads*seq, plus d*vocab for the loss
-    "ort": {"act_hidden": 24.0, "act_ffn": 16.0, "act_attn": 8.0, "act_vocab": 12.0, "runtime_mb": 330.0,
+    "ort": {"act_width": 71.0, "act_attn": 17.9, "act_vocab": 16.0, "runtime_mb": 260.0,
             "efficiency": 0.45, "layer_overhead_s": 0.002, "step_overhead_s": 0.01},
-    "torch": {"act_hidden": 24.0, "act_ffn": 16.0, "act_attn": 8.0, "act_vocab": 12.0, "runtime_mb": 430.0,
+    "torch": {"act_width": 43.7, "act_attn": 11.0, "act_vocab": 9.8, "runtime_mb": 405.0,
               "efficiency": 0.6, "layer_overhead_s": 0.002, "step_overhead_s": 0.01},
 }
 ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
@@ -109,14 +111,12 @@ def trainable_params(model_dir: Path, targets: list[str], lora_r: int, train_mod
                      dora: bool = False) -> int:
     """LoRA (r x (in + out) per targeted Linear, + out for DoRA's magnitude) and whole trained modules."""
     shapes = linear_shapes(model_dir)
-    n = 0
-    for module, (rows, cols) in shapes.items():
-        leaf = module.rsplit(".", 1)[-1]
-        if leaf in targets and ".layers." in module:
-            n += lora_r * (rows + cols) + (rows if dora else 0)
-        if leaf in train_modules:
-            n += rows * cols
-    return n
+    leaves = {module.rsplit(".", 1)[-1]: shape for module, shape in shapes.items()}
+    if "lm_head" not in leaves and "embed_tokens" in leaves:  # tied: the LM head is the embedding table
+        leaves["lm_head"] = leaves["embed_tokens"]
+    n = sum(lora_r * (rows + cols) + (rows if dora else 0) for module, (rows, cols) in shapes.items()
+            if module.rsplit(".", 1)[-1] in targets and ".layers." in module)
+    return n + sum(leaves[m][0] * leaves[m][1] for m in train_modules if m in leaves)
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,8 @@ class Plan:
 
 def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str) -> float:
     c = CALIBRATION[backend]
-    per_token = (shape.layers * (c["act_hidden"] * shape.hidden + c["act_ffn"] * shape.ffn
-                                 + c["act_attn"] * shape.heads * seq_len) + c["act_vocab"] * shape.vocab)
+    per_token = (shape.layers * (c["act_width"] * (shape.hidden + shape.ffn) + c["act_attn"] * shape.heads * seq_len)
+                 + c["act_vocab"] * shape.vocab)
     return per_token * seq_len * batch
 
 
@@ -202,8 +202,7 @@ def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | No
     targets = list(run.targets or family.default_targets)
     if trainable is None:
         trainable = trainable_params(model_dir, targets, run.lora_r, list(run.train_modules))
-    total = safetensors_params(model_dir)
-    base = total - sum(n for name, n in tensor_sizes(model_dir) if name.split(".")[-2] in run.train_modules)
+    base = safetensors_params(model_dir)  # a trained whole module is a copy: PEFT keeps the original, frozen
     peak, compute = peak_gflops(profile) if profile else (None, "no profile")
     flops, seconds = step_seconds(shape, run, matmul_params(model_dir), trainable, peak) if peak else (0.0, 0.0)
     tokens = run.seq_len * run.batch_size
@@ -305,7 +304,9 @@ def advice(p: Plan, profile: Profile) -> str:
     seq, batch = best
     if seq < p.run.seq_len:
         return f"the longest sequence that fits is {seq} tokens at batch 1 (use --seq-len {seq} --batch-size 1)"
-    return f"at {seq} tokens the largest batch that fits is {batch} (use --batch-size {batch} --grad-accum to keep the batch)"
+    accum = -(-p.run.batch_size // batch)
+    return (f"at {seq} tokens the largest batch that fits is {batch} (use --batch-size {batch} --grad-accum {accum} "
+            "for the same effective batch)")
 
 
 def render(p: Plan, profile: Profile | None) -> str:

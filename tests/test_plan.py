@@ -1,0 +1,90 @@
+"""plan: predictions from config.json and safetensors headers, budget checks in prepare and train."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from edgeft import devices, plan
+from edgeft.errors import EdgeftError
+from edgeft.export import export
+from edgeft.prepare import PrepareConfig, prepare
+from edgeft.tasks.home import DATA_DIR
+from edgeft.train import TrainConfig, train
+
+
+def profile_file(tmp_path, name: str, budget_gb: float):
+    """A profile as `devices probe` writes it (a file outside devices/), with its own memory budget."""
+    data = yaml.safe_load((devices.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
+    data["name"] = name
+    data["memory"]["budget_gb"] = {"value": budget_gb, "source": "target", "ref": "test"}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("family", ["phi3-mini-4k", "phi4-mini", "llama3.2", "qwen2.5"])
+@pytest.mark.parametrize("train_modules", [[], ["lm_head"]])
+def test_trainable_count_matches_peft(tiny_model, tmp_path, family, train_modules):
+    model = tiny_model(family)
+    ws = prepare(PrepareConfig(model_dir=str(model), lora_r=8, train_modules=train_modules), tmp_path / "ws")
+    prep = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    p = plan.make(model, plan.Run(seq_len=64, batch_size=1, lora_r=8, targets=tuple(prep["targets"]),
+                                  train_modules=tuple(train_modules)), None)
+    assert p.trainable == prep["params"]["trainable"]
+    assert p.base_params == prep["params"]["base"]
+
+
+def test_memory_grows_with_tokens_and_largest_fit_is_tight(tiny_model):
+    model = tiny_model("phi3-mini-4k")
+    profile = devices.load("dev-2core-avx512")
+    small = plan.make(model, plan.Run(seq_len=128, batch_size=1), profile)
+    long = plan.make(model, plan.Run(seq_len=1024, batch_size=1), profile)
+    wide = plan.make(model, plan.Run(seq_len=128, batch_size=8), profile)
+    assert long.memory.activations > 8 * small.memory.activations  # attention grows with seq^2
+    assert wide.memory.activations == pytest.approx(8 * small.memory.activations)
+    assert small.memory.frozen == long.memory.frozen
+    # A budget between the two: the long run does not fit, the answer fits, and one step more does not.
+    budget = (small.memory.total + long.memory.total) / 2
+    tight = dataclasses.replace(profile, memory=dataclasses.replace(
+        profile.memory, budget_gb=devices.Figure(budget / 1e9, "target", "test")))
+    assert plan.make(model, long.run, tight).fits is False
+    seq, batch = plan.largest_fit(model, long.run, tight, long.trainable)
+    assert plan.make(model, plan.Run(seq_len=seq, batch_size=1), tight).fits
+    assert not plan.make(model, plan.Run(seq_len=seq + 16, batch_size=1), tight).fits
+
+
+def test_cli_plan_text_json_and_exit_codes(tiny_model, tmp_path):
+    model = str(tiny_model("phi3-mini-4k"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edgeft", "plan", *a], capture_output=True, text=True)  # noqa: E731
+    ok = run(model, "--device", "raspberry-pi-5-8gb", "--seq-len", "256")
+    assert ok.returncode == 0, ok.stderr
+    for word in ("frozen weights", "activations", "gradients + AdamW state", "runtime", "step time",
+                 "fits raspberry-pi-5-8gb: yes"):
+        assert word in ok.stdout
+    data = json.loads(run(model, "--device", "raspberry-pi-5-8gb", "--json").stdout)
+    assert data["fits"] is True and data["run"]["backend"] == "torch"  # the Pi profile trains with torch
+    assert set(data["memory_bytes"]) == {"frozen", "adapters", "optimizer", "activations", "runtime", "total"}
+    # A probed-style profile file with a small budget: does not fit, says what would (exit 1).
+    small = profile_file(tmp_path, "small-box", 0.4)
+    over = run(model, "--device", str(small), "--seq-len", "4096", "--batch-size", "8")
+    assert over.returncode == 1 and "fits small-box: NO" in over.stdout and "--seq-len" in over.stdout
+    bad = run(model, "--device", "no-such-device")
+    assert bad.returncode == 2 and "unknown device" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_prepare_and_train_refuse_runs_over_the_budget(tiny_model, tmp_path):
+    model = tiny_model("phi3-mini-4k")
+    with pytest.raises(EdgeftError, match="nothing fits"):
+        prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws0", devices.load(profile_file(tmp_path, "tiny-box", 0.1)))
+    assert not (tmp_path / "ws0" / "manifest.json").exists()
+    ws = prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws")
+    export(ws)
+    box = devices.load(profile_file(tmp_path, "box", 0.36))
+    with pytest.raises(EdgeftError, match=r"over box's .* budget.*largest batch that fits is \d+ \(use --batch-size \d+ --grad-accum \d+"):
+        train(ws, DATA_DIR / "train.jsonl", TrainConfig(max_steps=1, batch_size=4096, seq_len=128,
+                                                       truncation="right"), device=box)
+    assert not (ws / "train" / "checkpoints").exists()
