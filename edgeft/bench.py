@@ -35,8 +35,8 @@ def _tokens(model_dir: Path, data: Path | None) -> np.ndarray:
 
     tok = load_tokenizer(model_dir)
     lines = Path(data or DATA_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
-    text = "\n".join(lines)
-    return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    ids = tok(lines, add_special_tokens=False)["input_ids"]
+    return np.asarray([i for row in ids for i in row], dtype=np.int32)
 
 
 def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: int, batch_size: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,12 @@ def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> d
 
     def do_train():
         ckpts = root / "train" / "checkpoints"
-        resume = ws.stage("train") is None and train.checkpoints.latest(ckpts) is not None
+        if ws.stage("train") is not None and (root / "train").is_dir():
+            previous = root / "train.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            (root / "train").rename(previous)
+            log(f"[train] options or data changed; starting over (the finished run is kept in {previous})")
+        resume = train.checkpoints.latest(ckpts) is not None
         if resume:
             log(f"[train] resuming the interrupted run from {train.checkpoints.latest(ckpts)}")
         result = train.train(root, train_data, recipe.train, eval_data, device, resume)
