@@ -219,13 +219,18 @@ def cmd_package(args) -> int:
     from edgeft.package import PackageConfig, package
 
     device = devices.load(args.device) if args.device else None
-    options = {k: getattr(args, k) for k in ("precision", "ep", "force") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters") if getattr(args, k) is not None}
+    if args.add_adapters:
+        options["add_adapters"] = args.add_adapters
     out = package(Path(args.workspace), schema.parse(PackageConfig, options, "package options"), device)
     m = json.loads((out / "manifest.json").read_text())
     v = m["verification"]
     print(f"packaged {out} ({m['precision']}, {m['execution_provider']}, {m['bytes'] / 2**20:.1f} MB)")
     print(f"verified against transformers: greedy token agreement {v['token_agreement']:.0%} on {v['prompts']} prompts, "
           f"max logit error {v['max_logit_error']:.2e}")
+    if m.get("adapters"):
+        print(f"adapters: {', '.join(a['file'] for a in m['adapters'].values())}; with none active the bundle is the "
+              f"base model (vs transformers: agreement {v['no_adapter_vs_base']['token_agreement']:.0%})")
     print(f"next: `edgeft chat {out}`")
     return 0
 
@@ -344,7 +349,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("package", cmd_package, (
         arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers"),
         arg("--precision", choices=("int4", "int8", "fp16", "fp32")),
-        arg("--ep", choices=("cpu", "cuda", "dml", "webgpu")), arg("--force", action="store_true", default=None))),
+        arg("--ep", choices=("cpu", "cuda", "dml", "webgpu")), arg("--force", action="store_true", default=None),
+        arg("--adapters", action="store_true", default=None,
+            help="the base once plus a swappable .onnx_adapter (instead of the merged model)"),
+        arg("--add-adapters", action="append", metavar="WS", help="another workspace's adapter to ship (repeatable)"))),
     Command("eval", cmd_eval, (
         arg("workspace"), arg("--data", required=True, help="test JSONL (chat or prompt/completion)"),
         arg("--shots", type=_int_or, default=3, help="solved examples in the few-shot baseline"),

@@ -39,6 +39,9 @@ class PackageConfig:
     max_new_tokens: int = spec("tokens generated per verification prompt", 16, min=1)
     prompts: int = spec("verification prompts", 3, min=1)
     force: bool = spec("replace an existing bundle", False)
+    adapters: bool = spec("build the base model once plus a swappable .onnx_adapter per trained adapter", False)
+    add_adapters: list[str] = spec("other workspaces (same base, same targets) whose adapters to ship too",
+                                   default_factory=list)
 
     def __post_init__(self):
         problems: list[str] = []
@@ -51,12 +54,16 @@ class BuilderError(EdgeftError):
     pass
 
 
-def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quant: Quantization) -> float:
+def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quant: Quantization,
+                extra: dict[str, str] | None = None) -> float:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
            "-p", precision, "-e", ep, "-c", str(cache)]
+    options = dict(extra or {})
     if precision in ("int4", "int8"):
-        cmd += ["--extra_options", f"block_size={quant.block_size}", f"accuracy_level={quant.accuracy_level}",
-                f"is_symmetric={str(quant.symmetric).lower()}"]
+        options.update(block_size=quant.block_size, accuracy_level=quant.accuracy_level,
+                       is_symmetric=str(quant.symmetric).lower())
+    if options:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -100,15 +107,23 @@ def reference(merged: Path, prompts: list[list[int]], max_new: int) -> tuple[lis
     return tokens, logits
 
 
-def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], list[np.ndarray]]:
+def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int,
+                   adapter: Path | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Greedy tokens and first-step logits from onnxruntime-genai, with an `.onnx_adapter` active if given."""
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter), adapter.stem)
     tokens, logits = [], []
     for ids in prompts:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
         gen = og.Generator(model, params)
+        if adapters is not None:
+            gen.set_active_adapter(adapters, adapter.stem)
         gen.append_tokens(ids)
         logits.append(np.asarray(gen.get_logits()).reshape(-1))
         out = []
@@ -154,10 +169,7 @@ and adapter, the build settings and the verification figures.
 """
 
 
-def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) -> Path:
-    from edgeft import __version__
-
-    ws = Workspace(ws_path)
+def _check_merged(ws: Workspace) -> dict:
     merged_rec = ws.require("merge", f"merge it first: `edgeft merge {ws.root}`")
     merged = ws.root / "merged"
     recorded = merged_rec["outputs"]["merged"]
@@ -166,6 +178,66 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         changed = sorted(set(recorded) ^ set(actual) | {k for k in recorded if actual.get(k) != recorded[k]})
         raise EdgeftError(f"{merged} no longer matches what merge wrote ({', '.join(changed[:3])}); run "
                           f"`edgeft merge {ws.root}` again")
+    return merged_rec
+
+
+def _adapter_sources(ws: Workspace, cfg: PackageConfig) -> list[Workspace]:
+    """This workspace and the --add-adapters ones, checked to fit one base graph."""
+    prep = ws.stage("prepare")
+    sources = [ws, *(Workspace(Path(p)) for p in cfg.add_adapters)]
+    for other in sources:
+        if not (other.root / "manifest.json").is_file():
+            raise EdgeftError(f"--add-adapters {other.root}: not an edgeft workspace")
+        _check_merged(other)
+        c = other.stage("prepare")["config"]
+        if c["dora"] or c["train_modules"] or c["trainable_token_indices"]:
+            what = "DoRA" if c["dora"] else "whole trained modules" if c["train_modules"] else "trainable token rows"
+            raise EdgeftError(f"{other.root} trains {what}; an .onnx_adapter holds plain LoRA weights only. Package "
+                              "it merged (without --adapters), or prepare it without that option")
+        if other is not ws:
+            if other.stage("prepare")["inputs"] != prep["inputs"]:
+                raise EdgeftError(f"--add-adapters {other.root} was prepared from another base model than {ws.root}")
+            if other.stage("prepare")["targets"] != prep["targets"]:
+                raise EdgeftError(f"--add-adapters {other.root} adapts {other.stage('prepare')['targets']}, "
+                                  f"{ws.root} adapts {prep['targets']}; one base graph needs the same targets")
+    names = [s.root.name for s in sources]
+    if len(set(names)) != len(names):
+        raise EdgeftError(f"adapters are named after their workspace folders, and these repeat: {names}")
+    return sources
+
+
+def _build_adapters(ws: Workspace, sources: list[Workspace], tmp: Path, cache: Path, precision: str, ep: str,
+                    quant: Quantization) -> tuple[float, dict[str, Path]]:
+    """The base once (LoRA branches as inputs), then one .onnx_adapter per source workspace."""
+    from edgeft import adapters
+
+    prep = ws.stage("prepare")
+    base_dir = Path(prep["config"]["model_dir"])
+    exclude = ",".join(adapters.lora_node_names(prep["num_hidden_layers"]))
+    files, build_s = {}, 0.0
+    (tmp / "adapters").mkdir()
+    for i, source in enumerate(sources):
+        out = tmp if i == 0 else tmp / f".build-{i}"
+        build_s += run_builder(base_dir, out, cache, precision, ep, quant,
+                               {"adapter_path": source.root / "adapter", "nodes_to_exclude": exclude})
+        values = adapters.extract(out / "model.onnx")
+        files[source.root.name] = adapters.write(values, tmp / "adapters" / f"{source.root.name}.onnx_adapter")
+        if i:
+            import shutil
+
+            shutil.rmtree(out)
+    return build_s, files
+
+
+def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) -> Path:
+    from edgeft import __version__
+
+    ws = Workspace(ws_path)
+    merged_rec = _check_merged(ws)
+    merged = ws.root / "merged"
+    sources = _adapter_sources(ws, cfg) if cfg.adapters else []
+    if cfg.add_adapters and not cfg.adapters:
+        raise EdgeftError("--add-adapters needs --adapters")
     quant = device.quantization if device else Quantization()
     precision = cfg.precision or quant.precision
     if device and cfg.ep not in device.execution_providers.inference:
@@ -178,27 +250,46 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
     rss.reset_peak()
     with atomic_dir(out) as tmp:
         cache = ws.root / ".builder-cache"
-        build_s = run_builder(merged, tmp, cache, precision, cfg.ep, quant)
         prompts = _prompts(merged, cfg.prompts)
+        adapter_files: dict[str, Path] = {}
+        if cfg.adapters:
+            build_s, adapter_files = _build_adapters(ws, sources, tmp, cache, precision, cfg.ep, quant)
+        else:
+            build_s = run_builder(merged, tmp, cache, precision, cfg.ep, quant)
         ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens)
-        got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens)
+        active = adapter_files.get(ws.root.name)
+        got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active)
         verification = {
             "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
             "token_agreement": agreement(ref_tokens, got_tokens),
             "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(ref_logits, got_logits, strict=True))),
-            "reference": "transformers greedy generate on WS/merged (fp32)",
+            "reference": "transformers greedy generate on WS/merged (fp32)"
+                         + (f"; bundle with adapter {ws.root.name!r} active" if active else ""),
         }
+        if active:
+            base_tokens, base_logits = reference(Path(ws.stage("prepare")["config"]["model_dir"]), prompts,
+                                                 cfg.max_new_tokens)
+            plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens)
+            verification["no_adapter_vs_base"] = {
+                "token_agreement": agreement(base_tokens, plain_tokens),
+                "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(base_logits, plain_logits,
+                                                                                 strict=True)))}
         if precision == "fp32" and verification["token_agreement"] < 1.0:
             raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from transformers' "
                               f"(agreement {verification['token_agreement']:.1%}); nothing was written")
-        files = {p.name: p for p in tmp.rglob("*") if p.is_file()}
-        (tmp / "README.md").write_text(USAGE.format(name=out.name, precision=precision, ep=cfg.ep, version=__version__))
+        files = {p.relative_to(tmp).as_posix(): p for p in tmp.rglob("*") if p.is_file()}
+        (tmp / "README.md").write_text(USAGE.format(name=out.name, precision=precision, ep=cfg.ep, version=__version__)
+                                       + (ADAPTER_USAGE.format(names=", ".join(adapter_files)) if adapter_files else ""))
         manifest = {
-            "edgeft": __version__, "precision": precision, "execution_provider": cfg.ep,
+            "edgeft": __version__, "kind": "base+adapters" if cfg.adapters else "merged",
+            "precision": precision, "execution_provider": cfg.ep,
             "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None,
             "device": device.name if device else None,
             "source": {"model_dir": ws.stage("prepare")["config"]["model_dir"], "model_sha256": ws.stage("prepare")["inputs"],
                        "adapter_sha256": merged_rec["outputs"]["adapter"], "checkpoint": merged_rec["checkpoint"]},
+            "adapters": {name: {"file": f"adapters/{path.name}", "workspace": str(src.root),
+                                "adapter_sha256": src.stage("merge")["outputs"]["adapter"]}
+                         for (name, path), src in zip(adapter_files.items(), sources, strict=True)},
             "verification": verification, "versions": library_versions(),
             "files": hash_files([tmp / "README.md", *files.values()], tmp),
             "bytes": sum(p.stat().st_size for p in files.values()),
@@ -210,6 +301,21 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                           "bytes": manifest["bytes"], "seconds": round(time.time() - started, 1),
                           "build_seconds": round(build_s, 1), "peak_rss_mb": round(peak, 1)})
     return out
+
+
+ADAPTER_USAGE = """
+## Swappable adapters ({names})
+
+The base model's LoRA branches are inputs; with no adapter active it is the base model. Switch per
+generator:
+
+```python
+adapters = og.Adapters(model)
+adapters.load("adapters/NAME.onnx_adapter", "NAME")
+generator = og.Generator(model, params)
+generator.set_active_adapter(adapters, "NAME")
+```
+"""
 
 
 def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256) -> None:

@@ -77,3 +77,51 @@ def test_bad_input(merged_ws, tiny_model, tmp_path):
         package(fresh)
     proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not an ONNX Runtime GenAI bundle" in proc.stderr
+
+
+def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp_path):
+    import onnxruntime_genai as og
+
+    from edgeft.package import _prompts, genai_generate
+
+    ws = copy(merged_ws, tmp_path)
+    out = package(ws, PackageConfig(precision="fp32", adapters=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "base+adapters" and list(manifest["adapters"]) == ["ws"]
+    adapter = out / manifest["adapters"]["ws"]["file"]
+    assert manifest["files"]["adapters/ws.onnx_adapter"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
+    v = manifest["verification"]
+    # Adapter active == the merged model; none active == the base model (both against transformers, fp32).
+    assert v["token_agreement"] == 1.0 and v["max_logit_error"] < 1e-4
+    assert v["no_adapter_vs_base"]["token_agreement"] == 1.0 and v["no_adapter_vs_base"]["max_logit_error"] < 1e-4
+    # ...and the adapter does change the output (the trained LoRA is not a no-op).
+    prompts = _prompts(ws / "merged", 2)
+    _, with_adapter = genai_generate(out, prompts, 1, adapter)
+    _, without = genai_generate(out, prompts, 1)
+    assert max(abs(a - b).max() for a, b in zip(with_adapter, without, strict=True)) > 1e-2
+    # The app's calls, as the bundle README shows them.
+    model = og.Model(str(out))
+    adapters = og.Adapters(model)
+    adapters.load(str(adapter), "ws")
+    assert "set_active_adapter" in (out / "README.md").read_text()
+
+
+def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
+    ws = copy(merged_ws, tmp_path)
+    out = package(ws, PackageConfig(adapters=True))  # int4 base, float adapters
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    lora_inputs = [i.name for i in graph.input if ".lora_" in i.name]
+    assert "MatMulNBits" in ops and lora_inputs
+    assert all(n.op_type == "MatMul" for n in graph.node if "/lora_" in n.name)  # adapters stay float
+    with pytest.raises(EdgeftError, match="needs --adapters"):
+        package(ws, PackageConfig(add_adapters=[str(ws)], force=True))
+    lm = tmp_path / "lm"
+    prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), train_modules=["lm_head"]), lm)
+    export(lm)
+    train(lm, DATA_DIR / "train.jsonl", TrainConfig(max_steps=2, batch_size=4, seq_len=256))
+    merge(lm)
+    with pytest.raises(EdgeftError, match="whole trained modules; an .onnx_adapter holds plain LoRA weights only"):
+        package(lm, PackageConfig(adapters=True))
