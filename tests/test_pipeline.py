@@ -135,3 +135,18 @@ def test_bad_recipes_exit_2_naming_the_problem(tiny_model, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad_set = edgeft("run", str(recipe(tmp_path, tiny_model("phi3-mini-4k"))), "--set", "trainlr")
     assert bad_set.returncode == 2 and "section.key=value" in bad_set.stderr
+
+
+def test_every_shipped_recipe_parses_and_starts_with_its_command():
+    from pathlib import Path
+
+    from edgeft import run
+
+    repo = Path(__file__).resolve().parent.parent
+    paths = sorted((repo / "recipes").glob("*.yaml")) + sorted(run.SHIPPED["recipes"].glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# edgeft run ") and path.name in first, path
+        recipe, _ = run.load(path)
+        assert recipe.name and recipe.device

@@ -1,0 +1,161 @@
+"""Packaging and inference: builder time and peak memory, bundle size per precision, and the int4 bundle's
+decode speed and time to first token against transformers fp32 generate, on the same CPU.
+
+    python benchmarks/package_speed.py [--layers 4] [--runs 3] [--out benchmarks/results]
+
+The model is a real-width Phi-3-mini slice (hidden 3072, ffn 8192, vocab 32064, 32 heads; random weights,
+`--layers` layers). Each precision is built by the GenAI builder's CLI in its own process, whose peak RSS
+(VmHWM) is read at exit. Inference: `edgeft bench`'s genai child (its own process) and a transformers
+child, each with the same 128-token prompt and 64 new tokens (no early stop), median over runs after a
+warm-up. Goals: builder peak <= 2x the fp32 model size; int4 decode >= 3x transformers fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PEAK_WRAPPER = """
+import runpy, sys
+sys.argv = ["builder", *sys.argv[1:]]
+try:
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+finally:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("EDGEFT_PEAK_KB", line.split()[1], file=sys.stderr)
+"""
+
+TRANSFORMERS_CHILD = """
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+args = json.loads(sys.argv[1])
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32, local_files_only=True).eval()
+ids = torch.tensor([args["prompt"]])
+ttft, decode = [], []
+with torch.no_grad():
+    for i in range(args["runs"] + 1):
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["new"], min_new_tokens=args["new"],
+                       do_sample=False)
+        t2 = time.perf_counter()
+        if i:
+            ttft.append(t1 - t0)
+            decode.append((t2 - t1) - (t1 - t0))  # the full generate minus its prefill + first token
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": peak / 1024}))
+"""
+
+
+def build_model(out: Path, layers: int) -> Path:
+    code = ("import sys; sys.path.insert(0, %r); from benchmarks.export_memory import build; "
+            "build('slice', __import__('pathlib').Path(%r), %d)" % (str(REPO), str(out), layers))
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return out
+
+
+def build_bundle(model: Path, out: Path, precision: str, cache: Path) -> dict:
+    from edgeft.devices import Quantization
+
+    q = Quantization()
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, "-i", str(model), "-o", str(out), "-p", precision, "-e", "cpu",
+           "-c", str(cache)]
+    if precision in ("int4", "int8"):
+        cmd += ["--extra_options", f"block_size={q.block_size}", f"accuracy_level={q.accuracy_level}",
+                f"is_symmetric={str(q.symmetric).lower()}"]
+    t = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    peak_kb = int(proc.stderr.rsplit("EDGEFT_PEAK_KB", 1)[1].split()[0])
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"precision": precision, "seconds": round(time.time() - t, 1), "peak_rss_mb": peak_kb / 1024,
+            "bundle_mb": size / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args()
+    from edgeft import bench
+    from edgeft.plan import safetensors_params
+
+    (REPO / "artifacts").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
+        tmp = Path(tmp)
+        model = build_model(tmp / "model", args.layers)
+        fp32_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
+        builds = []
+        for precision in ("fp32", "int8", "int4"):
+            builds.append(build_bundle(model, tmp / f"bundle-{precision}", precision, tmp / "cache"))
+            print(json.dumps(builds[-1]), flush=True)
+            if precision != "int4":
+                shutil.rmtree(tmp / f"bundle-{precision}")
+        prompt = [int(x) for x in bench._tokens(model, None)[:128]]
+        genai = bench.bench_inference(tmp / "bundle-int4", args.runs, 128, 64, None, tmp)
+        proc = subprocess.run([sys.executable, "-c", TRANSFORMERS_CHILD,
+                               json.dumps({"model": str(model), "prompt": prompt, "new": 64, "runs": args.runs})],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        hf = json.loads(proc.stdout.strip().splitlines()[-1])
+        params = safetensors_params(model)
+    hf_decode = statistics.median(63 / d for d in hf["decode_s"])
+    hf_ttft = 1000 * statistics.median(hf["ttft_s"])
+    result = {
+        "machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "params": params,
+        "fp32_model_mb": fp32_mb, "builds": builds, "runs": args.runs,
+        "int4_genai": {"decode_tokens_per_s": genai["decode_tokens_per_s"]["median"], "ttft_ms": genai["ttft_ms"]["median"],
+                       "peak_rss_mb": genai["peak_rss_mb"]},
+        "transformers_fp32": {"decode_tokens_per_s": hf_decode, "ttft_ms": hf_ttft, "peak_rss_mb": hf["peak_rss_mb"]},
+    }
+    result["decode_speedup"] = result["int4_genai"]["decode_tokens_per_s"] / hf_decode
+    result["ttft_speedup"] = hf_ttft / result["int4_genai"]["ttft_ms"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "package.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "package.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    lines = ["# Packaging and inference", "",
+             f"Measured {r['date']} on {r['machine']} by `python benchmarks/package_speed.py`: a real-width Phi-3-mini "
+             f"slice with {r['layers']} layers ({r['params'] / 1e9:.2f} B parameters, {r['fp32_model_mb']:.0f} MiB fp32 "
+             "safetensors), random weights. Goals: builder peak <= 2x the fp32 model; int4 decode >= 3x transformers "
+             "fp32 generate.", "",
+             "| precision | build time | builder peak RSS | peak / fp32 model | bundle size |", "|---|---|---|---|---|"]
+    for b in r["builds"]:
+        ratio = b["peak_rss_mb"] / r["fp32_model_mb"]
+        lines.append(f"| {b['precision']} | {b['seconds']:.0f} s | {b['peak_rss_mb']:.0f} MiB | **{ratio:.2f}x** "
+                     f"{'ok' if ratio <= 2 else 'over'} | {b['bundle_mb']:.0f} MiB |")
+    g, h = r["int4_genai"], r["transformers_fp32"]
+    lines += ["", f"Inference, 128-token prompt, 64 new tokens, median of {r['runs']} runs after a warm-up:", "",
+              "| runner | decode tokens/s | time to first token | peak RSS |", "|---|---|---|---|",
+              f"| int4 bundle, onnxruntime-genai | {g['decode_tokens_per_s']:.1f} | {g['ttft_ms']:.0f} ms | "
+              f"{g['peak_rss_mb']:.0f} MiB |",
+              f"| fp32, transformers generate | {h['decode_tokens_per_s']:.1f} | {h['ttft_ms']:.0f} ms | "
+              f"{h['peak_rss_mb']:.0f} MiB |", "",
+              f"Decode speed-up **{r['decode_speedup']:.1f}x** (goal >= 3x); time to first token "
+              f"{r['ttft_speedup']:.1f}x faster."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
