@@ -282,7 +282,7 @@ def cmd_plan(args) -> int:
 
     profile = devices.load(args.device)
     p = plan.for_target(Path(args.target), profile, args.seq_len, args.batch_size, args.lora_r, _csv(args.targets),
-                        args.backend, _csv(args.train_modules))
+                        args.backend, _csv(args.train_modules), args.base_precision)
     print(json.dumps(plan.to_dict(p, profile), indent=2) if args.json else plan.render(p, profile))
     return 0 if p.fits else 1
 
@@ -383,6 +383,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--lora-r", type=_int_or), arg("--targets", help="comma-separated module names"),
         arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
         arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
+        arg("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
+            help="frozen base stored quantized (planning only until quantized-base training lands)"),
         arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (
         arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),

@@ -13,6 +13,7 @@ Everything comes from `config.json` and the safetensors headers (no tensor data 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -37,18 +38,47 @@ OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW fi
 PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 32}
 
 
-def tensor_sizes(model_dir: Path):
-    """(name, element count) of every weight, read from the safetensors headers (no tensor data is loaded)."""
-    for path in families.weight_files(model_dir):
-        with open(path, "rb") as f:
+@functools.lru_cache(maxsize=16)
+def _shapes(model_dir: str, mtime: float) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    path = Path(model_dir)
+    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    if not has_weights and (path / "config.json").is_file() and not any(path.glob("*.bin")):
+        return _meta_shapes(path)
+    out = []
+    for file in families.weight_files(path):
+        with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                yield name, n
+        out += [(name, tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"]
+    return tuple(out)
+
+
+def _meta_shapes(model_dir: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """A config-only folder (plan before downloading): the model built on the meta device, no memory used."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+
+
+def weight_shapes(model_dir: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of every weight: from the safetensors headers (no tensor data is read), or, for a folder
+    with config.json alone, from the architecture."""
+    model_dir = Path(model_dir).resolve()
+    config = model_dir / "config.json"
+    return _shapes(str(model_dir), config.stat().st_mtime if config.is_file() else 0.0)
+
+
+def tensor_sizes(model_dir: Path):
+    """(name, element count) of every weight."""
+    for name, shape in weight_shapes(model_dir):
+        n = 1
+        for d in shape:
+            n *= d
+        yield name, n
 
 
 def safetensors_params(model_dir: Path) -> int:
@@ -95,16 +125,9 @@ class Shape:
 
 
 def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module path -> (out_features, in_features) of every 2-D weight, from the safetensors headers."""
-    out = {}
-    for path in families.weight_files(model_dir):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name.endswith(".weight") and len(info.get("shape", ())) == 2:
-                out[name[: -len(".weight")]] = tuple(info["shape"])
-    return out
+    """Module path -> (out_features, in_features) of every 2-D weight."""
+    return {name[: -len(".weight")]: shape for name, shape in weight_shapes(model_dir)
+            if name.endswith(".weight") and len(shape) == 2}
 
 
 def trainable_params(model_dir: Path, targets: list[str], lora_r: int, train_modules: list[str] = (),
@@ -139,10 +162,11 @@ class Memory:
     optimizer: float
     activations: float
     runtime: float
+    dequantized: float = 0.0  # a quantized base: fp32 copies of the weights in flight (one consumer at a time)
 
     @property
     def total(self) -> float:
-        return self.frozen + self.adapters + self.optimizer + self.activations + self.runtime
+        return self.frozen + self.adapters + self.optimizer + self.activations + self.runtime + self.dequantized
 
 
 @dataclass(frozen=True)
@@ -172,15 +196,17 @@ def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str) -> fl
     return per_token * seq_len * batch
 
 
-def memory(shape: Shape, run: Run, base_params: int, trainable: int) -> Memory:
+def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_linear: int = 0) -> Memory:
     c = CALIBRATION[run.backend]
     embed = shape.vocab * shape.hidden
     # Quantized bases keep the input embedding in fp32 unless tied (it is a lookup, not a MatMul).
     quantized = base_params - (0 if shape.tied else embed)
     frozen = quantized * PRECISION_BYTES[run.base_precision] + (base_params - quantized) * 4
+    # ORT re-dequantizes per consumer (EnsureUniqueDQForNodeUnit), so about two fp32 weights are live at once.
+    dequantized = 0.0 if run.base_precision == "fp32" else 2.0 * 4 * largest_linear
     return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
                   activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend),
-                  runtime=c["runtime_mb"] * 1e6)
+                  runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
 
 
 def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflops: float) -> tuple[float, float]:
@@ -206,7 +232,9 @@ def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | No
     peak, compute = peak_gflops(profile) if profile else (None, "no profile")
     flops, seconds = step_seconds(shape, run, matmul_params(model_dir), trainable, peak) if peak else (0.0, 0.0)
     tokens = run.seq_len * run.batch_size
-    return Plan(model_dir=model_dir, shape=shape, run=run, base_params=base, trainable=trainable, memory=memory(shape, run, base, trainable),
+    largest = max((r * c for r, c in linear_shapes(model_dir).values()), default=0)
+    return Plan(model_dir=model_dir, shape=shape, run=run, base_params=base, trainable=trainable,
+                memory=memory(shape, run, base, trainable, largest),
                 budget_bytes=profile.memory_budget_bytes if profile else None, flops_per_step=flops,
                 step_s=seconds, tokens_per_s=tokens / seconds if seconds else 0.0, peak_gflops=peak or 0.0,
                 compute=compute)
@@ -265,7 +293,7 @@ def estimate_time(tokens: int, base_params: int, profile: Profile, trainable_par
 
 def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
-               train_modules: list[str] | None = None) -> Plan:
+               train_modules: list[str] | None = None, base_precision: str = "fp32") -> Plan:
     """A plan for a model folder or a prepared workspace (whose LoRA settings are the defaults here)."""
     target = Path(target)
     trainable = None
@@ -285,7 +313,7 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
     if backend is None:
         backend = profile.execution_providers.training_backend if profile else "ort"
     run = Run(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r or 16, targets=tuple(targets or ()),
-              train_modules=tuple(train_modules or ()), backend=backend)
+              train_modules=tuple(train_modules or ()), backend=backend, base_precision=base_precision)
     return make(model_dir, run, profile, trainable)
 
 
@@ -320,8 +348,9 @@ def render(p: Plan, profile: Profile | None) -> str:
     lines.append(f"peak memory: {_gb(m.total)}{budget}")
     for label, value in (("frozen weights", m.frozen), ("adapters", m.adapters),
                          ("gradients + AdamW state", m.optimizer), ("activations", m.activations),
-                         ("runtime", m.runtime)):
-        lines.append(f"  {label:<24} {_gb(value):>10}")
+                         ("runtime", m.runtime), *((("dequantized weights in flight", m.dequantized),)
+                                                   if m.dequantized else ())):
+        lines.append(f"  {label:<31} {_gb(value):>10}")
     if profile:
         lines.append(f"step time: {p.step_s:.3g} s ({p.flops_per_step / 1e12:.3g} TFLOP at "
                      f"{CALIBRATION[p.run.backend]['efficiency']:.0%} of {p.peak_gflops:g} GFLOP/s, {p.compute}) "

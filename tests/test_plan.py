@@ -67,7 +67,8 @@ def test_cli_plan_text_json_and_exit_codes(tiny_model, tmp_path):
         assert word in ok.stdout
     data = json.loads(run(model, "--device", "raspberry-pi-5-8gb", "--json").stdout)
     assert data["fits"] is True and data["run"]["backend"] == "torch"  # the Pi profile trains with torch
-    assert set(data["memory_bytes"]) == {"frozen", "adapters", "optimizer", "activations", "runtime", "total"}
+    assert set(data["memory_bytes"]) == {"frozen", "adapters", "optimizer", "activations", "runtime", "dequantized",
+                                        "total"}
     # A probed-style profile file with a small budget: does not fit, says what would (exit 1).
     small = profile_file(tmp_path, "small-box", 0.4)
     over = run(model, "--device", str(small), "--seq-len", "4096", "--batch-size", "8")
@@ -88,3 +89,25 @@ def test_prepare_and_train_refuse_runs_over_the_budget(tiny_model, tmp_path):
         train(ws, DATA_DIR / "train.jsonl", TrainConfig(max_steps=1, batch_size=4096, seq_len=128,
                                                        truncation="right"), device=box)
     assert not (ws / "train" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("family", ["phi3-mini-4k", "phi4-mini", "qwen2.5"])
+def test_a_config_only_folder_plans_like_the_full_one(tiny_model, tmp_path, family):
+    """Plan before downloading: config.json alone gives the same counts as the safetensors headers."""
+    import shutil
+
+    full = tiny_model(family)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(full / "config.json", bare / "config.json")
+    run = plan.Run(seq_len=128, batch_size=2, train_modules=("lm_head",))
+    a, b = plan.make(full, run, None), plan.make(bare, run, None)
+    assert (a.base_params, a.trainable, a.memory.total) == (b.base_params, b.trainable, b.memory.total)
+
+
+def test_quantized_base_plans_smaller_frozen_weights(tiny_model):
+    model = tiny_model("phi3-mini-4k")
+    fp32, int8, int4 = (plan.make(model, plan.Run(seq_len=128, batch_size=1, base_precision=p), None)
+                        for p in ("fp32", "int8", "int4"))
+    assert fp32.memory.frozen > int8.memory.frozen > int4.memory.frozen
+    assert fp32.memory.dequantized == 0 < int4.memory.dequantized
