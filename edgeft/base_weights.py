@@ -68,12 +68,15 @@ def _only_transposed(name: str, nodes: list[onnx.NodeProto], outputs: set[str]) 
     return users
 
 
-def externalize(model_path: Path, out_dir: Path, frozen: set[str]) -> tuple[onnx.ModelProto, dict]:
+def externalize(model_path: Path, out_dir: Path, frozen: set[str], precision: str = "fp32") -> tuple[onnx.ModelProto, dict]:
     """Move the frozen initializers of `model_path` into `out_dir/base.data`, streaming one tensor at a time.
 
-    Everything else is made inline. Returns the slim model (its frozen initializers point at base.data,
-    so save it in `out_dir`) and a summary of what was stored.
+    Everything else is made inline. With `precision="int8"` the frozen Linear weights are stored quantized
+    (see quantize.py) behind a DequantizeLinear. Returns the slim model (its frozen initializers point at
+    base.data, so save it in `out_dir`) and a summary of what was stored.
     """
+    from edgeft import quantize
+
     model_dir = Path(model_path).parent
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
@@ -81,8 +84,24 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str]) -> tuple[onnx
     outputs = {o.name for o in graph.output}
     removed: list[onnx.NodeProto] = []
     renames: dict[str, str] = {}
-    stored = transposed = 0
+    stored = transposed = quantized = 0
     offset = 0
+    dequant_nodes: list[onnx.NodeProto] = []
+    # Quantized weights are graph inputs fed from base.data, not initializers: generate_artifacts would
+    # constant-fold a DequantizeLinear of initializers straight back to fp32.
+    fed: list[tuple[str, np.ndarray, int]] = []
+    dropped: set[str] = set()
+
+    def append(f, array: np.ndarray) -> int:
+        nonlocal offset
+        pad = (-offset) % ALIGN
+        f.write(b"\0" * pad)
+        offset += pad
+        at = offset
+        f.write(array.tobytes())
+        offset += array.nbytes
+        return at
+
     with open(out_dir / BASE_DATA, "wb") as f:
         for init in graph.initializer:
             array = _array(init, model_dir)
@@ -99,12 +118,16 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str]) -> tuple[onnx
                     renames[n.output[0]] = name
                     removed.append(n)
                 transposed += 1
-            pad = (-offset) % ALIGN
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(array.tobytes())
-            _set_external(init, name, array, offset)
-            offset += array.nbytes
+                if precision == "int8":
+                    q, scale = quantize.int8_per_channel(array)
+                    fed += [(name + ".q", q, append(f, q)), (name + ".scale", scale, append(f, scale))]
+                    dropped.add(init.name)
+                    dequant_nodes.append(helper.make_node("DequantizeLinear", [name + ".q", name + ".scale"], [name],
+                                                          name=f"edgeft_dequantize_{name}", axis=1))
+                    quantized += 1
+                    stored += 1
+                    continue
+            _set_external(init, name, array, append(f, array))
             stored += 1
             del array
     keep = [n for n in nodes if not any(n is r for r in removed)]
@@ -113,8 +136,18 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str]) -> tuple[onnx
             if inp in renames:
                 n.input[i] = renames[inp]
     del graph.node[:]
-    graph.node.extend(keep)
-    return model, {"tensors": stored, "transposed": transposed, "bytes": offset}
+    graph.node.extend(dequant_nodes + keep)
+    if dropped:
+        kept = [i for i in graph.initializer if i.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    inputs = {}
+    for name, array, at in fed:
+        graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                         list(array.shape)))
+        inputs[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": at}
+    return model, {"tensors": stored, "transposed": transposed, "quantized": quantized, "precision": precision,
+                   "bytes": offset, "inputs": inputs}
 
 
 def external_initializers(model: onnx.ModelProto) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:

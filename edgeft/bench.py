@@ -49,7 +49,8 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
     np.save(tokens_path, _tokens(model_dir, data))
     args = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
             "tokens": str(tokens_path), "artifacts": str(ws.root / "artifacts"), "model_dir": str(model_dir),
-            "adapter_init": str(ws.root / "adapter_init")}
+            "adapter_init": str(ws.root / "adapter_init"),
+            "base_precision": prep["config"].get("base_precision", "fp32")}
     result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.root / "logs" / "bench-train.log",
                           cwd=work, runtime_name="training" if backend == "ort" else "main")
     step = _stats(result["step_s"])

@@ -139,7 +139,7 @@ def cmd_prepare(args) -> int:
                "lora_dropout": args.lora_dropout, "targets": _csv(args.targets), "dora": args.dora,
                "train_modules": _csv(args.train_modules) or [], "seed": args.seed,
                "trainable_token_indices": [int(i) for i in _csv(args.trainable_tokens) or []],
-               "trust_remote_code": args.trust_remote_code}
+               "trust_remote_code": args.trust_remote_code, "base_precision": args.base_precision}
     cfg = schema.parse(PrepareConfig, {k: v for k, v in options.items() if v is not None}, "prepare options")
     out = prepare(cfg, Path(args.out), device)
     p = json.loads((out / "manifest.json").read_text())["stages"]["prepare"]["params"]
@@ -326,6 +326,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--train-modules", help="whole modules to train too, e.g. lm_head,embed_tokens"),
         arg("--trainable-tokens", help="comma-separated embedding rows to train (new tokens)"),
         arg("--trust-remote-code", action="store_true"), arg("--seed", type=_int_or),
+        arg("--base-precision", choices=("fp32", "int8", "int4"),
+            help="store the frozen base quantized for training (int8: per-channel, behind DequantizeLinear)"),
         arg("--device", help="device profile name or file"))),
     Command("export", cmd_export, (
         arg("workspace", help="a prepared workspace"),

@@ -306,6 +306,7 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
         if lora_r is None and targets is None and train_modules is None:
             trainable = prep["params"]["trainable"]
         lora_r = lora_r or c["lora_r"]
+        base_precision = c.get("base_precision", base_precision)
         targets = targets or prep["targets"]
         train_modules = train_modules if train_modules is not None else c["train_modules"]
     else:

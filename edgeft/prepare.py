@@ -32,6 +32,8 @@ class PrepareConfig:
     train_modules: list[str] = spec("whole modules to train as well (PEFT modules_to_save): lm_head, embed_tokens",
                                     default_factory=list)
     trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
+    base_precision: str = spec("frozen base stored as fp32 or int8 (per-channel, behind DequantizeLinear)", "fp32",
+                               choices=("fp32", "int8", "int4"))
     trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False)
     seed: int = spec("seed for the adapter initialisation", 0)
 
@@ -109,6 +111,9 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     check_out_dir(out)
     config = families.read_config(model_dir)
     family = families.detect(config, model_dir)
+    from edgeft import quantize
+
+    quantize.check(cfg.base_precision)
     hashes = input_hashes(model_dir)
     ws = Workspace(out)
     record_cfg = dataclasses.asdict(cfg) | {"model_dir": str(model_dir)}
@@ -127,7 +132,7 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
 
         p = plan.make(model_dir, plan.Run(seq_len=min(512, max_train_seq_len(config)), batch_size=1,
                                           lora_r=cfg.lora_r, targets=tuple(cfg.targets or family.default_targets),
-                                          train_modules=tuple(cfg.train_modules),
+                                          train_modules=tuple(cfg.train_modules), base_precision=cfg.base_precision,
                                           backend=device.execution_providers.training_backend), device)
         if plan.largest_fit(model_dir, p.run, device, p.trainable) is None:
             plan.require_fit(p, device, "this model")

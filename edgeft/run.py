@@ -38,6 +38,7 @@ STAGES = ("prepare", "export", "train", "merge", "package", "eval", "bench")
 @dataclass(frozen=True)
 class ModelSection:
     path: str = spec("Hugging Face model folder, or edgeft:home_base")
+    base_precision: str = spec("frozen base for training: fp32 or int8", "fp32", choices=("fp32", "int8", "int4"))
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> d
     lora = recipe.lora
     prep_cfg = prepare.PrepareConfig(model_dir=str(model_dir), lora_r=lora.r, lora_alpha=lora.alpha,
                                      lora_dropout=lora.dropout, targets=lora.targets, dora=lora.dora,
-                                     train_modules=list(lora.train_modules), seed=lora.seed)
+                                     train_modules=list(lora.train_modules), seed=lora.seed,
+                                     base_precision=recipe.model.base_precision)
     stage("prepare", dataclasses.asdict(prep_cfg), lambda: prepare.prepare(prep_cfg, root, device))
     stage("export", {}, lambda: export.export(root))
 

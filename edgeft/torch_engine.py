@@ -24,7 +24,10 @@ class TorchEngine:
         from edgeft.prepare import load_base
 
         torch.manual_seed(int(cfg["seed"]))
+        from edgeft import quantize
+
         model = PeftModel.from_pretrained(load_base(model_dir), adapter_init, is_trainable=True)
+        quantize.fake_quantize_(model, cfg.get("base_precision", "fp32"))
         self.wrapper = CausalLMLoss(model)
         self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
         # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.

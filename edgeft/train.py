@@ -212,7 +212,8 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         for stale in (out / "metrics.jsonl", root / "best.json"):
             stale.unlink(missing_ok=True)
     args = {
-        "config": dataclasses.asdict(cfg), "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
+        "config": dataclasses.asdict(cfg) | {"base_precision": prep["config"].get("base_precision", "fp32")},
+        "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
         "checkpoints": str(root), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
         "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,
         "artifacts": str(ws.root / "artifacts"), "work": str(out / "work"), "device": cfg.ep,

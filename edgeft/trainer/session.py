@@ -20,6 +20,7 @@ class Opened:
     # OrtValue.ortvalue_from_numpy does not copy: the arrays (and the map under them) must outlive the sessions.
     keep_alive: list = field(default_factory=list)
     detached: dict = field(default_factory=dict)
+    base_inputs: dict = field(default_factory=dict)  # quantized frozen weights, fed from the mapped base.data
 
     def inputs(self, batch: dict) -> list:
         """The module's inputs in its order: batch arrays, plus detached copies of parameters (see detach.py)."""
@@ -29,6 +30,8 @@ class Opened:
                 feeds.append(batch[name])
             elif name in self.detached:
                 feeds.append(np.ascontiguousarray(self.state.parameters[self.detached[name]].data))
+            elif name in self.base_inputs:
+                feeds.append(self.base_inputs[name])
             else:
                 raise KeyError(f"no value for model input {name!r}")
         return feeds
@@ -64,5 +67,13 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
     module = Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"),
                     device=device, session_options=options)
     inputs_file = artifacts / INPUTS_FILE
-    detached = json.loads(inputs_file.read_text())["detached"] if inputs_file.exists() else {}
-    return Opened(module, state, keep, detached)
+    info = json.loads(inputs_file.read_text()) if inputs_file.exists() else {}
+    base_inputs = {}
+    if info.get("base_inputs"):
+        mapped = np.memmap(artifacts / BASE_DATA, dtype=np.uint8, mode="r")
+        keep.append(mapped)
+        for name, spec in info["base_inputs"].items():
+            count = int(np.prod(spec["shape"]))
+            base_inputs[name] = np.frombuffer(mapped, dtype=spec["dtype"], count=count,
+                                              offset=spec["offset"]).reshape(spec["shape"])
+    return Opened(module, state, keep, info.get("detached", {}), base_inputs)
