@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/edgeft doctor
+	$(VENV)/bin/edgeft demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
