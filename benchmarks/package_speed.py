@@ -63,8 +63,8 @@ print(json.dumps({"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": peak / 1024
 
 
 def build_model(out: Path, layers: int) -> Path:
-    code = ("import sys; sys.path.insert(0, %r); from benchmarks.export_memory import build; "
-            "build('slice', __import__('pathlib').Path(%r), %d)" % (str(REPO), str(out), layers))
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.export_memory import build; "
+            f"build('slice', __import__('pathlib').Path({str(out)!r}), {layers})")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return out
 

@@ -39,6 +39,7 @@ CONFIGS = {
     "check-384x2": ("phi3", 768, 8, 2048, 12, 12, 16000, 2, 384, "check"),
     "llama-gqa-512x1": ("llama", 2048, 4, 5632, 16, 4, 32000, 1, 512, "check"),
     "slice-512x2": ("phi3", 3072, 2, 8192, 32, 32, 32064, 2, 512, "check"),
+    "slice-int8-256x1": ("phi3", 3072, 2, 8192, 32, 32, 32064, 1, 256, "check", "int8"),
 }
 WORDS = ("turn on the kitchen lights set thermostat to degrees open garage door at am pm lock front play jazz "
          "living room bedroom temperature what is").split()
@@ -77,10 +78,11 @@ def text_data(path: Path, seq: int, n: int = 256) -> Path:
 def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict]:
     from edgeft import devices, plan
 
-    family, hidden, layers, ffn, heads, kv, vocab, batch, seq, role = CONFIGS[name]
+    family, hidden, layers, ffn, heads, kv, vocab, batch, seq, role, *rest = CONFIGS[name]
+    precision = rest[0] if rest else "fp32"
     model = build(name, root / f"{name}-model")
     base = root / f"{name}-ws"
-    edgeft("prepare", str(model), "--out", str(base))
+    edgeft("prepare", str(model), "--out", str(base), "--base-precision", precision)
     edgeft("export", str(base))
     data = text_data(root / f"{name}.jsonl", seq)
     profile = devices.load(PROFILE)
@@ -98,14 +100,15 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
             raise SystemExit(f"{name}: fewer than 2 full-length steps; tokens per step: {[r['tokens'] for r in prog]}")
         measured_rss = json.loads((ws / "manifest.json").read_text())["stages"]["train"]["peak_rss_mb"] * 2**20
         measured_step = statistics.median(r["step_s"] for r in full)
-        p = plan.make(model, plan.Run(seq_len=seq, batch_size=batch, backend=backend), profile)
+        p = plan.make(model, plan.Run(seq_len=seq, batch_size=batch, backend=backend, base_precision=precision),
+                      profile)
         rows.append({
-            "config": name, "role": role, "backend": backend, "family": family, "hidden": hidden, "layers": layers,
+            "config": name, "role": role, "backend": backend, "base_precision": precision, "family": family, "hidden": hidden, "layers": layers,
             "ffn": ffn, "heads": heads, "kv_heads": kv, "vocab": vocab, "batch": batch, "seq_len": seq,
             "base_params": p.base_params, "trainable": p.trainable,
             "measured_peak_bytes": measured_rss, "predicted_peak_bytes": p.memory.total,
             "predicted_breakdown": {k: getattr(p.memory, k) for k in ("frozen", "adapters", "optimizer",
-                                                                        "activations", "runtime")},
+                                                                        "activations", "runtime", "dequantized")},
             "measured_step_s": measured_step, "predicted_step_s": p.step_s,
             "memory_error": p.memory.total / measured_rss - 1, "time_error": p.step_s / measured_step - 1})
         shutil.rmtree(ws)
@@ -127,7 +130,7 @@ def markdown(result: dict) -> str:
         mem_ok = abs(r["memory_error"]) <= 0.15
         time_ok = abs(r["time_error"]) <= 0.30
         lines.append(
-            f"| {r['config']} | {r['role']} | {r['backend']} | {r['hidden']} x {r['layers']}, {r['ffn']}, {r['vocab']} "
+            f"| {r['config']} | {r['role']} | {r['backend']}{' int8' if r.get('base_precision') == 'int8' else ''} | {r['hidden']} x {r['layers']}, {r['ffn']}, {r['vocab']} "
             f"| {r['batch']} x {r['seq_len']} | {r['predicted_peak_bytes'] / 1e6:.0f} MB | "
             f"{r['measured_peak_bytes'] / 1e6:.0f} MB | {r['memory_error']:+.1%} {'ok' if mem_ok else 'MISS'} | "
             f"{r['predicted_step_s']:.3f} s | {r['measured_step_s']:.3f} s | "

@@ -150,3 +150,15 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command():
         assert first.startswith("# edgeft run ") and path.name in first, path
         recipe, _ = run.load(path)
         assert recipe.name and recipe.device
+
+
+@pytest.mark.slow
+def test_demo_on_the_committed_base_gains_at_least_60_points(tmp_path):
+    """The README's main job, as a user runs it (about 5 minutes on 2 cores)."""
+    proc = edgeft("demo", "--seed", "0", "--workspace", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
+    em = {r["variant"]: r["exact_match"] for r in report["results"]}
+    assert em["base"] <= 0.05 and em["adapter"] >= 0.6 and em["bundle int4"] >= 0.6
+    for line in ("exact match, fine-tuned", "training tokens/s", "decode tokens/s", "bundle"):
+        assert line in proc.stdout
