@@ -105,7 +105,9 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
         rows.append({
             "config": name, "role": role, "backend": backend, "base_precision": precision, "family": family, "hidden": hidden, "layers": layers,
             "ffn": ffn, "heads": heads, "kv_heads": kv, "vocab": vocab, "batch": batch, "seq_len": seq,
-            "base_params": p.base_params, "trainable": p.trainable,
+            "base_params": p.base_params, "trainable": p.trainable, "matmul_params": plan.matmul_params(model),
+            "largest_linear": max(r * c for r, c in plan.linear_shapes(model).values()),
+            "max_seq_len": p.shape.max_seq_len, "tied": p.shape.tied,
             "measured_peak_bytes": measured_rss, "predicted_peak_bytes": p.memory.total,
             "predicted_breakdown": {k: getattr(p.memory, k) for k in ("frozen", "adapters", "optimizer",
                                                                         "activations", "runtime", "dequantized")},
@@ -115,6 +117,22 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
     shutil.rmtree(base)
     shutil.rmtree(model)
     return rows
+
+
+def repredict(row: dict) -> dict:
+    """The prediction for a measured row with the current calibration (no model folder needed)."""
+    from edgeft import devices, plan
+
+    shape = plan.Shape(row["hidden"], row["layers"], row["ffn"], row["heads"], row["kv_heads"], row["vocab"],
+                       row.get("tied", False), row.get("max_seq_len", 4096))
+    run = plan.Run(seq_len=row["seq_len"], batch_size=row["batch"], backend=row["backend"],
+                   base_precision=row.get("base_precision", "fp32"))
+    memory = plan.memory(shape, run, row["base_params"], row["trainable"], row["largest_linear"])
+    peak, _ = plan.peak_gflops(devices.load(PROFILE))
+    _, step = plan.step_seconds(shape, run, row["matmul_params"], row["trainable"], peak)
+    return row | {"predicted_peak_bytes": memory.total, "predicted_step_s": step,
+                  "memory_error": memory.total / row["measured_peak_bytes"] - 1,
+                  "time_error": step / row["measured_step_s"] - 1}
 
 
 def markdown(result: dict) -> str:
@@ -145,7 +163,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--raw", type=Path, help="also append raw rows to this JSONL (for calibration)")
+    ap.add_argument("--recompute", type=Path, help="re-predict the rows of a plan.json with the current calibration")
     args = ap.parse_args()
+    if args.recompute:
+        result = json.loads(args.recompute.read_text())
+        result["rows"] = [repredict(r) for r in result["rows"]]
+        (args.out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "plan.md").write_text(markdown(result))
+        print(markdown(result))
+        return
     names = args.only.split(",") if args.only else list(CONFIGS)
     rows = []
     (REPO / "artifacts").mkdir(exist_ok=True)
