@@ -162,3 +162,15 @@ def test_demo_on_the_committed_base_gains_at_least_60_points(tmp_path):
     assert em["base"] <= 0.05 and em["adapter"] >= 0.6 and em["bundle int4"] >= 0.6
     for line in ("exact match, fine-tuned", "training tokens/s", "decode tokens/s", "bundle"):
         assert line in proc.stdout
+
+
+def test_bench_bad_input(tiny_model, tmp_path):
+    from edgeft.prepare import PrepareConfig, prepare
+
+    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k"))), tmp_path / "ws")
+    nothing = edgeft("bench", str(ws), "--backend", "ort")
+    assert nothing.returncode == 2 and "nothing to bench" in nothing.stderr and "Traceback" not in nothing.stderr
+    missing = edgeft("bench", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    unknown = edgeft("bench", str(ws), "--device", "raspberry-pi-6")
+    assert unknown.returncode == 2 and "unknown device" in unknown.stderr
