@@ -23,15 +23,18 @@ from edgeft import families
 from edgeft.devices import Profile
 from edgeft.errors import EdgeftError
 
-# Fitted to measured peak RSS (benchmarks/plan_accuracy.py; results/plan.md). Saved activations per token:
-#   layers * (act_width * (hidden + ffn) + act_attn * heads * seq) + act_vocab * vocab   bytes
-# ORT keeps ~18 fp32 copies' worth per hidden+MLP unit (LoRA branches and the unfused attention add up)
-# and ~4.5 copies of each attention matrix; the torch backend keeps 0.61x of ORT's.
+# Fitted to measured peak RSS and step time (benchmarks/plan_accuracy.py, results/plan.md) on the `fit`
+# configurations; the `check` ones were not used. Saved activations per token:
+#   layers * (act_width * (width + ffn) + act_attn * heads * seq) + act_vocab * vocab   bytes,
+# width = (hidden + 2 * kv_dim) / 3 (the q/o and k/v projections; = hidden without GQA). Step time:
+#   matmul FLOPs / (peak * efficiency) + attention FLOPs / (peak * attn_efficiency) + layers * layer_overhead_s.
+# A quantized base under ORT: the dequantized weights are computed up front and held (measured on the
+# slice: the int8 base peaked above fp32), planned as 1.5x the quantized weights in fp32.
 CALIBRATION = {
-    "ort": {"act_width": 71.0, "act_attn": 17.9, "act_vocab": 16.0, "runtime_mb": 260.0,
-            "efficiency": 0.45, "layer_overhead_s": 0.002, "step_overhead_s": 0.01},
-    "torch": {"act_width": 43.7, "act_attn": 11.0, "act_vocab": 9.8, "runtime_mb": 405.0,
-              "efficiency": 0.6, "layer_overhead_s": 0.002, "step_overhead_s": 0.01},
+    "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
+            "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 1.5},
+    "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
+              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 1.0},
 }
 ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
@@ -191,7 +194,9 @@ class Plan:
 
 def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str) -> float:
     c = CALIBRATION[backend]
-    per_token = (shape.layers * (c["act_width"] * (shape.hidden + shape.ffn) + c["act_attn"] * shape.heads * seq_len)
+    kv_dim = shape.kv_heads * shape.hidden // shape.heads
+    width = (shape.hidden + 2 * kv_dim) / 3
+    per_token = (shape.layers * (c["act_width"] * (width + shape.ffn) + c["act_attn"] * shape.heads * seq_len)
                  + c["act_vocab"] * shape.vocab)
     return per_token * seq_len * batch
 
@@ -202,8 +207,9 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
     # Quantized bases keep the input embedding in fp32 unless tied (it is a lookup, not a MatMul).
     quantized = base_params - (0 if shape.tied else embed)
     frozen = quantized * PRECISION_BYTES[run.base_precision] + (base_params - quantized) * 4
-    # ORT re-dequantizes per consumer (EnsureUniqueDQForNodeUnit), so about two fp32 weights are live at once.
-    dequantized = 0.0 if run.base_precision == "fp32" else 2.0 * 4 * largest_linear
+    # The torch backend holds fp32 weights with the dequantized values (a reference, not a memory saver);
+    # ORT, measured, holds the dequantized weights too (see CALIBRATION).
+    dequantized = 0.0 if run.base_precision == "fp32" else c["dequant_held"] * 4 * quantized
     return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
                   activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend),
                   runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
@@ -213,11 +219,11 @@ def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflop
     """(FLOPs per step, predicted seconds per step)."""
     c = CALIBRATION[run.backend]
     tokens = run.seq_len * run.batch_size
-    attention = 4.0 * 3 * shape.layers * shape.hidden * run.seq_len  # QK^T and PV, forward + backward
-    flops = tokens * (training_flops_per_token(matmul, trainable) + attention)
-    seconds = flops / (peak_gflops * 1e9 * c["efficiency"]) + c["layer_overhead_s"] * shape.layers \
-        + c["step_overhead_s"]
-    return flops, seconds
+    matmuls = tokens * training_flops_per_token(matmul, trainable)
+    attention = tokens * 4.0 * 3 * shape.layers * shape.hidden * run.seq_len  # QK^T and PV, forward + backward
+    seconds = (matmuls / (peak_gflops * 1e9 * c["efficiency"]) + attention / (peak_gflops * 1e9 * c["attn_efficiency"])
+               + c["layer_overhead_s"] * shape.layers)
+    return matmuls + attention, seconds
 
 
 def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | None = None) -> Plan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def session_options_with_base(artifacts: Path, graph_path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    order = os.environ.get("EDGEFT_EXECUTION_ORDER")  # experiment hook: DEFAULT, MEMORY_EFFICIENT, PRIORITY_BASED
+    if order:
+        options.execution_order = getattr(ort.ExecutionOrder, order)
     keep: list = []
     base = artifacts / BASE_DATA
     if not base.exists():
