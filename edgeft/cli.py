@@ -327,7 +327,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--trainable-tokens", help="comma-separated embedding rows to train (new tokens)"),
         arg("--trust-remote-code", action="store_true"), arg("--seed", type=_int_or),
         arg("--base-precision", choices=("fp32", "int8", "int4"),
-            help="store the frozen base quantized for training (int8: per-channel, behind DequantizeLinear)"),
+            help="frozen base stored quantized (int8: per channel behind DequantizeLinear; experimental, "
+                 "smaller on disk but not yet in peak memory)"),
         arg("--device", help="device profile name or file"))),
     Command("export", cmd_export, (
         arg("workspace", help="a prepared workspace"),
