@@ -334,8 +334,11 @@ def advice(p: Plan, profile: Profile) -> str:
     """What fits instead, in one sentence."""
     best = largest_fit(p.model_dir, p.run, profile, p.trainable)
     if best is None:
-        return (f"nothing fits: the frozen weights alone take {_gb(p.memory.frozen)} of the {_gb(p.budget_bytes)} "
-                "budget; use a smaller model or a quantized base")
+        m = p.memory
+        held = f", dequantized copies {_gb(m.dequantized)}" if m.dequantized else ""
+        return (f"nothing fits: the fixed costs alone (frozen weights {_gb(m.frozen)}{held}, runtime {_gb(m.runtime)}) "
+                f"exceed the {_gb(p.budget_bytes)} budget; use a smaller model"
+                + ("" if m.dequantized else " or a quantized base"))
     seq, batch = best
     if seq < p.run.seq_len:
         return f"the longest sequence that fits is {seq} tokens at batch 1 (use --seq-len {seq} --batch-size 1)"
@@ -355,7 +358,7 @@ def render(p: Plan, profile: Profile | None) -> str:
     lines.append(f"peak memory: {_gb(m.total)}{budget}")
     for label, value in (("frozen weights", m.frozen), ("adapters", m.adapters),
                          ("gradients + AdamW state", m.optimizer), ("activations", m.activations),
-                         ("runtime", m.runtime), *((("dequantized weights in flight", m.dequantized),)
+                         ("runtime", m.runtime), *((("dequantized weights held", m.dequantized),)
                                                    if m.dequantized else ())):
         lines.append(f"  {label:<31} {_gb(value):>10}")
     if profile:

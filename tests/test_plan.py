@@ -79,7 +79,7 @@ def test_cli_plan_text_json_and_exit_codes(tiny_model, tmp_path):
 
 def test_prepare_and_train_refuse_runs_over_the_budget(tiny_model, tmp_path):
     model = tiny_model("phi3-mini-4k")
-    with pytest.raises(EdgeftError, match="nothing fits"):
+    with pytest.raises(EdgeftError, match="nothing fits: the fixed costs alone"):
         prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws0", devices.load(profile_file(tmp_path, "tiny-box", 0.1)))
     assert not (tmp_path / "ws0" / "manifest.json").exists()
     ws = prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws")
