@@ -291,7 +291,7 @@ def cmd_chat(args) -> int:
     """Stream a reply from a packaged model (interactive without --prompt)."""
     from edgeft.package import chat
 
-    chat(Path(args.bundle), args.prompt, args.max_new_tokens)
+    chat(Path(args.bundle), args.prompt, args.max_new_tokens, args.system)
     return 0
 
 
@@ -391,6 +391,7 @@ COMMANDS: tuple[Command, ...] = (
         arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (
         arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),
+        arg("--system", help="system prompt (use the one the model was fine-tuned with)"),
         arg("--max-new-tokens", type=_int_or, default=256))),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgeft import run
 from edgeft.errors import EdgeftError
+from edgeft.tasks import home
 
 RECIPE = run.SHIPPED["recipes"] / "home-demo.yaml"
 
@@ -70,5 +71,6 @@ def table(s: dict) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "edgeft demo: one home's commands, fine-tuned on this machine", "",
                       *(f"  {k:<{width}}  {v}" for k, v in rows), "",
-                      f"reports: {s['workspace']}/eval/report.md, {s['workspace']}/bench/bench.md; "
-                      f"try it: edgeft chat {s['bundle']}"])
+                      f"reports: {s['workspace']}/eval/report.md, {s['workspace']}/bench/bench.md",
+                      f"try it: edgeft chat {s['bundle']} --system \"{home.SYSTEM['home']}\" "
+                      "--prompt \"dim the counter lights to 40% at 7 pm\""])

@@ -318,7 +318,7 @@ generator.set_active_adapter(adapters, "NAME")
 """
 
 
-def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256) -> None:
+def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, system: str | None = None) -> None:
     """Stream replies from a packaged model (one prompt, or an interactive loop)."""
     import onnxruntime_genai as og
 
@@ -330,7 +330,8 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256) -> 
     tok = og.Tokenizer(model)
 
     def reply(text: str) -> None:
-        messages = json.dumps([{"role": "user", "content": text}])
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        messages = json.dumps(turns)
         try:
             rendered = tok.apply_chat_template(messages, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - a bundle without a chat template: send the text as it is
@@ -340,10 +341,15 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256) -> 
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
-        stream = tok.create_stream()
-        while not gen.is_done():
+        new: list[int] = []
+        shown = ""
+        while not gen.is_done():  # decode the whole reply each step and print what is new: exact for any tokenizer
             gen.generate_next_token()
-            print(stream.decode(gen.get_next_tokens()[0]), end="", flush=True)
+            new.append(int(gen.get_next_tokens()[0]))
+            text_now = tok.decode(np.asarray(new, dtype=np.int32))
+            if text_now.startswith(shown) and not text_now.endswith("\ufffd"):
+                print(text_now[len(shown):], end="", flush=True)
+                shown = text_now
         print()
 
     if prompt is not None:
