@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config
+
+from edgeft.tasks.base import bpe_tokenizer
 
 VOCAB = 320
 CORPUS = [
@@ -21,26 +22,9 @@ CORPUS = [
 ] * 20
 
 
-# Phi-3-mini's chat template, verbatim in behaviour: no generation markers, EOS after the last turn.
-PHI3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
-    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-
-
 def build_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", additional_special_tokens=SPECIAL[4:])
-    fast.chat_template = PHI3_TEMPLATE
-    return fast
+    """Byte-level BPE with Phi-3's special tokens and chat template (no generation markers, EOS last)."""
+    return bpe_tokenizer(CORPUS, vocab_size)
 
 
 def _longrope(rotary_half: int, original: int, maximum: int) -> dict:

@@ -128,10 +128,24 @@ def sample(rng: random.Random, entities: list, text_fraction: float) -> tuple[st
 
 # -- tokenizer and model -----------------------------------------------------------------------------------
 
-def build_tokenizer(recipe: Recipe):
+def bpe_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `corpus`, with Phi-3's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=SPECIAL[4:])
+    fast.chat_template = PHI3_TEMPLATE
+    return fast
+
+
+def build_tokenizer(recipe: Recipe):
     rng = random.Random(f"tokenizer-{recipe.seed}")
     entities = broad_entities()
     corpus = []
@@ -139,16 +153,7 @@ def build_tokenizer(recipe: Recipe):
         fmt, data = sample(rng, entities, 0.5)
         corpus.append(data["text"] if fmt == "text" else " ".join(m["content"] for m in data["messages"]))
     # Home-schema words appear in the docs above; this home's answers do not.
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", additional_special_tokens=SPECIAL[4:])
-    fast.chat_template = PHI3_TEMPLATE
-    return fast
+    return bpe_tokenizer(corpus, recipe.vocab_size)
 
 
 def build_config(recipe: Recipe, tok):
