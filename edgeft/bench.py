@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic, launcher, plan, rss
+from edgeft import atomic, launcher, plan, plots, rss
 from edgeft.devices import Profile
 from edgeft.errors import EdgeftError
 from edgeft.workspace import Workspace
@@ -172,32 +172,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# panel field -> (title, the judged figure whose budget it shows)
+PANELS = {("training", "tokens_per_s"): ("training tokens/s", "training tokens/s (median)"),
+          ("inference", "decode_tokens_per_s"): ("decode tokens/s", "decode tokens/s (median)"),
+          ("inference", "ttft_ms"): ("TTFT (ms)", "time to first token (median)")}
+
+
 def chart(report: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(k, f) for k, f in (("training", "tokens_per_s"), ("inference", "decode_tokens_per_s"),
-                                  ("inference", "ttft_ms")) if k in report]
+    plt = plots.pyplot()
+    panels = [key for key in PANELS if key[0] in report]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    budgets = {r["figure"].split(" (")[0]: r["budget"] for r in report["judged"]}
-    labels = {"tokens_per_s": "training tokens/s", "decode_tokens_per_s": "decode tokens/s", "ttft_ms": "TTFT (ms)"}
+    budgets = {r["figure"]: r["budget"] for r in report["judged"]}
     for ax, (kind, field) in zip(axes[0], panels, strict=True):
         s = report[kind][field]
+        title, figure = PANELS[kind, field]
         ax.bar(["min", "median", "max"], [s["min"], s["median"], s["max"]], color="tab:blue")
-        budget = budgets.get({"tokens_per_s": "training tokens/s", "decode_tokens_per_s": "decode tokens/s",
-                              "ttft_ms": "time to first token"}[field])
-        if budget:
-            ax.axhline(budget, color="tab:red", ls="--", label="budget")
+        if budgets.get(figure):
+            ax.axhline(budgets[figure], color="tab:red", ls="--", label="budget")
             ax.legend()
-        ax.set_title(labels[field])
+        ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, out)
 
 
 def run(target: Path, profile: Profile | None, runs: int = 5, seq_len: int = 256, batch_size: int = 1,

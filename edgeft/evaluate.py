@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic
+from edgeft import atomic, plots
 from edgeft.data import formats
 from edgeft.data.tokenize import encode, load_tokenizer
 from edgeft.errors import EdgeftError
@@ -306,11 +306,7 @@ def markdown(report: dict) -> str:
 
 
 def chart(report: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     rows = report["results"]
     names = [r["variant"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -323,7 +319,4 @@ def chart(report: dict, out: Path) -> Path:
         ax.tick_params(axis="x", labelrotation=30)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, out)

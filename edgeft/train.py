@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import atomic, devices, launcher, plan, runtime, schema
+from edgeft import atomic, devices, launcher, plan, plots, runtime, schema
 from edgeft.data.dataset import DataConfig, build
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -122,11 +122,7 @@ class Reporter:
 
 
 def plot(metrics_path: Path, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     prog = [r for r in rows if r["event"] == "progress"]
     evals = [r for r in rows if r["event"] == "eval"]
@@ -142,10 +138,7 @@ def plot(metrics_path: Path, out: Path) -> Path:
     ax2.set_xlabel("step")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, out)
 
 
 def _identity(ws: Workspace, backend: str) -> str:
