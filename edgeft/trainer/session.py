@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,46 +37,36 @@ class Opened:
         return feeds
 
 
-def session_options_with_base(artifacts: Path, graph_path: Path):
+def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "cpu") -> Opened:
+    """Training and eval sessions over one memory map of base.data: its initializers are handed to the
+    sessions (`add_initializer`), and a quantized base's weights are fed as inputs from the same map."""
     import onnx
     import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    order = os.environ.get("EDGEFT_EXECUTION_ORDER")  # experiment hook: DEFAULT, MEMORY_EFFICIENT, PRIORITY_BASED
-    if order:
-        options.execution_order = getattr(ort.ExecutionOrder, order)
-    keep: list = []
-    base = artifacts / BASE_DATA
-    if not base.exists():
-        return options, keep
-    mapped = np.memmap(base, dtype=np.uint8, mode="r")
-    keep.append(mapped)
-    model = onnx.load(str(graph_path), load_external_data=False)
-    for name, dtype, shape, offset in external_initializers(model):
-        count = int(np.prod(shape)) if shape else 1
-        array = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
-        value = ort.OrtValue.ortvalue_from_numpy(array)
-        options.add_initializer(name, value)
-        keep.extend((array, value))
-    return options, keep
-
-
-def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "cpu") -> Opened:
     from onnxruntime.training.api import CheckpointState, Module
 
     artifacts = Path(artifacts)
-    options, keep = session_options_with_base(artifacts, artifacts / "training_model.onnx")
-    state = CheckpointState.load_checkpoint(str(checkpoint or artifacts / "checkpoint"))
-    module = Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"),
-                    device=device, session_options=options)
+    options = ort.SessionOptions()
+    keep: list = []
     inputs_file = artifacts / INPUTS_FILE
     info = json.loads(inputs_file.read_text()) if inputs_file.exists() else {}
     base_inputs = {}
-    if info.get("base_inputs"):
+    if (artifacts / BASE_DATA).exists():
         mapped = np.memmap(artifacts / BASE_DATA, dtype=np.uint8, mode="r")
         keep.append(mapped)
-        for name, spec in info["base_inputs"].items():
-            count = int(np.prod(spec["shape"]))
-            base_inputs[name] = np.frombuffer(mapped, dtype=spec["dtype"], count=count,
-                                              offset=spec["offset"]).reshape(spec["shape"])
+        graph = onnx.load(str(artifacts / "training_model.onnx"), load_external_data=False)
+        for name, dtype, shape, offset in external_initializers(graph):
+            array = _view(mapped, dtype, shape, offset)
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            options.add_initializer(name, value)
+            keep.extend((array, value))
+        for name, spec in info.get("base_inputs", {}).items():
+            base_inputs[name] = _view(mapped, spec["dtype"], spec["shape"], spec["offset"])
+    state = CheckpointState.load_checkpoint(str(checkpoint or artifacts / "checkpoint"))
+    module = Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"),
+                    device=device, session_options=options)
     return Opened(module, state, keep, info.get("detached", {}), base_inputs)
+
+
+def _view(mapped: np.ndarray, dtype, shape, offset: int) -> np.ndarray:
+    count = int(np.prod(shape)) if len(shape) else 1
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
