@@ -241,17 +241,28 @@ def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = Non
             answers = torch_answers(model, tok, use_prompts, max_new_tokens)
         results.append(variant(name, "transformers", loss, answers, items, time.time() - started))
 
-    def base():
-        from edgeft.prepare import load_base
+    loaded: dict = {}
 
-        return load_base(model_dir)
+    def base():
+        """The base model, loaded once for both base variants."""
+        if "base" not in loaded:
+            from edgeft.prepare import load_base
+
+            loaded["base"] = load_base(model_dir)
+        return loaded["base"]
+
+    def take_base():
+        """The base for PEFT, which injects the adapter in place: the base variants are done, the cache lets go."""
+        model = base()
+        loaded.clear()
+        return model
 
     hf("base", base)
     hf("base few-shot", base)
     if (ws.root / "adapter" / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        hf("adapter", lambda: PeftModel.from_pretrained(base(), ws.root / "adapter"))
+        hf("adapter", lambda: PeftModel.from_pretrained(take_base(), ws.root / "adapter"))
         hf("merged", lambda: AutoModelForCausalLM.from_pretrained(ws.root / "merged", dtype=torch.float32,
                                                                   local_files_only=True))
     else:
