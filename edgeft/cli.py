@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeft import quantize
 from edgeft.errors import EdgeftError
 
 
@@ -326,7 +327,7 @@ COMMANDS: tuple[Command, ...] = (
         arg("--train-modules", help="whole modules to train too, e.g. lm_head,embed_tokens"),
         arg("--trainable-tokens", help="comma-separated embedding rows to train (new tokens)"),
         arg("--trust-remote-code", action="store_true"), arg("--seed", type=_int_or),
-        arg("--base-precision", choices=("fp32", "int8", "int4"),
+        arg("--base-precision", choices=quantize.CHOICES,
             help="frozen base stored quantized (int8: per channel behind DequantizeLinear; experimental, "
                  "smaller on disk but not yet in peak memory)"),
         arg("--device", help="device profile name or file"))),
@@ -386,7 +387,7 @@ COMMANDS: tuple[Command, ...] = (
         arg("--lora-r", type=_int_or), arg("--targets", help="comma-separated module names"),
         arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
         arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
-        arg("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
+        arg("--base-precision", choices=quantize.CHOICES, default="fp32",
             help="frozen base stored quantized (planning only until quantized-base training lands)"),
         arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (

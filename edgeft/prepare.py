@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import families, schema
+from edgeft import families, quantize, schema
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -33,7 +33,7 @@ class PrepareConfig:
                                     default_factory=list)
     trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
     base_precision: str = spec("frozen base stored as fp32 or int8 (per-channel, behind DequantizeLinear)", "fp32",
-                               choices=("fp32", "int8", "int4"))
+                               choices=quantize.CHOICES)
     trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False)
     seed: int = spec("seed for the adapter initialisation", 0)
 
@@ -111,8 +111,6 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     check_out_dir(out)
     config = families.read_config(model_dir)
     family = families.detect(config, model_dir)
-    from edgeft import quantize
-
     quantize.check(cfg.base_precision)
     hashes = input_hashes(model_dir)
     ws = Workspace(out)

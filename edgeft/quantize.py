@@ -13,12 +13,11 @@ The input embedding (a lookup, memory-mapped, only used rows resident) and weigh
 
 from __future__ import annotations
 
-import numpy as np
-
 from edgeft.errors import EdgeftError
 
 PRECISIONS = ("fp32", "int8")
 TRAINED_PARTS = ("lora_", "modules_to_save", "trainable_tokens")  # PEFT's trainable modules: never quantized
+CHOICES = ("fp32", "int8", "int4")  # what --base-precision accepts; check() says which work today
 PLANNED = {"int4": "an int4 base for ONNX Runtime training is not available yet (blocked int4 needs "
                    "DequantizeLinear at opset 21 and the int4 bundle's exact blocks); use int8 or fp32"}
 
@@ -30,8 +29,10 @@ def check(precision: str) -> None:
         raise EdgeftError(f"--base-precision {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
-def int8_per_channel(w_in_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def int8_per_channel(w_in_out):
     """(int8 values, fp32 scales per output column) of a weight laid out [in, out]."""
+    import numpy as np
+
     w = np.asarray(w_in_out, dtype=np.float32)
     scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)
     scale[scale == 0] = np.float32(1)
@@ -42,6 +43,7 @@ def int8_per_channel(w_in_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fake_quantize_(model, precision: str) -> int:
     """Replace, in place, the frozen Linear weights export quantizes by their dequantized values.
     Returns how many weights were replaced."""
+    import numpy as np
     import torch
 
     if precision == "fp32":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from edgeft import schema
+from edgeft import quantize, schema
 from edgeft.errors import EdgeftError
 from edgeft.package import BUILDER_EPS, BUILDER_PRECISIONS
 from edgeft.schema import spec
@@ -38,7 +38,7 @@ STAGES = ("prepare", "export", "train", "merge", "package", "eval", "bench")
 @dataclass(frozen=True)
 class ModelSection:
     path: str = spec("Hugging Face model folder, or edgeft:home_base")
-    base_precision: str = spec("frozen base for training: fp32 or int8", "fp32", choices=("fp32", "int8", "int4"))
+    base_precision: str = spec("frozen base for training: fp32 or int8", "fp32", choices=quantize.CHOICES)
 
 
 @dataclass(frozen=True)
