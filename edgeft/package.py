@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -223,8 +224,6 @@ def _build_adapters(ws: Workspace, sources: list[Workspace], tmp: Path, cache: P
         values = adapters.extract(out / "model.onnx")
         files[source.root.name] = adapters.write(values, tmp / "adapters" / f"{source.root.name}.onnx_adapter")
         if i:
-            import shutil
-
             shutil.rmtree(out)
     return build_s, files
 
