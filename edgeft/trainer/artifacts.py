@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import rss
+from edgeft import base_weights, rss
 from edgeft.errors import EdgeftError
 from edgeft.trainer import events
 from edgeft.trainer.session import open_module
@@ -25,12 +25,30 @@ def generate(args: dict) -> dict:
     missing = sorted(set(args["requires_grad"]) - inits)
     if missing:
         raise EdgeftError(f"trainable parameters missing from the exported graph: {missing[:5]}")
+    quantized = any(n.op_type == "DequantizeLinear" and n.name.startswith(base_weights.DEQUANTIZE_PREFIX)
+                    for n in model.graph.node)
+    ort_format = bool(args.get("ort_format"))
     events.log(f"generating artifacts: {len(args['requires_grad'])} trainable tensors")
     artifacts.generate_artifacts(
         model, requires_grad=list(args["requires_grad"]), frozen_params=[], loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
-        ort_format=bool(args.get("ort_format")), nominal_checkpoint=bool(args.get("nominal_checkpoint")))
-    return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
+        ort_format=ort_format and not quantized, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
+    dequantizers = 0
+    if quantized:
+        for name in ("training_model.onnx", "eval_model.onnx"):
+            graph = onnx.load(str(out / name), load_external_data=False)
+            dequantizers += base_weights.dequantize_at_use(graph)
+            onnx.save(graph, str(out / name))
+        if ort_format:
+            from onnxruntime.tools.convert_onnx_models_to_ort import (
+                OptimizationStyle,
+                convert_onnx_models_to_ort,
+            )
+
+            for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+                convert_onnx_models_to_ort(out / name, output_dir=out, optimization_styles=[OptimizationStyle.Fixed])
+    return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1),
+            "dequantizers": dequantizers}
 
 
 def verify(args: dict) -> dict:
@@ -42,11 +60,11 @@ def verify(args: dict) -> dict:
     batch = dict(np.load(args["batch"]))
     module = opened.module
     module.eval()
-    eval_loss, logits = (np.asarray(x) for x in module(*opened.inputs(batch)))
+    eval_loss, logits = opened(batch)
     if args.get("logits_out"):
         np.save(args["logits_out"], logits)
     module.train()
-    train_loss = float(np.asarray(module(*opened.inputs(batch))[0]))
+    train_loss = float(opened(batch)[0])
     eval_loss = float(eval_loss)
     params = dict(iter(opened.state.parameters))
     trainable = sorted(name for name, p in params.items() if p.requires_grad)

@@ -47,7 +47,7 @@ class OrtEngine:
 
     def forward_backward(self, batch: dict) -> float:
         self._mode(True)
-        return float(np.asarray(self.module(*self.opened.inputs(batch))[0]))
+        return float(self.opened(batch)[0])
 
     def step(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)
@@ -56,7 +56,7 @@ class OrtEngine:
 
     def eval_loss(self, batch: dict) -> float:
         self._mode(False)
-        return float(np.asarray(self.module(*self.opened.inputs(batch))[0]))
+        return float(self.opened(batch)[0])
 
     def save(self, folder: Path) -> None:
         from onnxruntime.training.api import CheckpointState
