@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 BASE_DATA = "base.data"
 ALIGN = 4096
 TRANSPOSED_SUFFIX = ".T"
+DEQUANTIZE_PREFIX = "edgeft_dequantize_"  # the nodes that dequantize base weights: edgeft_dequantize_<weight>/...
 
 
 def _external_info(init: TensorProto) -> dict[str, str]:
@@ -68,15 +69,15 @@ def _only_transposed(name: str, nodes: list[onnx.NodeProto], outputs: set[str]) 
     return users
 
 
-def externalize(model_path: Path, out_dir: Path, frozen: set[str], precision: str = "fp32") -> tuple[onnx.ModelProto, dict]:
+def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """Move the frozen initializers of `model_path` into `out_dir/base.data`, streaming one tensor at a time.
 
-    Everything else is made inline. With `precision="int8"` the frozen Linear weights are stored quantized
-    (see quantize.py) behind a DequantizeLinear. Returns the slim model (its frozen initializers point at
-    base.data, so save it in `out_dir`) and a summary of what was stored.
+    Everything else is made inline. With an int8 or int4 `quant` (quantize.settings) the frozen Linear
+    weights are stored quantized (see quantize.py) and dequantized in the graph. Returns the slim model
+    (its frozen initializers point at base.data, so save it in `out_dir`) and a summary of what was stored.
     """
-    from edgeft import quantize
-
+    quant = quant or {"precision": "fp32"}
+    precision = quant["precision"]
     model_dir = Path(model_path).parent
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
@@ -91,6 +92,7 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], precision: st
     # constant-fold a DequantizeLinear of initializers straight back to fp32.
     fed: list[tuple[str, np.ndarray, int]] = []
     dropped: set[str] = set()
+    specs: dict[str, dict] = {}
 
     def append(f, array: np.ndarray) -> int:
         nonlocal offset
@@ -118,12 +120,18 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], precision: st
                     renames[n.output[0]] = name
                     removed.append(n)
                 transposed += 1
-                if precision == "int8":
-                    q, scale = quantize.int8_per_channel(array)
-                    fed += [(name + ".q", q, append(f, q)), (name + ".scale", scale, append(f, scale))]
+                if precision != "fp32":
+                    spec, tensors = _quantize(name, array, quant)
+                    fed += [(tensor, value, append(f, value)) for tensor, value in tensors.items()]
+                    specs[name] = spec
                     dropped.add(init.name)
-                    dequant_nodes.append(helper.make_node("DequantizeLinear", [name + ".q", name + ".scale"], [name],
-                                                          name=DEQUANTIZE_PREFIX + name, axis=1))
+                    one = f"{name}/one"
+                    dequant_nodes += [
+                        helper.make_node("Constant", [], [one], name=f"{DEQUANTIZE_PREFIX}{name}/one",
+                                         value=numpy_helper.from_array(np.array(1, np.int64))),
+                        *dequantize_nodes(spec, f"{name}/nk", one),
+                        helper.make_node("Transpose", [f"{name}/nk"], [name], perm=[1, 0],
+                                         name=f"{DEQUANTIZE_PREFIX}{name}/Transpose")]
                     quantized += 1
                     stored += 1
                     continue
@@ -147,22 +155,79 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], precision: st
                                                          list(array.shape)))
         inputs[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": at}
     return model, {"tensors": stored, "transposed": transposed, "quantized": quantized, "precision": precision,
-                   "bytes": offset, "inputs": inputs}
+                   "bytes": offset, "inputs": inputs, "quantized_weights": specs}
 
 
-DEQUANTIZE_PREFIX = "edgeft_dequantize_"
+def _quantize(name: str, w_in_out: np.ndarray, quant: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """The stored tensors of one quantized weight (graph input name -> array, [out, in] layout) and the
+    spec its dequantizing nodes are built from."""
+    from edgeft import quantize
+
+    k, n = w_in_out.shape
+    spec = {"weight": name, "precision": quant["precision"], "out": n, "in": k,
+            "q": f"{name}.q", "scale": f"{name}.scale"}
+    if quant["precision"] == "int8":
+        q, scale = quantize.int8_per_channel(w_in_out)
+        return spec, {spec["q"]: np.ascontiguousarray(q.T), spec["scale"]: scale}
+    packed, scales, zero = quantize.int4_blocks(w_in_out, quant["block_size"], quant["symmetric"])
+    spec |= {"block_size": quant["block_size"], "blocks": int(packed.shape[1]), "zero_point": f"{name}.zero_point"}
+    return spec, {spec["q"]: packed, spec["scale"]: scales.reshape(-1), spec["zero_point"]: zero.reshape(-1)}
 
 
-def dequantize_at_use(model: onnx.ModelProto) -> int:
-    """Give every consumer of a quantized base weight its own DequantizeLinear, run just before it.
+def dequantize_nodes(spec: dict, out: str, one: str) -> list[onnx.NodeProto]:
+    """Nodes computing `out`, the [out, in] fp32 values of a quantized weight, from its graph inputs.
 
-    A DequantizeLinear whose inputs are all graph inputs is ready when the step starts, so ONNX Runtime
-    dequantizes every weight up front and holds the fp32 copies through forward and backward: the
-    quantized base then peaks above fp32 (measured: 3.0 vs 2.5 GB on a real-width slice). Making each
-    copy's scale depend on the consumer's other input (times `Size(x) / Size(x)`, exactly 1) schedules it
-    after that input exists, so only the weight in use is ever dequantized. Run on the training and eval
-    graphs after generate_artifacts (the gradient graph is built by then, so this adds no gradient path).
-    Returns the number of DequantizeLinear nodes written.
+    `one` is an int64 scalar equal to 1 that every node depends on: whatever produces it decides when the
+    weight is dequantized. int8: DequantizeLinear per row. int4: BitShift unpacks the nibbles (low first),
+    the codes are laid out one block per row, DequantizeLinear per row with the block's scale and zero
+    point, then reshaped to [out, blocks x block] and cut to `in` if the last block was padded. Opset 17.
+    """
+    p = DEQUANTIZE_PREFIX + out
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], tag: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{out}/{tag}"], name=f"{p}/{tag}", **attrs))
+        return f"{out}/{tag}"
+
+    def const(tag: str, value) -> str:
+        return node("Constant", [], tag, value=numpy_helper.from_array(np.asarray(value)))
+
+    scale = node("Mul", [spec["scale"], node("Cast", [one], "onef", to=TensorProto.FLOAT)], "scale")
+    if spec["precision"] == "int8":
+        nodes.append(helper.make_node("DequantizeLinear", [spec["q"], scale], [out], name=f"{p}/Dequantize", axis=0))
+        return nodes
+    n, blocks, block = spec["out"], spec["blocks"], spec["block_size"]
+    four = node("Cast", [node("Mul", [one, const("four64", np.int64(4))], "four64x")], "four", to=TensorProto.UINT8)
+    high = node("BitShift", [spec["q"], four], "high", direction="RIGHT")
+    low = node("BitShift", [node("BitShift", [spec["q"], four], "shifted", direction="LEFT"), four], "low",
+               direction="RIGHT")
+    last = const("last", np.array([-1], np.int64))
+    pairs = node("Concat", [node("Unsqueeze", [low, last], "low1"), node("Unsqueeze", [high, last], "high1")],
+                 "pairs", axis=-1)
+    codes = node("Reshape", [pairs, const("rows", np.array([n * blocks, block], np.int64))], "codes")
+    values = node("DequantizeLinear", [codes, scale, spec["zero_point"]], "values", axis=0)
+    if blocks * block == spec["in"]:
+        nodes.append(helper.make_node("Reshape", [values, const("shape", np.array([n, spec["in"]], np.int64))],
+                                      [out], name=f"{p}/Reshape"))
+    else:
+        padded = node("Reshape", [values, const("shape", np.array([n, blocks * block], np.int64))], "padded")
+        nodes.append(helper.make_node("Slice", [padded, const("start", np.array([0], np.int64)),
+                                                const("end", np.array([spec["in"]], np.int64)),
+                                                const("axis", np.array([1], np.int64))], [out], name=f"{p}/Slice"))
+    return nodes
+
+
+def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
+    """Give every consumer of a quantized base weight its own dequantizing nodes, run just before it.
+
+    Nodes fed only by graph inputs are ready when the step starts, so ONNX Runtime would dequantize every
+    weight up front and hold the fp32 copies through forward and backward: the quantized base then peaks
+    above fp32 (measured: 3.0 vs 2.5 GB on a real-width slice). Here each use gets its own copy, ordered by
+    a `one` computed from the consumer's other input (`Size(x) / Size(x)`), so only the weights in use are
+    ever dequantized. The copy stays [out, in] and the consumer reads it transposed (MatMul becomes
+    FusedMatMul with transB, which MLAS runs as fast), so no Transpose copy is made either.
+    Run on the training and eval graphs after generate_artifacts (the gradient graph exists by then, so
+    this adds no gradient path). `specs`: export's `quantized_weights`. Returns the number of copies.
     """
     graph = model.graph
     nodes = list(graph.node)
@@ -171,29 +236,70 @@ def dequantize_at_use(model: onnx.ModelProto) -> int:
         for i, name in enumerate(n.input):
             users.setdefault(name, []).append((n, i))
     before: dict[int, list[onnx.NodeProto]] = {}
-    dropped = set()
-    for dq in (n for n in nodes if n.op_type == "DequantizeLinear" and n.name.startswith(DEQUANTIZE_PREFIX)):
-        dropped.add(id(dq))
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        for k, (user, slot) in enumerate(users.get(dq.output[0], [])):
+    copies = 0
+    for weight, spec in specs.items():
+        for k, (user, slot) in enumerate(users.get(weight, [])):
             anchor = next(x for j, x in enumerate(user.input) if j != slot and x)
-            out = f"{dq.output[0]}.use{k}"
-            before.setdefault(id(user), []).extend([
-                helper.make_node("Size", [anchor], [out + ".size"], name=out + "/Size"),
-                helper.make_node("Cast", [out + ".size"], [out + ".sizef"], name=out + "/Cast", to=TensorProto.FLOAT),
-                helper.make_node("Div", [out + ".sizef", out + ".sizef"], [out + ".one"], name=out + "/One"),
-                helper.make_node("Mul", [dq.input[1], out + ".one"], [out + ".scale"], name=out + "/Scale"),
-                helper.make_node("DequantizeLinear", [dq.input[0], out + ".scale", *dq.input[2:]], [out],
-                                 name=f"{DEQUANTIZE_PREFIX}{out}", **attrs)])
-            user.input[slot] = out
+            use = f"{weight}/use{k}"
+            added = [helper.make_node("Size", [anchor], [f"{use}/size"], name=f"{DEQUANTIZE_PREFIX}{use}/Size"),
+                     helper.make_node("Div", [f"{use}/size", f"{use}/size"], [f"{use}/one"],
+                                      name=f"{DEQUANTIZE_PREFIX}{use}/One"),
+                     *dequantize_nodes(spec, f"{use}/nk", f"{use}/one")]
+            if not _read_transposed(user, slot):
+                added.append(helper.make_node("Transpose", [f"{use}/nk"], [use], perm=[1, 0],
+                                              name=f"{DEQUANTIZE_PREFIX}{use}/Transpose"))
+            user.input[slot] = use if added[-1].op_type == "Transpose" else f"{use}/nk"
+            before.setdefault(id(user), []).extend(added)
+            copies += 1
+    prefixes = tuple(f"{DEQUANTIZE_PREFIX}{w}/" for w in specs)
     rewritten = []
     for n in nodes:
-        if id(n) not in dropped:
-            rewritten.extend(before.get(id(n), []))
-            rewritten.append(n)
+        if n.name.startswith(prefixes):
+            continue  # the export-time nodes, now unused
+        rewritten.extend(before.get(id(n), []))
+        rewritten.append(n)
     del graph.node[:]
     graph.node.extend(rewritten)
-    return sum(1 for n in rewritten if n.op_type == "DequantizeLinear")
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return copies
+
+
+def _read_transposed(user: onnx.NodeProto, slot: int) -> bool:
+    """Make a MatMul / FusedMatMul read input `slot` transposed; False for any other consumer."""
+    if user.op_type not in ("MatMul", "FusedMatMul") or slot > 1:
+        return False
+    flag = "transA" if slot == 0 else "transB"
+    if user.op_type == "MatMul":
+        user.op_type, user.domain = "FusedMatMul", "com.microsoft"
+    current = next((a for a in user.attribute if a.name == flag), None)
+    if current is None:
+        user.attribute.append(helper.make_attribute(flag, 1))
+    else:
+        current.i = 1 - current.i
+    return True
+
+
+def stored_int4(artifacts: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The int4 blocks export stored for each base weight: (packed codes, scales, zero points), as
+    MatMulNBits lays them out ([out, blocks, block / 2], [out, blocks], [out, blocks])."""
+    import json
+
+    info = json.loads((Path(artifacts) / "edgeft_inputs.json").read_text())
+    mapped = np.memmap(Path(artifacts) / BASE_DATA, dtype=np.uint8, mode="r")
+    inputs = info["base_inputs"]
+
+    def read(name: str) -> np.ndarray:
+        spec = inputs[name]
+        count = int(np.prod(spec["shape"]))
+        return np.frombuffer(mapped, dtype=spec["dtype"], count=count, offset=spec["offset"]).reshape(spec["shape"])
+
+    out = {}
+    for weight, spec in info.get("quantized_weights", {}).items():
+        if spec["precision"] == "int4":
+            shape = (spec["out"], spec["blocks"])
+            out[weight] = (read(spec["q"]), read(spec["scale"]).reshape(shape), read(spec["zero_point"]).reshape(shape))
+    return out
 
 
 def external_initializers(model: onnx.ModelProto) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:

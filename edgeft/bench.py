@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic, launcher, plan, plots, rss
+from edgeft import atomic, launcher, plan, plots, quantize, rss
 from edgeft.devices import Profile
 from edgeft.errors import EdgeftError
 from edgeft.workspace import Workspace
@@ -50,7 +50,7 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
     args = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
             "tokens": str(tokens_path), "artifacts": str(ws.root / "artifacts"), "model_dir": str(model_dir),
             "adapter_init": str(ws.root / "adapter_init"),
-            "base_precision": prep["config"].get("base_precision", "fp32")}
+            "base_quant": quantize.settings(prep["config"])}
     result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.root / "logs" / "bench-train.log",
                           cwd=work, runtime_name="training" if backend == "ort" else "main")
     step = _stats(result["step_s"])

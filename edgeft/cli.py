@@ -232,6 +232,13 @@ def cmd_package(args) -> int:
     if m.get("adapters"):
         print(f"adapters: {', '.join(a['file'] for a in m['adapters'].values())}; with none active the bundle is the "
               f"base model (vs transformers: agreement {v['no_adapter_vs_base']['token_agreement']:.0%})")
+    if shipped := v.get("shipped_base"):
+        line = (f"trained base = shipped base: {shipped['identical_weights']} of {shipped['trained_int4_weights']} int4 "
+                f"weights byte for byte")
+        if "adapter_vs_training_runtime_max_logit_error" in shipped:
+            line += (f"; with the adapter, vs the training runtime's eval logits: "
+                     f"{shipped['adapter_vs_training_runtime_max_logit_error']:.2e}")
+        print(line)
     print(f"next: `edgeft chat {out}`")
     return 0
 
@@ -328,8 +335,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--trainable-tokens", help="comma-separated embedding rows to train (new tokens)"),
         arg("--trust-remote-code", action="store_true"), arg("--seed", type=_int_or),
         arg("--base-precision", choices=quantize.CHOICES,
-            help="frozen base stored quantized (int8: per channel behind DequantizeLinear; experimental, "
-                 "smaller on disk but not yet in peak memory)"),
+            help="frozen base stored quantized: int8 per channel, or int4 in the blocks the int4 bundle ships "
+                 "(the --device profile's block size and symmetry); dequantized in the graph at each use"),
         arg("--device", help="device profile name or file"))),
     Command("export", cmd_export, (
         arg("workspace", help="a prepared workspace"),

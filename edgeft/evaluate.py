@@ -262,7 +262,15 @@ def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = Non
     if (ws.root / "adapter" / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        hf("adapter", lambda: PeftModel.from_pretrained(take_base(), ws.root / "adapter"))
+        def adapted():
+            """The adapter on the base it was trained against: a quantized base's dequantized values."""
+            from edgeft import quantize
+
+            model = PeftModel.from_pretrained(take_base(), ws.root / "adapter")
+            quantize.fake_quantize_(model, quantize.settings(ws.stage("prepare")["config"]))
+            return model
+
+        hf("adapter", adapted)
         hf("merged", lambda: AutoModelForCausalLM.from_pretrained(ws.root / "merged", dtype=torch.float32,
                                                                   local_files_only=True))
     else:

@@ -77,8 +77,8 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     model_dir = Path(prep["config"]["model_dir"])
     base = load_base(model_dir, prep["config"]["trust_remote_code"])
     peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=True)
-    precision = prep["config"].get("base_precision", "fp32")
-    quantize.fake_quantize_(peft_model, precision)  # the reference trains against the same quantized base
+    quant = quantize.settings(prep["config"])
+    quantize.fake_quantize_(peft_model, quant)  # the reference trains against the same quantized base
     wrapper = onnx_export.CausalLMLoss(peft_model)
     config = base.config
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
@@ -101,11 +101,12 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         np.savez(work / "probe.npz", **batch)
         t0 = time.time()
         rss.reset_peak()
-        slim, stored = base_weights.externalize(traced, tmp, set(frozen), precision)
+        slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant)
         shutil.rmtree(traced.parent)  # its weights now live in base.data
         detached = detach.detach_norms(slim, set(trainable))
         atomic.write_json(tmp / INPUTS_FILE, {"inputs": list(onnx_export.INPUT_NAMES), "detached": detached,
-                                              "base_inputs": stored.pop("inputs")})
+                                              "base_inputs": stored.pop("inputs"),
+                                              "quantized_weights": stored.pop("quantized_weights")})
         onnx.save(slim, str(tmp / "slim_model.onnx"))
         del slim
         externalize = {"seconds": round(time.time() - t0, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}

@@ -94,7 +94,7 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         tensors = trained_tensors(ckpt, backend, work)
         base = load_base(model_dir, prep["config"]["trust_remote_code"])
         peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=False)
-        quantize.fake_quantize_(peft_model, prep["config"].get("base_precision", "fp32"))  # what was trained against
+        quantize.fake_quantize_(peft_model, quantize.settings(prep["config"]))  # what was trained against
         wrapper = onnx_export.CausalLMLoss(peft_model)
         params = dict(wrapper.named_parameters())
         unknown = sorted(set(tensors) - set(params))

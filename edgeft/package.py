@@ -15,13 +15,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeft import rss, schema
+from edgeft import launcher, quantize, rss, schema
 from edgeft.atomic import atomic_dir
 from edgeft.devices import Quantization
 from edgeft.errors import EdgeftError
@@ -228,6 +229,78 @@ def _build_adapters(ws: Workspace, sources: list[Workspace], tmp: Path, cache: P
     return build_s, files
 
 
+SHIPPED_TOLERANCE = 1e-3
+
+
+def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], adapter: Path | None,
+                       merged_rec: dict, accuracy_level: int) -> dict:
+    """Train what you ship: the int4 blocks the workspace trained against must be the bundle's, byte for
+    byte, and the bundle with the trained adapter active must reproduce the training runtime's eval logits
+    (within SHIPPED_TOLERANCE where MatMulNBits computes in fp32, accuracy level 0/1; at level 4 it rounds
+    activations to int8, and the error is reported)."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from edgeft import base_weights
+
+    def rows(packed, scales, zero) -> set[bytes]:
+        """One digest per output row (codes, scales and zero points of its blocks). The builder may split or
+        fuse projections along the output dimension (Phi-3's gate_up into gate and up): rows survive that."""
+        n = packed.shape[0]
+        flat = [np.ascontiguousarray(a).reshape(n, -1).view(np.uint8) for a in (packed, scales, zero)]
+        return {hashlib.blake2b(b"".join(a[i].tobytes() for a in flat), digest_size=16).digest() for i in range(n)}
+
+    trained = {name: rows(*blocks) for name, blocks in base_weights.stored_int4(ws.root / "artifacts").items()}
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def array(name: str) -> np.ndarray:
+        init = inits[name]
+        if uses_external_data(init):
+            load_external_data_for_tensor(init, str(bundle))
+        return numpy_helper.to_array(init)
+
+    shipped = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        packed, scales = array(node.input[1]), array(node.input[2])
+        n, blocks = packed.shape[:2]
+        zero = (quantize.unpack_nibbles(array(node.input[3]))[:, :blocks] if len(node.input) > 3 and node.input[3]
+                else np.full((n, blocks), 8, np.uint8))
+        shipped[node.name] = rows(packed, scales.reshape(n, blocks).astype(np.float32), zero)
+    shipped_rows = set().union(*shipped.values()) if shipped else set()
+    missing = sorted(name for name, digests in trained.items() if not digests <= shipped_rows)
+    result = {"trained_int4_weights": len(trained), "bundle_int4_matmuls": len(shipped),
+              "trained_rows": sum(len(d) for d in trained.values()), "bundle_rows": len(shipped_rows),
+              "identical_weights": len(trained) - len(missing), "not_in_bundle": missing}
+    if missing:
+        raise EdgeftError(f"package verification failed: {len(missing)} of the {len(trained)} int4 weights this "
+                          f"workspace trained against are not in the bundle byte for byte (first: {missing[0]}); "
+                          "nothing was written. The profile's int4 settings or the builder changed since export: "
+                          "export and train again, or package without --adapters")
+    checkpoint = ws.root / "train" / "checkpoints" / merged_rec["checkpoint"] / "ort_checkpoint"
+    if adapter is not None and checkpoint.exists():
+        with tempfile.TemporaryDirectory(dir=ws.root) as work:
+            out = Path(work) / "logits.npy"
+            launcher.run("edgeft.trainer.artifacts:prompt_logits", {
+                "artifacts": str(ws.root / "artifacts"), "prompts": prompts, "out": str(out),
+                "checkpoint": str(checkpoint)},
+                log_path=ws.root / "logs" / "package-runtime.log")
+            ort_logits = np.load(out)
+        _, got = genai_generate(bundle, prompts, 1, adapter)
+        error = float(max(np.abs(a - b).max() for a, b in zip(ort_logits, got, strict=True)))
+        result["adapter_vs_training_runtime_max_logit_error"] = error
+        if accuracy_level in (0, 1) and error > SHIPPED_TOLERANCE:
+            raise EdgeftError(f"package verification failed: the int4 base with the trained adapter differs from the "
+                              f"training runtime's eval logits by {error:.2e} (> {SHIPPED_TOLERANCE:g}) with fp32 "
+                              "compute; nothing was written")
+    return result
+
+
 def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) -> Path:
     from edgeft import __version__
 
@@ -239,6 +312,13 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         raise EdgeftError("--add-adapters needs --adapters")
     quant = device.quantization if device else Quantization()
     precision = cfg.precision or quant.precision
+    trained = quantize.settings(ws.stage("prepare")["config"])
+    ships_trained_base = cfg.adapters and precision == "int4" and trained["precision"] == "int4"
+    if ships_trained_base and (quant.block_size, quant.symmetric) != (trained["block_size"], trained["symmetric"]):
+        print(f"package: building the int4 base with the blocks it was trained against (block {trained['block_size']}, "
+              f"symmetric {trained['symmetric']}), not the profile's (block {quant.block_size}, "
+              f"symmetric {quant.symmetric})")
+        quant = dataclasses.replace(quant, block_size=trained["block_size"], symmetric=trained["symmetric"])
     if device and cfg.ep not in device.execution_providers.inference:
         raise EdgeftError(f"--ep {cfg.ep} is not an inference provider of {device.name} "
                           f"({', '.join(device.execution_providers.inference)})")
@@ -273,6 +353,9 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                 "token_agreement": agreement(base_tokens, plain_tokens),
                 "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(base_logits, plain_logits,
                                                                                  strict=True)))}
+        if ships_trained_base:
+            verification["shipped_base"] = shipped_base_check(ws, tmp, prompts, active, merged_rec,
+                                                                  quant.accuracy_level)
         if precision == "fp32" and verification["token_agreement"] < 1.0:
             raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from transformers' "
                               f"(agreement {verification['token_agreement']:.1%}); nothing was written")

@@ -28,13 +28,18 @@ from edgeft.errors import EdgeftError
 #   layers * (act_width * (width + ffn) + act_attn * heads * seq) + act_vocab * vocab   bytes,
 # width = (hidden + 2 * kv_dim) / 3 (the q/o and k/v projections; = hidden without GQA). Step time:
 #   matmul FLOPs / (peak * efficiency) + attention FLOPs / (peak * attn_efficiency) + layers * layer_overhead_s.
-# A quantized base under ORT: the dequantized weights are computed up front and held (measured on the
-# slice: the int8 base peaked above fp32), planned as 1.5x the quantized weights in fp32.
+# A quantized base under ORT is dequantized just before each use (base_weights.dequantize_at_use), so what is
+# in flight scales with the largest quantized weight, not the model: `dequant_live` x its fp32 size, per
+# precision (int4 also unpacks nibbles). Read off the real-width slice, 4 layers, batch 1 x 256
+# (results/quantized_base.md): int8 2685 MiB, int4 3033 MiB; one configuration each, so a fit, not a check.
+# The torch backend holds the fp32 model with the dequantized values: `dequant_held` x all quantized weights.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
-            "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 1.5},
+            "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 0.0,
+            "dequant_live": {"int8": 1.2, "int4": 2.6}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
-              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 1.0},
+              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 1.0,
+              "dequant_live": {"int8": 0.0, "int4": 0.0}},
 }
 ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
@@ -208,8 +213,9 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
     quantized = base_params - (0 if shape.tied else embed)
     frozen = quantized * PRECISION_BYTES[run.base_precision] + (base_params - quantized) * 4
     # The torch backend holds fp32 weights with the dequantized values (a reference, not a memory saver);
-    # ORT, measured, holds the dequantized weights too (see CALIBRATION).
-    dequantized = 0.0 if run.base_precision == "fp32" else c["dequant_held"] * 4 * quantized
+    # ORT dequantizes each weight at its use (see CALIBRATION).
+    dequantized = 0.0 if run.base_precision == "fp32" else 4 * (c["dequant_held"] * quantized
+                                                                 + c["dequant_live"][run.base_precision] * largest_linear)
     return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
                   activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend),
                   runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
@@ -335,7 +341,7 @@ def advice(p: Plan, profile: Profile) -> str:
     best = largest_fit(p.model_dir, p.run, profile, p.trainable)
     if best is None:
         m = p.memory
-        held = f", dequantized copies {_gb(m.dequantized)}" if m.dequantized else ""
+        held = f", dequantized weights in flight {_gb(m.dequantized)}" if m.dequantized else ""
         return (f"nothing fits: the fixed costs alone (frozen weights {_gb(m.frozen)}{held}, runtime {_gb(m.runtime)}) "
                 f"exceed the {_gb(p.budget_bytes)} budget; use a smaller model"
                 + ("" if m.dequantized else " or a quantized base"))
@@ -358,7 +364,7 @@ def render(p: Plan, profile: Profile | None) -> str:
     lines.append(f"peak memory: {_gb(m.total)}{budget}")
     for label, value in (("frozen weights", m.frozen), ("adapters", m.adapters),
                          ("gradients + AdamW state", m.optimizer), ("activations", m.activations),
-                         ("runtime", m.runtime), *((("dequantized weights held", m.dequantized),)
+                         ("runtime", m.runtime), *((("dequantized weights in flight", m.dequantized),)
                                                    if m.dequantized else ())):
         lines.append(f"  {label:<31} {_gb(value):>10}")
     if profile:

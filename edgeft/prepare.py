@@ -32,8 +32,11 @@ class PrepareConfig:
     train_modules: list[str] = spec("whole modules to train as well (PEFT modules_to_save): lm_head, embed_tokens",
                                     default_factory=list)
     trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
-    base_precision: str = spec("frozen base stored as fp32 or int8 (per-channel, behind DequantizeLinear)", "fp32",
-                               choices=quantize.CHOICES)
+    base_precision: str = spec("frozen base stored as fp32, int8 (per channel) or int4 (the int4 bundle's blocks), "
+                               "dequantized in the graph", "fp32", choices=quantize.CHOICES)
+    int4_block_size: int = spec("int4 base: block size along the input dimension (the device profile's when one "
+                                "is given)", 32, choices=quantize.INT4_BLOCK_SIZES)
+    int4_symmetric: bool = spec("int4 base: symmetric blocks (the device profile's when one is given)", True)
     trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False)
     seed: int = spec("seed for the adapter initialisation", 0)
 
@@ -112,6 +115,9 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     config = families.read_config(model_dir)
     family = families.detect(config, model_dir)
     quantize.check(cfg.base_precision)
+    if device is not None and cfg.base_precision == "int4":  # train against the blocks this profile's bundle ships
+        cfg = dataclasses.replace(cfg, int4_block_size=device.quantization.block_size,
+                                  int4_symmetric=device.quantization.symmetric)
     hashes = input_hashes(model_dir)
     ws = Workspace(out)
     record_cfg = dataclasses.asdict(cfg) | {"model_dir": str(model_dir)}

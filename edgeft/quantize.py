@@ -1,12 +1,19 @@
 """A quantized frozen base: the one quantization that export stores and every PyTorch reference applies.
 
-int8: symmetric, per output channel (scale = max |w| / 127 over the input dimension, zero point 0). Export
-stores each frozen Linear weight (pre-transposed, [in, out]) as int8 plus its fp32 scales in `base.data`,
-and a `DequantizeLinear` (axis 1) feeds the MatMul: no gradient flows into frozen weights, so ORT's
-gradient builder accepts it, and ORT re-dequantizes per consumer instead of holding every dequantized
-weight from forward to backward. The PyTorch side (export's reference, merge's check, the torch backend)
-replaces the same weights by the same dequantized values (`fake_quantize_`), computed with the same fp32
-arithmetic, so ORT and PyTorch train the very same function.
+int8: symmetric, per output channel (scale = max |w| / 127 over the input dimension, zero point 0).
+int4: the int4 bundle's own blocks. onnxruntime's `DefaultWeightOnlyQuantizer` (MLAS), which the
+onnxruntime-genai builder runs on every MatMul it quantizes, is called here on the same fp32 weight with
+the same block size and symmetry, so the packed codes, scales and zero points that training sees are the
+bytes `edgeft package --adapters` ships (package checks it).
+
+Export stores each frozen Linear weight in its Hugging Face layout [out, in] in `base.data`: int8 codes
+plus fp32 scales, or the packed int4 blocks ([out, blocks, block / 2] uint8), fp32 scales and uint8 zero
+points, one per block. In the graph they reach MatMul through `DequantizeLinear` (int4: the nibbles are
+unpacked with BitShift first, and the blocks dequantized per row). No gradient flows into frozen weights,
+so ORT's gradient builder accepts it; base_weights.dequantize_at_use then dequantizes each weight just
+before each use. The PyTorch side (export's reference, merge's check, the torch backend) replaces the
+same weights by the same dequantized values (`fake_quantize_`), computed with the same fp32 arithmetic,
+(q - zero point) * scale, so ORT and PyTorch train the very same function.
 
 The input embedding (a lookup, memory-mapped, only used rows resident) and weights tied to it stay fp32.
 """
@@ -15,18 +22,56 @@ from __future__ import annotations
 
 from edgeft.errors import EdgeftError
 
-PRECISIONS = ("fp32", "int8")
 TRAINED_PARTS = ("lora_", "modules_to_save", "trainable_tokens")  # PEFT's trainable modules: never quantized
-CHOICES = ("fp32", "int8", "int4")  # what --base-precision accepts; check() says which work today
-PLANNED = {"int4": "an int4 base for ONNX Runtime training is not available yet (blocked int4 needs "
-                   "DequantizeLinear at opset 21 and the int4 bundle's exact blocks); use int8 or fp32"}
+CHOICES = ("fp32", "int8", "int4")  # what --base-precision accepts
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def check(precision: str) -> None:
-    if precision in PLANNED:
-        raise EdgeftError(f"--base-precision {precision}: {PLANNED[precision]}")
-    if precision not in PRECISIONS:
-        raise EdgeftError(f"--base-precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in CHOICES:
+        raise EdgeftError(f"--base-precision {precision!r}: use one of {', '.join(CHOICES)}")
+
+
+def settings(prepare_config: dict) -> dict:
+    """The base quantization a workspace was prepared with: precision, and for int4 block size and symmetry."""
+    return {"precision": prepare_config.get("base_precision", "fp32"),
+            "block_size": int(prepare_config.get("int4_block_size", 32)),
+            "symmetric": bool(prepare_config.get("int4_symmetric", True))}
+
+
+def unpack_nibbles(packed):
+    """uint8 [..., n] -> uint8 [..., 2n]: the low nibble first, as MatMulNBits packs them."""
+    import numpy as np
+
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def int4_blocks(w_in_out, block_size: int, symmetric: bool):
+    """The int4 bundle's blocks of a weight laid out [in, out] (MatMul's B, as the builder quantizes it):
+    packed codes [out, blocks, block / 2] uint8, scales [out, blocks] fp32, zero points [out, blocks] uint8."""
+    import numpy as np
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                          quant_format=QuantFormat.QOperator, bits=4)
+    packed, scales, zero = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(w_in_out, dtype=np.float32))
+    out, blocks, _ = packed.shape
+    # Symmetric blocks are stored offset by 8 (MatMulNBits' implied zero point); asymmetric ones pack theirs.
+    zero = np.full((out, blocks), 8, np.uint8) if symmetric else unpack_nibbles(zero)[:, :blocks]
+    return packed, scales.astype(np.float32), np.ascontiguousarray(zero)
+
+
+def int4_dequantize(packed, scales, zero, k: int):
+    """[out, in] fp32 values of int4 blocks: (code - zero point) * scale, as DequantizeLinear computes it."""
+    import numpy as np
+
+    codes = unpack_nibbles(packed).astype(np.int32) - zero[..., None].astype(np.int32)
+    return (codes.astype(np.float32) * scales[..., None]).reshape(packed.shape[0], -1)[:, :k]
 
 
 def int8_per_channel(w_in_out):
@@ -40,12 +85,13 @@ def int8_per_channel(w_in_out):
     return q, scale
 
 
-def fake_quantize_(model, precision: str) -> int:
+def fake_quantize_(model, quant: dict) -> int:
     """Replace, in place, the frozen Linear weights export quantizes by their dequantized values.
-    Returns how many weights were replaced."""
+    `quant` is `settings(...)` of the workspace. Returns how many weights were replaced."""
     import numpy as np
     import torch
 
+    precision = quant["precision"]
     if precision == "fp32":
         return 0
     check(precision)
@@ -57,8 +103,12 @@ def fake_quantize_(model, precision: str) -> int:
                 continue
             if embed is not None and module.weight is embed:
                 continue  # tied to the embedding: export keeps it fp32
-            w = module.weight.detach().float().numpy().T  # [in, out], as export stores it
-            q, scale = int8_per_channel(w)
-            module.weight.copy_(torch.from_numpy((q.astype(np.float32) * scale).T.copy()))
+            w = module.weight.detach().float().numpy().T  # [in, out], MatMul's B
+            if precision == "int8":
+                q, scale = int8_per_channel(w)
+                values = (q.astype(np.float32) * scale).T
+            else:
+                values = int4_dequantize(*int4_blocks(w, quant["block_size"], quant["symmetric"]), w.shape[0])
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(values)))
             done += 1
     return done

@@ -38,7 +38,7 @@ STAGES = ("prepare", "export", "train", "merge", "package", "eval", "bench")
 @dataclass(frozen=True)
 class ModelSection:
     path: str = spec("Hugging Face model folder, or edgeft:home_base")
-    base_precision: str = spec("frozen base for training: fp32 or int8", "fp32", choices=quantize.CHOICES)
+    base_precision: str = spec("frozen base for training: fp32, int8 or int4 (the bundle's blocks)", "fp32", choices=quantize.CHOICES)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ class TorchEngine:
         from edgeft import quantize
 
         model = PeftModel.from_pretrained(load_base(model_dir), adapter_init, is_trainable=True)
-        quantize.fake_quantize_(model, cfg.get("base_precision", "fp32"))
+        quantize.fake_quantize_(model, cfg.get("base_quant", {"precision": "fp32"}))
         self.wrapper = CausalLMLoss(model)
         self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
         # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.

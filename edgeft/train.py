@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import atomic, devices, launcher, plan, plots, runtime, schema
+from edgeft import atomic, devices, launcher, plan, plots, quantize, runtime, schema
 from edgeft.data.dataset import DataConfig, build
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -205,7 +205,7 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         for stale in (out / "metrics.jsonl", root / "best.json"):
             stale.unlink(missing_ok=True)
     args = {
-        "config": dataclasses.asdict(cfg) | {"base_precision": prep["config"].get("base_precision", "fp32")},
+        "config": dataclasses.asdict(cfg) | {"base_quant": quantize.settings(prep["config"])},
         "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
         "checkpoints": str(root), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
         "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,

@@ -1,8 +1,6 @@
-"""An int8 frozen base under ONNX Runtime training: stored quantized, dequantized per consumer, equal to PyTorch's."""
+"""A quantized frozen base (int8, int4) under ONNX Runtime training: stored quantized, dequantized at each use, equal to PyTorch's, and for int4 the very blocks the bundle ships."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -71,9 +69,131 @@ def test_ort_and_torch_train_the_same_int8_base_and_merge_checks_it(exported_int
     assert v["peft_vs_ort_eval_max_abs"] < 1e-4
 
 
-def test_int4_base_is_refused_with_the_reason(tiny_model, tmp_path):
-    with pytest.raises(EdgeftError, match="int4 base for ONNX Runtime training is not available yet"):
-        prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), base_precision="int4"), tmp_path / "ws")
-    proc = subprocess.run([sys.executable, "-m", "edgeft", "prepare", str(tiny_model("phi3-mini-4k")), "--out",
-                           str(tmp_path / "ws2"), "--base-precision", "int4"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "use int8 or fp32" in proc.stderr and "Traceback" not in proc.stderr
+def _matmul_model(w_in_out):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w_in_out.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+                              [numpy_helper.from_array(w_in_out, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("k,symmetric", [(96, True), (96, False), (80, True)])  # 80: the last block is padded
+def test_int4_blocks_are_the_builders_own(k, symmetric):
+    """The blocks come from the quantizer the GenAI builder runs (MatMulNBitsQuantizer), byte for byte, and
+    int4_dequantize is what MatMulNBits multiplies by."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((k, 48)).astype(np.float32)
+    packed, scales, zero = quantize.int4_blocks(w, 32, symmetric)
+    quantizer = MatMulNBitsQuantizer(_matmul_model(w), block_size=32, is_symmetric=symmetric, accuracy_level=1)
+    quantizer.process()
+    model = quantizer.model.model
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert np.array_equal(inits[node.input[1]], packed) and np.array_equal(inits[node.input[2]], scales)
+    if symmetric:
+        assert len(node.input) < 4 or not node.input[3]
+        assert (zero == 8).all()
+    else:
+        assert np.array_equal(quantize.unpack_nibbles(inits[node.input[3]])[:, :packed.shape[1]], zero)
+    values = quantize.int4_dequantize(packed, scales, zero, k)
+    assert values.shape == (48, k) and np.abs(values.T - w).max() <= np.abs(scales).max() * (8 if symmetric else 1)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ values.T, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained_int4(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("q4")
+    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8, base_precision="int4"), root / "q4")
+    export(ws)
+    return ws
+
+
+def test_int4_export_dequantizes_each_use_just_in_time(trained_int4):
+    ws = trained_int4
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    assert rec["base_weights"]["precision"] == "int4" and rec["base_weights"]["quantized"] == 9
+    v = rec["verification"]
+    assert v["relative_difference"] < 1e-6 and v["gradient_relative_error"] < 1e-5
+    info = json.loads((ws / "artifacts" / "edgeft_inputs.json").read_text())
+    assert {s["precision"] for s in info["quantized_weights"].values()} == {"int4"}
+    assert {info["base_inputs"][s["q"]]["dtype"] for s in info["quantized_weights"].values()} == {"uint8"}
+    graph = onnx.load(str(ws / "artifacts" / "training_model.onnx"), load_external_data=False).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    counts = []
+    for weight in info["quantized_weights"]:
+        assert weight not in producers  # the export-time copy is gone
+        uses = [n for n in graph.node if any(i.startswith(f"{weight}/use") and i.endswith("/nk") for i in n.input)]
+        assert {n.op_type for n in uses} == {"FusedMatMul"}
+        counts.append(len(uses))
+        for user in uses:  # each copy waits for its consumer's other input
+            one = producers[next(i for i in user.input if i.startswith(weight)).replace("/nk", "/one")]
+            size = producers[one.input[0]]
+            assert size.op_type == "Size" and size.input[0] in user.input
+    # Forward and backward, except the first projection: no gradient flows below it.
+    assert sorted(counts) == [1] + [2] * 8
+
+
+def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_path):
+    """Train what you ship: ORT and PyTorch train the same int4 base; the int4 bundle's MatMulNBits blocks are
+    the trained ones, and the bundle with the trained adapter reproduces the training runtime's logits."""
+    import shutil
+
+    import yaml
+
+    from edgeft import devices
+    from edgeft.package import PackageConfig, package
+
+    losses = {}
+    for backend in ("ort", "torch"):
+        copy = tmp_path / backend
+        shutil.copytree(trained_int4, copy)
+        train(copy, DATA_DIR / "train.jsonl", TrainConfig(max_steps=6, batch_size=4, seq_len=256, lr=1e-2,
+                                                           backend=backend, val_fraction=0.05, eval_every=100))
+        rows = [json.loads(x) for x in (copy / "train" / "metrics.jsonl").read_text().splitlines()]
+        losses[backend] = [r["loss"] for r in rows if r["event"] == "progress"]
+    assert losses["ort"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
+    # Later steps: the median within 1 %. On this tiny model at lr 1e-2 single steps differ by a few percent
+    # between the backends with an fp32 base too, on the same batch (same token counts), the next step
+    # agreeing to 1e-4: a known, open parity gap (#5), not the int4 base. The function trained on the int4
+    # base is checked exactly below (merge: PEFT vs ORT eval logits within 1e-4).
+    assert np.median(np.abs(np.array(losses["ort"]) / np.array(losses["torch"]) - 1)) < 1e-2
+    ws = tmp_path / "ort"
+    merge(ws)
+    assert json.loads((ws / "manifest.json").read_text())["stages"]["merge"]["verification"][
+        "peft_vs_ort_eval_max_abs"] < 1e-4
+    profile = yaml.safe_load((devices.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
+    profile["name"], profile["quantization"]["accuracy_level"] = "fp32-compute", 1
+    (tmp_path / "fp32-compute.yaml").write_text(yaml.safe_dump(profile))
+    out = package(ws, PackageConfig(adapters=True), devices.load(str(tmp_path / "fp32-compute.yaml")))
+    shipped = json.loads((out / "manifest.json").read_text())["verification"]["shipped_base"]
+    assert shipped["identical_weights"] == shipped["trained_int4_weights"] == 9 and not shipped["not_in_bundle"]
+    assert shipped["trained_rows"] == shipped["bundle_rows"]  # and nothing else in the bundle is int4
+    assert shipped["adapter_vs_training_runtime_max_logit_error"] < 1e-3
+
+
+def test_package_refuses_a_bundle_whose_int4_blocks_differ(trained_int4, tmp_path):
+    import shutil
+
+    from edgeft.package import PackageConfig, package
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_int4, ws)
+    train(ws, DATA_DIR / "train.jsonl", TrainConfig(max_steps=2, batch_size=4, seq_len=256, val_fraction=0.05))
+    merge(ws)
+    manifest = json.loads((ws / "manifest.json").read_text())
+    manifest["stages"]["prepare"]["config"]["int4_symmetric"] = False  # as if trained against other blocks
+    (ws / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgeftError, match="not in the bundle byte for byte"):
+        package(ws, PackageConfig(adapters=True))
+    assert not (ws / "bundle").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 from edgeft import base_weights, rss
 from edgeft.errors import EdgeftError
 from edgeft.trainer import events
-from edgeft.trainer.session import open_module
+from edgeft.trainer.session import INPUTS_FILE, open_module
 
 
 def generate(args: dict) -> dict:
@@ -25,8 +26,8 @@ def generate(args: dict) -> dict:
     missing = sorted(set(args["requires_grad"]) - inits)
     if missing:
         raise EdgeftError(f"trainable parameters missing from the exported graph: {missing[:5]}")
-    quantized = any(n.op_type == "DequantizeLinear" and n.name.startswith(base_weights.DEQUANTIZE_PREFIX)
-                    for n in model.graph.node)
+    inputs_file = out / INPUTS_FILE
+    quantized = json.loads(inputs_file.read_text()).get("quantized_weights", {}) if inputs_file.exists() else {}
     ort_format = bool(args.get("ort_format"))
     events.log(f"generating artifacts: {len(args['requires_grad'])} trainable tensors")
     artifacts.generate_artifacts(
@@ -37,7 +38,7 @@ def generate(args: dict) -> dict:
     if quantized:
         for name in ("training_model.onnx", "eval_model.onnx"):
             graph = onnx.load(str(out / name), load_external_data=False)
-            dequantizers += base_weights.dequantize_at_use(graph)
+            dequantizers += base_weights.dequantize_at_use(graph, quantized)
             onnx.save(graph, str(out / name))
         if ort_format:
             from onnxruntime.tools.convert_onnx_models_to_ort import (
@@ -74,6 +75,19 @@ def verify(args: dict) -> dict:
             "checkpoint_tensors": len(params),
             "trainable_count": int(sum(params[n].data.size for n in trainable)),
             "seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
+
+
+def prompt_logits(args: dict) -> dict:
+    """The eval model's logits at the last position of each prompt (`prompts`: token id lists), with a trained
+    `checkpoint`, written to `out` (.npy, one row per prompt)."""
+    opened = open_module(Path(args["artifacts"]), Path(args["checkpoint"]))
+    opened.module.eval()
+    rows = []
+    for prompt in args["prompts"]:
+        ids = np.asarray([prompt], dtype=np.int64)
+        rows.append(opened({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids})[1][0, -1])
+    np.save(args["out"], np.stack(rows))
+    return {"prompts": len(rows), "peak_rss_mb": round(rss.peak_mb(), 1)}
 
 
 def steps(args: dict) -> dict:
