@@ -164,9 +164,10 @@ def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_p
         losses[backend] = [r["loss"] for r in rows if r["event"] == "progress"]
     assert losses["ort"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
     # Later steps: the median within 1 %. On this tiny model at lr 1e-2 single steps differ by a few percent
-    # between the backends with an fp32 base too, on the same batch (same token counts), the next step
-    # agreeing to 1e-4: a known, open parity gap (#5), not the int4 base. The function trained on the int4
-    # base is checked exactly below (merge: PEFT vs ORT eval logits within 1e-4).
+    # between the backends with an fp32 base too, the next step agreeing to 1e-4, while the same batches'
+    # losses at the initial parameters agree to 1e-6 (measured): the gap is in the updates, not the forward,
+    # and not the int4 base; it is open under #5. The function trained on the int4 base is checked exactly
+    # below (merge: PEFT vs ORT eval logits within 1e-4).
     assert np.median(np.abs(np.array(losses["ort"]) / np.array(losses["torch"]) - 1)) < 1e-2
     ws = tmp_path / "ort"
     merge(ws)
