@@ -57,11 +57,10 @@ def test_ort_and_torch_agree_over_20_steps(exported, tmp_path):
     a, b = np.array(losses(ort_ws)), np.array(losses(torch_ws))
     assert len(a) == len(b) == 20
     assert abs(a[0] - b[0]) < 1e-5  # same init, data and rate: the first step is the same computation
-    # Stated tolerance: 1e-2 absolute per step (ORT's HF-style AdamW adds eps before bias correction,
-    # torch after; float noise compounds through Adam). Measured: below 2e-3.
-    assert np.max(np.abs(a - b)) < 1e-2, np.abs(a - b)
+    # Stated tolerance: 1e-4 absolute per step (both run torch's AdamW; see ort_engine.torch_adamw).
+    assert np.max(np.abs(a - b)) < 1e-4, np.abs(a - b)
     assert a[-1] < a[0] - 0.1 and b[-1] < b[0] - 0.1
-    assert abs(ort["best_eval_loss"] - ref["best_eval_loss"]) < 1e-2
+    assert abs(ort["best_eval_loss"] - ref["best_eval_loss"]) < 1e-4
     for ws in (ort_ws, torch_ws):
         assert (ws / "train" / "metrics.png").stat().st_size > 10_000
     rec = json.loads((ort_ws / "manifest.json").read_text())["stages"]["train"]

@@ -11,6 +11,7 @@ import numpy as np
 from edgeft import base_weights, rss
 from edgeft.errors import EdgeftError
 from edgeft.trainer import events
+from edgeft.trainer.ort_engine import torch_adamw
 from edgeft.trainer.session import INPUTS_FILE, open_module
 
 
@@ -33,21 +34,19 @@ def generate(args: dict) -> dict:
     artifacts.generate_artifacts(
         model, requires_grad=list(args["requires_grad"]), frozen_params=[], loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
-        ort_format=ort_format and not quantized, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
+        ort_format=False, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
+    onnx.save(torch_adamw(onnx.load(str(out / "optimizer_model.onnx"))), str(out / "optimizer_model.onnx"))
     dequantizers = 0
     if quantized:
         for name in ("training_model.onnx", "eval_model.onnx"):
             graph = onnx.load(str(out / name), load_external_data=False)
             dequantizers += base_weights.dequantize_at_use(graph, quantized)
             onnx.save(graph, str(out / name))
-        if ort_format:
-            from onnxruntime.tools.convert_onnx_models_to_ort import (
-                OptimizationStyle,
-                convert_onnx_models_to_ort,
-            )
+    if ort_format:
+        from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-            for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-                convert_onnx_models_to_ort(out / name, output_dir=out, optimization_styles=[OptimizationStyle.Fixed])
+        for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+            convert_onnx_models_to_ort(out / name, output_dir=out, optimization_styles=[OptimizationStyle.Fixed])
     return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1),
             "dequantizers": dequantizers}
 

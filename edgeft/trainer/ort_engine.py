@@ -24,8 +24,21 @@ def build_optimizer(state, out: Path, weight_decay: float, max_grad_norm: float 
     with onnxblock.empty_base(opset_version=17):
         block((params, []))
         model = block.to_model_proto()
-    onnx.save(model, str(out))
+    onnx.save(torch_adamw(model), str(out))
     return out
+
+
+def torch_adamw(optimizer_model):
+    """Make the AdamW graph torch.optim.AdamW's. onnxblock asks for Hugging Face's (adam_mode 1: eps added
+    before the bias correction, an effective eps of eps / sqrt(1 - beta2^t), 3e-5 at step 1), which moved
+    ORT's trajectory up to 1.4 % off the torch backend's within 10 steps at lr 1e-2; with mode 0 (torch's)
+    the two agree to 5e-7."""
+    for node in optimizer_model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+    return optimizer_model
 
 
 class OrtEngine:
