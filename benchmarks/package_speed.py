@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -70,6 +71,7 @@ def build_model(out: Path, layers: int) -> Path:
 
 
 def build_bundle(model: Path, out: Path, precision: str, cache: Path) -> dict:
+    from edgeft import package
     from edgeft.devices import Quantization
 
     q = Quantization()
@@ -83,6 +85,7 @@ def build_bundle(model: Path, out: Path, precision: str, cache: Path) -> dict:
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     peak_kb = int(proc.stderr.rsplit("EDGEFT_PEAK_KB", 1)[1].split()[0])
+    package.set_cpu_threads(out, os.cpu_count() or 1)  # as `edgeft package` leaves a bundle
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"precision": precision, "seconds": round(time.time() - t, 1), "peak_rss_mb": peak_kb / 1024,
             "bundle_mb": size / 2**20}
