@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 BASE_DATA = "base.data"
+INPUTS_FILE = "edgeft_inputs.json"  # beside it: the model inputs it feeds, and how each quantized weight is stored
 ALIGN = 4096
 TRANSPOSED_SUFFIX = ".T"
 DEQUANTIZE_PREFIX = "edgeft_dequantize_"  # the nodes that dequantize base weights: edgeft_dequantize_<weight>/...
@@ -31,7 +32,8 @@ def _external_info(init: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in init.external_data}
 
 
-def _array(init: TensorProto, model_dir: Path) -> np.ndarray:
+def initializer_array(init: TensorProto, model_dir: Path) -> np.ndarray:
+    """An initializer's values, read from its external data file (in `model_dir`) when it has one."""
     if init.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(init)
     info = _external_info(init)
@@ -106,7 +108,7 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict |
 
     with open(out_dir / BASE_DATA, "wb") as f:
         for init in graph.initializer:
-            array = _array(init, model_dir)
+            array = initializer_array(init, model_dir)
             if init.name not in frozen:
                 if init.data_location == TensorProto.EXTERNAL:
                     _set_inline(init, array)
@@ -245,10 +247,12 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
                      helper.make_node("Div", [f"{use}/size", f"{use}/size"], [f"{use}/one"],
                                       name=f"{DEQUANTIZE_PREFIX}{use}/One"),
                      *dequantize_nodes(spec, f"{use}/nk", f"{use}/one")]
-            if not _read_transposed(user, slot):
+            if _read_transposed(user, slot):
+                user.input[slot] = f"{use}/nk"
+            else:
                 added.append(helper.make_node("Transpose", [f"{use}/nk"], [use], perm=[1, 0],
                                               name=f"{DEQUANTIZE_PREFIX}{use}/Transpose"))
-            user.input[slot] = use if added[-1].op_type == "Transpose" else f"{use}/nk"
+                user.input[slot] = use
             before.setdefault(id(user), []).extend(added)
             copies += 1
     prefixes = tuple(f"{DEQUANTIZE_PREFIX}{w}/" for w in specs)
@@ -285,14 +289,12 @@ def stored_int4(artifacts: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.n
     MatMulNBits lays them out ([out, blocks, block / 2], [out, blocks], [out, blocks])."""
     import json
 
-    info = json.loads((Path(artifacts) / "edgeft_inputs.json").read_text())
+    info = json.loads((Path(artifacts) / INPUTS_FILE).read_text())
     mapped = np.memmap(Path(artifacts) / BASE_DATA, dtype=np.uint8, mode="r")
-    inputs = info["base_inputs"]
 
     def read(name: str) -> np.ndarray:
-        spec = inputs[name]
-        count = int(np.prod(spec["shape"]))
-        return np.frombuffer(mapped, dtype=spec["dtype"], count=count, offset=spec["offset"]).reshape(spec["shape"])
+        spec = info["base_inputs"][name]
+        return view(mapped, spec["dtype"], spec["shape"], spec["offset"])
 
     out = {}
     for weight, spec in info.get("quantized_weights", {}).items():
@@ -300,6 +302,12 @@ def stored_int4(artifacts: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.n
             shape = (spec["out"], spec["blocks"])
             out[weight] = (read(spec["q"]), read(spec["scale"]).reshape(shape), read(spec["zero_point"]).reshape(shape))
     return out
+
+
+def view(mapped: np.ndarray, dtype, shape, offset: int) -> np.ndarray:
+    """A tensor stored in the memory-mapped base.data, without a copy."""
+    count = int(np.prod(shape)) if len(shape) else 1
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def external_initializers(model: onnx.ModelProto) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:

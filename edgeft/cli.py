@@ -395,7 +395,7 @@ COMMANDS: tuple[Command, ...] = (
         arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
         arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
         arg("--base-precision", choices=quantize.CHOICES, default="fp32",
-            help="frozen base stored quantized (planning only until quantized-base training lands)"),
+            help="frozen base stored quantized (as `prepare --base-precision`)"),
         arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (
         arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),

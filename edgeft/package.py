@@ -253,8 +253,6 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
     import hashlib
 
     import onnx
-    from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     from edgeft import base_weights
 
@@ -270,10 +268,7 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
     inits = {i.name: i for i in model.graph.initializer}
 
     def array(name: str) -> np.ndarray:
-        init = inits[name]
-        if uses_external_data(init):
-            load_external_data_for_tensor(init, str(bundle))
-        return numpy_helper.to_array(init)
+        return base_weights.initializer_array(inits[name], bundle)
 
     shipped = {}
     for node in model.graph.node:

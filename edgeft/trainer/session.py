@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.base_weights import BASE_DATA, external_initializers
-
-INPUTS_FILE = "edgeft_inputs.json"
+from edgeft.base_weights import BASE_DATA, INPUTS_FILE, external_initializers, view
 
 
 @dataclass
@@ -65,12 +63,12 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
         keep.append(mapped)
         graph = onnx.load(str(artifacts / "training_model.onnx"), load_external_data=False)
         for name, dtype, shape, offset in external_initializers(graph):
-            array = _view(mapped, dtype, shape, offset)
+            array = view(mapped, dtype, shape, offset)
             value = ort.OrtValue.ortvalue_from_numpy(array)
             options.add_initializer(name, value)
             keep.extend((array, value))
         for name, spec in info.get("base_inputs", {}).items():
-            array = _view(mapped, spec["dtype"], spec["shape"], spec["offset"])
+            array = view(mapped, spec["dtype"], spec["shape"], spec["offset"])
             base_inputs[name] = ort.OrtValue.ortvalue_from_numpy(array)
             keep.append(array)
     if base_inputs:
@@ -82,7 +80,3 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
                     device=device, session_options=options)
     return Opened(module, state, keep, info.get("detached", {}), base_inputs)
 
-
-def _view(mapped: np.ndarray, dtype, shape, offset: int) -> np.ndarray:
-    count = int(np.prod(shape)) if len(shape) else 1
-    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
