@@ -50,20 +50,25 @@ def test_export_stores_int8_behind_dequantize_linear(exported_int8):
     assert v8["torch_loss"] != v32["torch_loss"] and abs(v8["torch_loss"] / v32["torch_loss"] - 1) < 0.01
 
 
-def test_ort_and_torch_train_the_same_int8_base_and_merge_checks_it(exported_int8, tmp_path):
+def assert_backends_agree(ws, tmp_path, steps: int) -> None:
+    """Train copies of `ws` with ORT (in tmp_path/ort) and PyTorch (tmp_path/torch): the same losses."""
     import shutil
 
-    ws, _ = exported_int8
     losses = {}
     for backend in ("ort", "torch"):
         copy = tmp_path / backend
         shutil.copytree(ws, copy)
-        train(copy, DATA_DIR / "train.jsonl", TrainConfig(max_steps=8, batch_size=4, seq_len=256, lr=1e-2,
+        train(copy, DATA_DIR / "train.jsonl", TrainConfig(max_steps=steps, batch_size=4, seq_len=256, lr=1e-2,
                                                            backend=backend, val_fraction=0.05, eval_every=100))
         rows = [json.loads(x) for x in (copy / "train" / "metrics.jsonl").read_text().splitlines()]
         losses[backend] = [r["loss"] for r in rows if r["event"] == "progress"]
     assert losses["ort"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
     assert np.allclose(losses["ort"], losses["torch"], rtol=1e-4)
+
+
+def test_ort_and_torch_train_the_same_int8_base_and_merge_checks_it(exported_int8, tmp_path):
+    ws, _ = exported_int8
+    assert_backends_agree(ws, tmp_path, steps=8)
     merge(tmp_path / "ort")  # PEFT on the same int8 base reproduces the ORT eval logits within 1e-4
     v = json.loads((tmp_path / "ort" / "manifest.json").read_text())["stages"]["merge"]["verification"]
     assert v["peft_vs_ort_eval_max_abs"] < 1e-4
@@ -147,23 +152,12 @@ def test_int4_export_dequantizes_each_use_just_in_time(trained_int4):
 def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_path):
     """Train what you ship: ORT and PyTorch train the same int4 base; the int4 bundle's MatMulNBits blocks are
     the trained ones, and the bundle with the trained adapter reproduces the training runtime's logits."""
-    import shutil
-
     import yaml
 
     from edgeft import devices
     from edgeft.package import PackageConfig, package
 
-    losses = {}
-    for backend in ("ort", "torch"):
-        copy = tmp_path / backend
-        shutil.copytree(trained_int4, copy)
-        train(copy, DATA_DIR / "train.jsonl", TrainConfig(max_steps=6, batch_size=4, seq_len=256, lr=1e-2,
-                                                           backend=backend, val_fraction=0.05, eval_every=100))
-        rows = [json.loads(x) for x in (copy / "train" / "metrics.jsonl").read_text().splitlines()]
-        losses[backend] = [r["loss"] for r in rows if r["event"] == "progress"]
-    assert losses["ort"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
-    assert np.allclose(losses["ort"], losses["torch"], rtol=1e-4)
+    assert_backends_agree(trained_int4, tmp_path, steps=6)
     ws = tmp_path / "ort"
     merge(ws)
     assert json.loads((ws / "manifest.json").read_text())["stages"]["merge"]["verification"][
