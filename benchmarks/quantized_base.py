@@ -24,7 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PRECISIONS = ("fp32", "int8", "int4")
+# (row label, base precision, export options)
+VARIANTS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),
+            ("int4, recomputed", "int4", ("--recompute",)))
 
 
 def edgeft(*argv: str) -> None:
@@ -33,16 +35,16 @@ def edgeft(*argv: str) -> None:
         raise SystemExit(f"edgeft {' '.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
-def measure(model: Path, precision: str, args, root: Path) -> dict:
-    ws = root / precision
+def measure(model: Path, label: str, precision: str, options: tuple[str, ...], args, root: Path) -> dict:
+    ws = root / label.replace(", ", "-")
     edgeft("prepare", str(model), "--out", str(ws), "--base-precision", precision)
-    edgeft("export", str(ws))
+    edgeft("export", str(ws), *options)
     edgeft("bench", str(ws), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--runs", str(args.runs))
     export = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
     bench = json.loads((ws / "bench" / "bench.json").read_text())
     training = bench["training"]
-    return {"precision": precision, "base_data_mib": (ws / "artifacts" / "base.data").stat().st_size / 2**20,
+    return {"precision": label, "base_data_mib": (ws / "artifacts" / "base.data").stat().st_size / 2**20,
             "export_peak_mib": max(v for k, v in export["memory_mb"].items() if k.endswith("_peak_rss")),
             "train_peak_mib": training["peak_rss_mb"], "step_s": training["step_s"]["median"],
             "tokens_per_s": training["tokens_per_s"]["median"], "loss_check": export["verification"]}
@@ -64,7 +66,9 @@ def markdown(result: dict) -> str:
                      f"{r['loss_check']['relative_difference']:.1e} |")
     lines += ["", "base.data holds the frozen weights (the input embedding stays fp32 in every row: a lookup, "
               "memory-mapped). Quantized weights are dequantized in the graph just before each use "
-              "(`base_weights.dequantize_at_use`); int4 rows are the int4 bundle's own blocks.", ""]
+              "(`base_weights.dequantize_at_use`); int4 rows are the int4 bundle's own blocks. "
+              "`recomputed`: exported with `--recompute`, each layer's activations are recomputed in the backward "
+              "pass from the layer's input (`recompute.py`).", ""]
     return "\n".join(lines)
 
 
@@ -82,10 +86,10 @@ def main() -> None:
         root = Path(tmp)
         model = build("slice", root / "model", args.layers)
         rows = []
-        for precision in PRECISIONS:
+        for label, precision, options in VARIANTS:
             started = time.time()
-            rows.append(measure(model, precision, args, root))
-            print(f"{precision}: {rows[-1]['train_peak_mib']:.0f} MiB, {rows[-1]['step_s']:.2f} s/step "
+            rows.append(measure(model, label, precision, options, args, root))
+            print(f"{label}: {rows[-1]['train_peak_mib']:.0f} MiB, {rows[-1]['step_s']:.2f} s/step "
                   f"({time.time() - started:.0f} s)", flush=True)
     result = {"model": f"Phi-3-mini slice, {args.layers} of 32 layers at full width", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {platform.node()}", "seq_len": args.seq_len,

@@ -154,7 +154,8 @@ def cmd_export(args) -> int:
     """Export a prepared workspace to ONNX Runtime training artifacts and verify them against PyTorch."""
     from edgeft.export import ExportConfig, export
 
-    cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format)
+    cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format,
+                       recompute=args.recompute)
     out = export(Path(args.workspace), cfg)
     rec = json.loads((Path(args.workspace) / "manifest.json").read_text())["stages"]["export"]
     v, m = rec["verification"], rec["memory_mb"]
@@ -290,7 +291,7 @@ def cmd_plan(args) -> int:
 
     profile = devices.load(args.device)
     p = plan.for_target(Path(args.target), profile, args.seq_len, args.batch_size, args.lora_r, _csv(args.targets),
-                        args.backend, _csv(args.train_modules), args.base_precision)
+                        args.backend, _csv(args.train_modules), args.base_precision, args.recompute)
     print(json.dumps(plan.to_dict(p, profile), indent=2) if args.json else plan.render(p, profile))
     return 0 if p.fits else 1
 
@@ -341,7 +342,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", cmd_export, (
         arg("workspace", help="a prepared workspace"),
         arg("--nominal-checkpoint", action="store_true", help="also write a nominal (shapes-only) checkpoint"),
-        arg("--ort-format", action="store_true", help="also write .ort models"))),
+        arg("--ort-format", action="store_true", help="also write .ort models"),
+        arg("--recompute", action="store_true",
+            help="recompute each layer's activations in the backward pass instead of holding them: "
+                 "a fraction of the activation memory for about a third more compute per step"))),
     Command("train", cmd_train, (
         arg("workspace"), arg("--data", required=True, help="training JSONL"),
         arg("--eval-data", help="validation JSONL (default: --val-fraction of --data)"),
@@ -396,6 +400,9 @@ COMMANDS: tuple[Command, ...] = (
         arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
         arg("--base-precision", choices=quantize.CHOICES, default="fp32",
             help="frozen base stored quantized (as `prepare --base-precision`)"),
+        arg("--recompute", action="store_true", default=None,
+            help="activations recomputed in the backward pass (as `export --recompute`; a workspace's own setting "
+                 "is the default)"),
         arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (
         arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),

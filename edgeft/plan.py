@@ -30,13 +30,14 @@ from edgeft.errors import EdgeftError
 #   matmul FLOPs / (peak * efficiency) + attention FLOPs / (peak * attn_efficiency) + layers * layer_overhead_s.
 # A quantized base under ORT is dequantized just before each use (base_weights.dequantize_at_use), so what is
 # in flight scales with the largest quantized weight, not the model: `dequant_live` x its fp32 size, per
-# precision (int4 also unpacks nibbles). Read off the real-width slice, 4 layers, batch 1 x 256
-# (results/quantized_base.md): int8 2685 MiB, int4 3033 MiB; one configuration each, so a fit, not a check.
+# precision; its fp32 input embedding is memory-mapped and only the rows in use are resident. Checked on the
+# real-width slice, 4 layers, int4, batch 1 x 256 (results/quantized_base.md): predicted 2.15 / 1.44 GB,
+# measured 1.92 / 1.33 GB without / with recomputation; so a fit, not a check.
 # The torch backend holds the fp32 model with the dequantized values: `dequant_held` x all quantized weights.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
             "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 0.0,
-            "dequant_live": {"int8": 1.2, "int4": 2.6}},
+            "dequant_live": {"int8": 1.0, "int4": 1.0}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
               "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 1.0,
               "dequant_live": {"int8": 0.0, "int4": 0.0}},
@@ -161,6 +162,7 @@ class Run:
     train_modules: tuple[str, ...] = ()
     backend: str = "ort"
     base_precision: str = "fp32"
+    recompute: bool = False  # export --recompute: each layer's activations recomputed in the backward pass (ORT)
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,17 @@ class Plan:
         return None if self.budget_bytes is None else self.memory.total <= self.budget_bytes
 
 
-def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str) -> float:
+def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str, recompute: bool = False) -> float:
+    """Saved activations. With recomputation (ORT only, recompute.py) every layer keeps its input (fp32 hidden
+    state) and one layer's activations are alive at a time."""
     c = CALIBRATION[backend]
     kv_dim = shape.kv_heads * shape.hidden // shape.heads
     width = (shape.hidden + 2 * kv_dim) / 3
-    per_token = (shape.layers * (c["act_width"] * (width + shape.ffn) + c["act_attn"] * shape.heads * seq_len)
-                 + c["act_vocab"] * shape.vocab)
+    layer = c["act_width"] * (width + shape.ffn) + c["act_attn"] * shape.heads * seq_len
+    if recompute and backend == "ort":
+        per_token = layer + shape.layers * 4 * shape.hidden + c["act_vocab"] * shape.vocab
+    else:
+        per_token = shape.layers * layer + c["act_vocab"] * shape.vocab
     return per_token * seq_len * batch
 
 
@@ -212,12 +219,14 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
     # Quantized bases keep the input embedding in fp32 unless tied (it is a lookup, not a MatMul).
     quantized = base_params - (0 if shape.tied else embed)
     frozen = quantized * PRECISION_BYTES[run.base_precision] + (base_params - quantized) * 4
+    if run.base_precision != "fp32" and run.backend == "ort" and not shape.tied:
+        frozen -= embed * 4  # memory-mapped from base.data: only the rows of the batch's tokens are ever read
     # The torch backend holds fp32 weights with the dequantized values (a reference, not a memory saver);
     # ORT dequantizes each weight at its use (see CALIBRATION).
     dequantized = 0.0 if run.base_precision == "fp32" else 4 * (c["dequant_held"] * quantized
                                                                  + c["dequant_live"][run.base_precision] * largest_linear)
     return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
-                  activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend),
+                  activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend, run.recompute),
                   runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
 
 
@@ -227,6 +236,8 @@ def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflop
     tokens = run.seq_len * run.batch_size
     matmuls = tokens * training_flops_per_token(matmul, trainable)
     attention = tokens * 4.0 * 3 * shape.layers * shape.hidden * run.seq_len  # QK^T and PV, forward + backward
+    if run.recompute and run.backend == "ort":  # the forward pass runs twice: 2M of the 6M per token again
+        matmuls, attention = matmuls * 4 / 3, attention * 4 / 3
     seconds = (matmuls / (peak_gflops * 1e9 * c["efficiency"]) + attention / (peak_gflops * 1e9 * c["attn_efficiency"])
                + c["layer_overhead_s"] * shape.layers)
     return matmuls + attention, seconds
@@ -305,8 +316,9 @@ def estimate_time(tokens: int, base_params: int, profile: Profile, trainable_par
 
 def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
-               train_modules: list[str] | None = None, base_precision: str = "fp32") -> Plan:
-    """A plan for a model folder or a prepared workspace (whose LoRA settings are the defaults here)."""
+               train_modules: list[str] | None = None, base_precision: str = "fp32", recompute: bool | None = None) -> Plan:
+    """A plan for a model folder or a prepared workspace (whose LoRA settings, base precision and, once
+    exported, recomputation are the defaults here)."""
     target = Path(target)
     trainable = None
     if (target / "manifest.json").is_file() and not (target / "config.json").is_file():
@@ -321,12 +333,16 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
         base_precision = c.get("base_precision", base_precision)
         targets = targets or prep["targets"]
         train_modules = train_modules if train_modules is not None else c["train_modules"]
+        exported = json.loads((target / "manifest.json").read_text())["stages"].get("export")
+        if recompute is None and exported:
+            recompute = bool(exported["config"].get("recompute", False))
     else:
         model_dir = target
     if backend is None:
         backend = profile.execution_providers.training_backend if profile else "ort"
     run = Run(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r or 16, targets=tuple(targets or ()),
-              train_modules=tuple(train_modules or ()), backend=backend, base_precision=base_precision)
+              train_modules=tuple(train_modules or ()), backend=backend, base_precision=base_precision,
+              recompute=bool(recompute))
     return make(model_dir, run, profile, trainable)
 
 
@@ -346,6 +362,10 @@ def advice(p: Plan, profile: Profile) -> str:
                 f"exceed the {_gb(p.budget_bytes)} budget; use a smaller model"
                 + ("" if m.dequantized else " or a quantized base"))
     seq, batch = best
+    if p.run.backend == "ort" and not p.run.recompute:
+        lean = dataclasses.replace(p.run, recompute=True)
+        if make(p.model_dir, lean, profile, p.trainable).fits:
+            return "it fits with recomputed activations (`edgeft export WS --recompute`, about a third more compute)"
     if seq < p.run.seq_len:
         return f"the longest sequence that fits is {seq} tokens at batch 1 (use --seq-len {seq} --batch-size 1)"
     accum = -(-p.run.batch_size // batch)
@@ -359,7 +379,7 @@ def render(p: Plan, profile: Profile | None) -> str:
              f"frozen, {p.trainable / 1e6:,.2f} M trainable (LoRA r{p.run.lora_r}"
              + (f" on {','.join(p.run.targets)}" if p.run.targets else "") + ")",
              f"run: batch {p.run.batch_size} x {p.run.seq_len} tokens, {p.run.backend} backend, "
-             f"{p.run.base_precision} base"]
+             f"{p.run.base_precision} base" + (", activations recomputed" if p.run.recompute else "")]
     budget = f" of a {_gb(p.budget_bytes)} budget" if p.budget_bytes else ""
     lines.append(f"peak memory: {_gb(m.total)}{budget}")
     for label, value in (("frozen weights", m.frozen), ("adapters", m.adapters),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import base_weights, rss
+from edgeft import base_weights, recompute, rss
 from edgeft.errors import EdgeftError
 from edgeft.trainer import events
 from edgeft.trainer.ort_engine import torch_adamw
@@ -36,6 +36,13 @@ def generate(args: dict) -> dict:
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
         ort_format=False, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
     onnx.save(torch_adamw(onnx.load(str(out / "optimizer_model.onnx"))), str(out / "optimizer_model.onnx"))
+    recomputed = None
+    if args.get("recompute"):
+        forward = tuple(o.name for o in onnx.load(str(out / "eval_model.onnx"), load_external_data=False).graph.output)
+        graph = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
+        recomputed = recompute.recompute_layers(graph, forward, tuple(args["data_inputs"]))
+        onnx.save(graph, str(out / "training_model.onnx"))
+        events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
     dequantizers = 0
     if quantized:
         for name in ("training_model.onnx", "eval_model.onnx"):
@@ -48,7 +55,7 @@ def generate(args: dict) -> dict:
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
             convert_onnx_models_to_ort(out / name, output_dir=out, optimization_styles=[OptimizationStyle.Fixed])
     return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1),
-            "dequantizers": dequantizers}
+            "dequantizers": dequantizers, "recompute": recomputed}
 
 
 def verify(args: dict) -> dict:

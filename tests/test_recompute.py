@@ -1,0 +1,60 @@
+"""Recomputed activations (export --recompute): the backward pass holds only each layer's input, and training
+is unchanged: ORT with recomputation trains the same losses as PyTorch."""
+
+import json
+
+import onnx
+import pytest
+
+from edgeft import recompute
+from edgeft.export import ExportConfig, export
+from edgeft.onnx_export import INPUT_NAMES
+from edgeft.prepare import PrepareConfig, prepare
+from tests.test_quantized_base import assert_backends_agree
+
+
+@pytest.fixture(scope="module")
+def recomputed(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rc")
+    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8, base_precision="int4"), root / "ws")
+    export(ws, ExportConfig(recompute=True))
+    return ws
+
+
+def _held(ws) -> set[str]:
+    graph = onnx.load(str(ws / "artifacts" / "training_model.onnx"), load_external_data=False)
+    return recompute.held_activations(graph, ("loss", "logits"), INPUT_NAMES)
+
+
+def test_backward_holds_only_each_layers_input(recomputed, tmp_path):
+    rec = json.loads((recomputed / "manifest.json").read_text())["stages"]["export"]
+    assert rec["config"]["recompute"] and rec["recompute"]["layers"] == 2
+    assert rec["verification"]["gradient_relative_error"] < 1e-5  # the export checks the gradients against PEFT's
+    held = _held(recomputed)
+    in_layers = {t for t in held if recompute.layer_of(t) is not None}
+    # Each layer's output (the next one's input) and the rotary tables the first layer computes for all.
+    assert {t.rsplit("/", 1)[-1] for t in in_layers} <= {"Add_1_output_0", "Unsqueeze_24_output_0",
+                                                        "Unsqueeze_25_output_0"}
+    plain = prepare(PrepareConfig(model_dir=json.loads((recomputed / "manifest.json").read_text())["stages"][
+        "prepare"]["config"]["model_dir"], lora_r=8, base_precision="int4"), tmp_path / "plain")
+    export(plain)
+    assert len(_held(plain)) > 4 * len(held)
+
+
+def test_recomputed_training_matches_pytorch(recomputed, tmp_path):
+    assert_backends_agree(recomputed, tmp_path, steps=6)
+
+
+def test_plan_counts_one_layer_of_activations_and_every_layers_input(tiny_model):
+    import dataclasses
+
+    from edgeft import plan
+
+    model = tiny_model("phi3-mini-4k")
+    shape = plan.for_target(model, None, seq_len=256).shape
+    deeper = dataclasses.replace(shape, layers=shape.layers + 30)
+    grows = {lean: plan.activation_bytes(deeper, 256, 1, "ort", lean) - plan.activation_bytes(shape, 256, 1, "ort", lean)
+             for lean in (False, True)}
+    assert grows[True] == pytest.approx(30 * 256 * 4 * shape.hidden)  # each extra layer keeps its input only
+    assert grows[False] > 10 * grows[True]
+    assert plan.for_target(model, None, seq_len=256, recompute=True).run.recompute
