@@ -28,6 +28,9 @@ from onnx import TensorProto, helper
 SUFFIX = "/recompute"
 LAYER = re.compile(r"/layers\.(\d+)/")
 PREFIX = "edgeft_recompute_"
+# Nodes whose outputs are random: a copy would draw a different mask, so their outputs are held, not recomputed.
+RANDOM = {"Dropout", "BiasDropout", "BitmaskDropout", "BitmaskBiasDropout", "RandomNormal", "RandomUniform",
+          "RandomNormalLike", "RandomUniformLike", "Multinomial"}
 
 
 def layer_of(node_name: str) -> int | None:
@@ -155,12 +158,13 @@ def _downstream(name: str, readers) -> set[int]:
 
 def _closure(stashed: dict, producer, own: set[str], activations: set[str]) -> list[onnx.NodeProto]:
     """The layer's forward nodes needed to recompute `stashed` from what enters the layer. Nodes reading no
-    activation (constants, weight transposes) are not copied: their outputs cost nothing to keep."""
+    activation (constants, weight transposes) are not copied: their outputs cost nothing to keep. Random
+    nodes (dropout) are not copied either: the copies read their outputs."""
     needed: dict[int, onnx.NodeProto] = {}
     todo = [producer[name] for name in stashed if name in activations]
     while todo:
         n = todo.pop()
-        if id(n) in needed:
+        if id(n) in needed or n.op_type in RANDOM:
             continue
         needed[id(n)] = n
         todo.extend(producer[name] for name in n.input if name in own and name in activations)
