@@ -36,18 +36,17 @@ def generate(args: dict) -> dict:
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
         ort_format=False, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
     onnx.save(torch_adamw(onnx.load(str(out / "optimizer_model.onnx"))), str(out / "optimizer_model.onnx"))
-    recomputed = None
-    if args.get("recompute"):
-        forward = tuple(o.name for o in onnx.load(str(out / "eval_model.onnx"), load_external_data=False).graph.output)
-        graph = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
-        recomputed = recompute.recompute_layers(graph, forward, tuple(args["data_inputs"]))
-        onnx.save(graph, str(out / "training_model.onnx"))
-        events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
-    dequantizers = 0
-    if quantized:
-        for name in ("training_model.onnx", "eval_model.onnx"):
-            graph = onnx.load(str(out / name), load_external_data=False)
-            dequantizers += base_weights.dequantize_at_use(graph, quantized)
+    recomputed, dequantizers = None, 0
+    if args.get("recompute") or quantized:  # rewrite each graph once: recomputation first, then dequantize_at_use
+        graphs = {name: onnx.load(str(out / name), load_external_data=False)
+                  for name in ("training_model.onnx", "eval_model.onnx")}
+        if args.get("recompute"):
+            forward = tuple(o.name for o in graphs["eval_model.onnx"].graph.output)
+            recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(args["data_inputs"]))
+            events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
+        for name, graph in graphs.items():
+            if quantized:
+                dequantizers += base_weights.dequantize_at_use(graph, quantized)
             onnx.save(graph, str(out / name))
     if ort_format:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
