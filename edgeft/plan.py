@@ -31,7 +31,7 @@ from edgeft.errors import EdgeftError
 # A quantized base under ORT is dequantized just before each use (base_weights.dequantize_at_use), so what is
 # in flight scales with the largest quantized weight, not the model: `dequant_live` x its fp32 size, per
 # precision; its fp32 input embedding is memory-mapped and only the rows in use are resident. Checked on the
-# real-width slice, 4 layers, int4, batch 1 x 256 (results/quantized_base.md): predicted 2.15 / 1.44 GB,
+# real-width slice, 4 layers, int4, batch 1 x 256 (results/quantized_base.md): predicted 2.15 / 1.43 GB,
 # measured 1.92 / 1.33 GB without / with recomputation; so a fit, not a check.
 # The torch backend holds the fp32 model with the dequantized values: `dequant_held` x all quantized weights.
 CALIBRATION = {
@@ -322,7 +322,8 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
     target = Path(target)
     trainable = None
     if (target / "manifest.json").is_file() and not (target / "config.json").is_file():
-        prep = json.loads((target / "manifest.json").read_text()).get("stages", {}).get("prepare")
+        stages = json.loads((target / "manifest.json").read_text()).get("stages", {})
+        prep = stages.get("prepare")
         if not prep:
             raise EdgeftError(f"workspace {target} is not prepared; run `edgeft prepare MODEL_DIR --out {target}`")
         c = prep["config"]
@@ -333,9 +334,8 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
         base_precision = c.get("base_precision", base_precision)
         targets = targets or prep["targets"]
         train_modules = train_modules if train_modules is not None else c["train_modules"]
-        exported = json.loads((target / "manifest.json").read_text())["stages"].get("export")
-        if recompute is None and exported:
-            recompute = bool(exported["config"].get("recompute", False))
+        if recompute is None and "export" in stages:
+            recompute = bool(stages["export"]["config"].get("recompute", False))
     else:
         model_dir = target
     if backend is None:
