@@ -47,10 +47,7 @@ def recompute_layers(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
     _sort(graph)
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output if o}
-    activations = set(data_inputs)  # what depends on the batch (the rest are weights and constants)
-    for n in nodes:
-        if any(name in activations for name in n.input):
-            activations.update(o for o in n.output if o)
+    activations = _batch_dependent(nodes, data_inputs)
     forward_ids = _upstream(forward_outputs, producer)
     forward = [n for n in nodes if id(n) in forward_ids]
     backward = [n for n in nodes if id(n) not in forward_ids]
@@ -120,6 +117,15 @@ def recompute_layers(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
     graph.node.extend(added)
     _sort(graph)
     return report
+
+
+def _batch_dependent(nodes, data_inputs: tuple[str, ...]) -> set[str]:
+    """The tensors that depend on the batch (the rest are weights and constants). `nodes` in topological order."""
+    activations = set(data_inputs)
+    for n in nodes:
+        if any(name in activations for name in n.input):
+            activations.update(o for o in n.output if o)
+    return activations
 
 
 def _output_gradient(own: set[str], members, readers, forward_ids, producer) -> str | None:
@@ -204,9 +210,6 @@ def held_activations(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
     _sort(graph)
     producer = {o: n for n in graph.node for o in n.output if o}
     forward = _upstream(forward_outputs, producer)
-    activations = set(data_inputs)
-    for n in graph.node:
-        if any(name in activations for name in n.input):
-            activations.update(o for o in n.output if o)
+    activations = _batch_dependent(graph.node, data_inputs)
     return {name for n in graph.node if id(n) not in forward for name in n.input
             if name in activations and name in producer and id(producer[name]) in forward}
