@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
 
 
 def main() -> None:
@@ -43,10 +46,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "demo.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save(args.out, "demo", result, markdown)
 
 
 def markdown(result: dict) -> str:

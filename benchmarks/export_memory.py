@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import report  # noqa: E402
+
 GOAL_RATIO = 2.5
 
 
@@ -112,10 +114,7 @@ def main() -> None:
     import platform
 
     result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "export.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save(args.out, "export", result, markdown)
 
 
 if __name__ == "__main__":

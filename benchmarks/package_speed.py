@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import report  # noqa: E402
+
 PEAK_WRAPPER = """
 import runpy, sys
 sys.argv = ["builder", *sys.argv[1:]]
@@ -131,10 +133,7 @@ def main() -> None:
     }
     result["decode_speedup"] = result["int4_genai"]["decode_tokens_per_s"] / hf_decode
     result["ttft_speedup"] = hf_ttft / result["int4_genai"]["ttft_ms"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "package.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "package.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save(args.out, "package", result, markdown)
 
 
 def markdown(r: dict) -> str:

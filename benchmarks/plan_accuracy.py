@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import report  # noqa: E402
+
 PROFILE = "dev-2core-avx512"
 # name: (family, hidden, layers, ffn, heads, kv_heads, vocab, batch, seq, role)
 CONFIGS = {
@@ -178,9 +180,7 @@ def main() -> None:
     if args.recompute:
         result = json.loads(args.recompute.read_text())
         result["rows"] = [repredict(r) for r in result["rows"]]
-        (args.out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "plan.md").write_text(markdown(result))
-        print(markdown(result))
+        report.save(args.out, "plan", result, markdown)
         return
     names = args.only.split(",") if args.only else list(CONFIGS)
     rows = []
@@ -195,11 +195,10 @@ def main() -> None:
                         f.write(json.dumps(row) + "\n")
     result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "profile": PROFILE,
               "steps": args.steps, "rows": rows}
-    if not args.only:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "plan.md").write_text(markdown(result))
-    print(markdown(result))
+    if args.only:  # a partial run is printed, never saved over the full table
+        print(markdown(result))
+    else:
+        report.save(args.out, "plan", result, markdown)
 
 
 if __name__ == "__main__":

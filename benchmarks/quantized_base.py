@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import report  # noqa: E402
+
 # (row label, base precision, export options)
 VARIANTS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),
             ("int4, recomputed", "int4", ("--recompute",)))
@@ -94,10 +96,7 @@ def main() -> None:
     result = {"model": f"Phi-3-mini slice, {args.layers} of 32 layers at full width", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {platform.node()}", "seq_len": args.seq_len,
               "batch_size": args.batch_size, "runs": args.runs, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantized_base.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quantized_base.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save(args.out, "quantized_base", result, markdown)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+
 RECIPE = REPO / "edgeft" / "recipes" / "home-demo.yaml"
 
 
@@ -37,10 +41,10 @@ def run(precision: str, ws: Path) -> dict:
     stages = json.loads((ws / "manifest.json").read_text())["stages"]
     rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if r["event"] == "eval"]
-    report = {r["variant"]: r for r in json.loads((ws / "eval" / "report.json").read_text())["results"]}
-    bundle = next(v for k, v in report.items() if k.startswith("bundle"))
+    variants = {r["variant"]: r for r in json.loads((ws / "eval" / "report.json").read_text())["results"]}
+    bundle = next(v for k, v in variants.items() if k.startswith("bundle"))
     return {"precision": precision, "final_eval_loss": evals[-1], "best_eval_loss": stages["train"]["best_eval_loss"],
-            "adapter_exact_match": report["adapter"]["exact_match"], "adapter_loss": report["adapter"]["loss"],
+            "adapter_exact_match": variants["adapter"]["exact_match"], "adapter_loss": variants["adapter"]["loss"],
             "bundle_exact_match": bundle["exact_match"], "bundle_loss": bundle["loss"],
             "base_data_bytes": (ws / "artifacts" / "base.data").stat().st_size,
             "train_peak_rss_mb": stages["train"].get("peak_rss_mb"), "minutes": (time.time() - started) / 60}
@@ -79,10 +83,7 @@ def main() -> None:
             rows.append(run(precision, Path(tmp) / precision))
             print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.node()}", "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantized_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quantized_quality.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save(args.out, "quantized_quality", result, markdown)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import report  # noqa: E402
+
 DATA = REPO / "edgeft" / "tasks" / "home_data" / "train.jsonl"
 PROFILE = "dev-2core-avx512"
 SETTINGS = {"tiny": {"batch": 8, "seq": 256, "layers": 2}, "slice": {"batch": 1, "seq": 256, "layers": 2}}
@@ -112,10 +114,7 @@ def main() -> None:
     result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "profile": PROFILE,
               "peak_gflops": devices.load(PROFILE).cpu.peak_fp32_gflops.value,
               "peak_ref": devices.load(PROFILE).cpu.peak_fp32_gflops.ref, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "train.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save(args.out, "train", result, markdown)
 
 
 if __name__ == "__main__":
