@@ -15,6 +15,7 @@ already transposed (name suffix `.T`) and the Transposes removed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,12 @@ def _only_transposed(name: str, nodes: list[onnx.NodeProto], outputs: set[str]) 
     return users
 
 
-def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict | None = None) -> tuple[onnx.ModelProto, dict]:
+def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict | None = None,
+                read: Callable[[TensorProto], np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Move the frozen initializers of `model_path` into `out_dir/base.data`, streaming one tensor at a time.
 
-    Everything else is made inline. With an int8 or int4 `quant` (quantize.settings) the frozen Linear
+    Everything else is made inline. `read` gives an initializer's values (default: its own data, or its
+    external file beside `model_path`; a traced model without weights reads them from the model's files). With an int8 or int4 `quant` (quantize.settings) the frozen Linear
     weights are stored quantized (see quantize.py) and dequantized in the graph. Returns the slim model
     (its frozen initializers point at base.data, so save it in `out_dir`) and a summary of what was stored.
     """
@@ -108,7 +111,7 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict |
 
     with open(out_dir / BASE_DATA, "wb") as f:
         for init in graph.initializer:
-            array = initializer_array(init, model_dir)
+            array = read(init) if read else initializer_array(init, model_dir)
             if init.name not in frozen:
                 if init.data_location == TensorProto.EXTERNAL:
                     _set_inline(init, array)

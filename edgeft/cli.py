@@ -155,7 +155,7 @@ def cmd_export(args) -> int:
     from edgeft.export import ExportConfig, export
 
     cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format,
-                       recompute=args.recompute)
+                       recompute=args.recompute, weights=args.weights)
     out = export(Path(args.workspace), cfg)
     rec = json.loads((Path(args.workspace) / "manifest.json").read_text())["stages"]["export"]
     v, m = rec["verification"], rec["memory_mb"]
@@ -343,6 +343,9 @@ COMMANDS: tuple[Command, ...] = (
         arg("workspace", help="a prepared workspace"),
         arg("--nominal-checkpoint", action="store_true", help="also write a nominal (shapes-only) checkpoint"),
         arg("--ort-format", action="store_true", help="also write .ort models"),
+        arg("--weights", choices=("auto", "load", "stream"), default="auto",
+            help="stream: read the base one tensor at a time from its safetensors files, never holding the fp32 "
+                 "model (auto: past 4 GiB of fp32 weights)"),
         arg("--recompute", action="store_true",
             help="recompute each layer's activations in the backward pass instead of holding them: "
                  "a fraction of the activation memory for about a third more compute per step"))),

@@ -7,6 +7,7 @@ the training runtime's loss on a padded probe batch must equal PEFT/torch's with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeft import atomic, base_weights, detach, launcher, quantize, rss
+from edgeft import atomic, base_weights, detach, launcher, lazy, quantize, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -26,6 +27,7 @@ from edgeft.workspace import Workspace
 
 # Bumped when the artifacts' layout changes (2: frozen base in base.data; 3: logits as second output).
 ARTIFACTS_FORMAT = 3
+STREAM_ABOVE = 4 * 2**30  # fp32 bytes of weights past which export's weights="auto" streams them
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", base_weights.BASE_DATA)
 
 
@@ -38,6 +40,10 @@ class ExportConfig:
     tolerance: float = spec("largest accepted relative loss difference between ORT and torch", 1e-4, gt=0)
     grad_tolerance: float = spec("largest accepted relative gradient error (all trainable tensors together)",
                                  1e-3, gt=0)
+    weights: str = spec("how the base weights are read: 'load' holds the fp32 model, as transformers loads it; "
+                        "'stream' reads one tensor at a time from the safetensors files (the PyTorch reference then "
+                        "holds one decoder layer at a time); 'auto' streams past 4 GiB of fp32 weights", "auto",
+                        choices=("auto", "load", "stream"))
     recompute: bool = spec("recompute each layer's activations in the backward pass instead of holding them "
                            "(about a third more compute per step, a fraction of the activation memory)", False)
 
@@ -77,15 +83,20 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     started = time.time()
     rss.reset_peak()
     model_dir = Path(prep["config"]["model_dir"])
-    base = load_base(model_dir, prep["config"]["trust_remote_code"])
+    trust = prep["config"]["trust_remote_code"]
+    stream = cfg.weights == "stream" or (cfg.weights == "auto" and lazy.Shards(model_dir).params * 4 > STREAM_ABOVE)
+    base, shards = lazy.empty_model(model_dir, trust) if stream else (load_base(model_dir, trust), None)
     peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=True)
     quant = quantize.settings(prep["config"])
-    quantize.fake_quantize_(peft_model, quant)  # the reference trains against the same quantized base
     wrapper = onnx_export.CausalLMLoss(peft_model)
     config = base.config
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     batch = onnx_export.probe_batch(config.vocab_size, cfg.probe_seq_len, pad_id)
-    reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
+    # The reference trains against the same quantized base, loaded whole or one layer at a time.
+    with lazy.streamed(peft_model, shards, quant) if stream else contextlib.nullcontext():
+        if not stream:
+            quantize.fake_quantize_(peft_model, quant)
+        reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
     trainable, frozen = onnx_export.parameter_names(wrapper)
     n_trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in wrapper.parameters()}.values())
@@ -95,7 +106,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         traced = work / "traced" / "model.onnx"  # with its weights as files beside it, past 2 GB
         traced.parent.mkdir(parents=True)
         t0 = time.time()
-        onnx_export.export(wrapper, batch, traced)
+        keys = onnx_export.export(wrapper, batch, traced, weights=not stream)
         trace_seconds = time.time() - t0
         torch_peak = rss.peak_mb()
         del wrapper, peft_model, base
@@ -103,7 +114,13 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         np.savez(work / "probe.npz", **batch)
         t0 = time.time()
         rss.reset_peak()
-        slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant)
+        read = None
+        if stream:
+            def read(init):
+                if init.name in keys:
+                    return shards.read(keys[init.name]).numpy()
+                return base_weights.initializer_array(init, traced.parent)
+        slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant, read)
         shutil.rmtree(traced.parent)  # its weights now live in base.data
         detached = detach.detach_norms(slim, set(trainable))
         atomic.write_json(tmp / INPUTS_FILE, {"inputs": list(onnx_export.INPUT_NAMES), "detached": detached,
@@ -154,6 +171,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
                          "gradient_relative_error": None if dropout else grad_error,
                          "gradient_tolerance": cfg.grad_tolerance,
                          "gradient_note": "not compared: LoRA dropout is random in training mode" if dropout else None},
+        "weights": "stream" if stream else "load",
         "detached_inputs": len(detached),
         "recompute": generated.get("recompute"),
         "timing_s": {"total": round(time.time() - started, 2), "trace": round(trace_seconds, 2),

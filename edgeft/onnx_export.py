@@ -104,8 +104,12 @@ def gradient_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray
     return (diff / max(norm, 1e-30)) ** 0.5
 
 
-def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path) -> None:
-    """Trace `wrapper` to `path` (external data beside it when the weights pass 2 GB)."""
+def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path, weights: bool = True) -> dict[str, str]:
+    """Trace `wrapper` to `path` (external data beside it when the weights pass 2 GB).
+
+    With `weights=False` (a model of lazy.py placeholders) the tracer sees shapes only. The placeholders
+    become initializers without data, and the returned map gives each one's key in the model's safetensors
+    files, for base_weights.externalize to read it from there. Every other parameter keeps its value."""
     args = tuple(torch.from_numpy(batch[k]) for k in INPUT_NAMES)
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, "logits")}
     wrapper.train()
@@ -114,7 +118,36 @@ def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path) -> N
         torch.onnx.export(
             wrapper, args, str(path), input_names=list(INPUT_NAMES), output_names=["loss", "logits"], dynamic_axes=axes,
             opset_version=OPSET, do_constant_folding=False, training=torch.onnx.TrainingMode.TRAINING,
-            dynamo=False, export_params=True)
+            dynamo=False, export_params=weights)
+    return {} if weights else _declare_parameters(wrapper, path)
+
+
+def _declare_parameters(wrapper: CausalLMLoss, path: Path) -> dict[str, str]:
+    """Turn the parameters the tracer left as graph inputs into initializers: placeholders as shapes only,
+    the rest with their values. Returns {initializer: safetensors key} for the placeholders."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from edgeft import lazy
+
+    model = onnx.load(str(path))
+    params = dict(wrapper.named_parameters()) | dict(wrapper.named_buffers())  # persistent buffers: inputs too
+    keys, kept = {}, []
+    for value in model.graph.input:
+        if value.name in INPUT_NAMES:
+            kept.append(value)
+            continue
+        p = params[value.name]
+        if lazy.is_placeholder(p):
+            keys[value.name] = getattr(p, lazy.KEY)
+            model.graph.initializer.append(stub := TensorProto(name=value.name, data_type=TensorProto.FLOAT))
+            stub.dims.extend(p.shape)
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(p.detach().numpy(), value.name))
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save(model, str(path))
+    return keys
 
 
 def parameter_names(wrapper: CausalLMLoss) -> tuple[list[str], list[str]]:

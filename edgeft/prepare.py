@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import families, quantize, schema
+from edgeft import families, lazy, quantize, schema
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -103,6 +103,21 @@ def load_base(model_dir: Path, trust_remote_code: bool = False, dtype=None):
         raise EdgeftError(f"cannot load the model in {model_dir}: {e}") from None
 
 
+def dora_magnitudes_(peft_model, shards: lazy.Shards) -> None:
+    """DoRA's magnitude vectors from the real weights (PEFT computed them from placeholders), one Linear at a
+    time, with PEFT's own code."""
+    import torch
+
+    for module in peft_model.modules():
+        for adapter, magnitude in getattr(module, "lora_magnitude_vector", {}).items():
+            base_layer = module.get_base_layer()
+            lazy.load_(base_layer, shards)
+            with torch.no_grad():
+                magnitude.update_layer(base_layer=base_layer, lora_A=module.lora_A[adapter].weight,
+                                       lora_B=module.lora_B[adapter].weight, scaling=module.scaling[adapter])
+            lazy.unload_(base_layer)
+
+
 def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     """Validate the model folder and options, initialise the adapter, record the workspace."""
     import torch
@@ -143,7 +158,7 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
         print(f"plan for {device.name}: peak {p.memory.total / 1e9:.2f} GB at batch 1 x {p.run.seq_len} tokens "
               f"(budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.0f} tokens/s; "
               f"`edgeft plan {out} --device {device.name}` for other settings")
-    base = load_base(model_dir, cfg.trust_remote_code)
+    base, shards = lazy.empty_model(model_dir, cfg.trust_remote_code)  # LoRA's init needs shapes, not weights
     targets = list(cfg.targets or family.default_targets)
     linears = linear_names(base)
     missing = [t for t in targets if t not in linears]
@@ -154,8 +169,14 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     missing = [m for m in cfg.train_modules if m not in modules]
     if missing:
         raise EdgeftError(f"--train-modules {missing} not found; try lm_head or embed_tokens")
+    for name, module in base.named_modules():  # copied by PEFT (modules_to_save, trainable token rows): real
+        part = name.rsplit(".", 1)[-1]
+        if part in cfg.train_modules or (cfg.trainable_token_indices and module is base.get_input_embeddings()):
+            lazy.load_(module, shards)
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(base, lora_config(cfg, family))
+    if cfg.dora:
+        dora_magnitudes_(peft_model, shards)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
 

@@ -91,6 +91,8 @@ def fake_quantize_(model, quant: dict) -> int:
     import numpy as np
     import torch
 
+    from edgeft import lazy
+
     precision = quant["precision"]
     if precision == "fp32":
         return 0
@@ -103,6 +105,8 @@ def fake_quantize_(model, quant: dict) -> int:
                 continue
             if embed is not None and module.weight is embed:
                 continue  # tied to the embedding: export keeps it fp32
+            if lazy.is_placeholder(module.weight):
+                continue  # not loaded (lazy.py): quantized when it is
             w = module.weight.detach().float().numpy().T  # [in, out], MatMul's B
             if precision == "int8":
                 q, scale = int8_per_channel(w)

@@ -1,0 +1,182 @@
+"""A base model whose frozen weights stay in the model folder's safetensors files until a stage needs them.
+
+Phi-3-mini in fp32 is 15 GB: loading it whole, as `from_pretrained` does, rules out a 16 GB machine before
+any work starts, and an 8 GB edge box entirely. Here the model is built with placeholder parameters: a
+zero broadcast to the real shape (one element of memory; the real shape and dtype for PEFT and the ONNX
+tracer). Each placeholder remembers its key in the safetensors files, and a stage loads only what it needs:
+
+- prepare: LoRA's initialisation depends on shapes and the seed only. DoRA magnitudes, and whole modules
+  to train, are computed from the real weights, one module at a time.
+- export: the tracer needs shapes only. The weights are copied from the files into base.data one tensor
+  at a time, and the PyTorch reference loads one decoder layer at a time (`streamed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from edgeft import families
+from edgeft.errors import EdgeftError
+
+KEY = "_edgeft_key"  # on a placeholder: its tensor's name in the safetensors files
+PLACEHOLDER = "_edgeft_placeholder"  # on a loaded parameter: the placeholder it replaced
+
+
+class Shards:
+    """The model folder's safetensors files, read one tensor at a time, as fp32."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self.files: dict[str, Path] = {}
+        self.params = 0  # values stored, over all tensors
+        for path in families.weight_files(model_dir):
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    self.files[key] = path
+                    self.params += math.prod(f.get_slice(key).get_shape())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_tensor(key).float()
+
+
+def is_placeholder(p: torch.Tensor) -> bool:
+    return hasattr(p, KEY)
+
+
+def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Shards]:
+    """The causal LM of `model_dir` in fp32 with placeholder parameters (buffers, such as rotary tables, are
+    real), and the files its weights are read from."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager",
+                                                     trust_remote_code=trust_remote_code)
+        # from_pretrained ties the embeddings (tie_word_embeddings). Outside the block: inside it, assigning a
+        # parameter makes a new meta one, which leaves two.
+        model.tie_weights()
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"cannot load the model in {model_dir}: {e}") from None
+    shards = Shards(model_dir)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    made: dict[int, torch.nn.Parameter] = {}
+    missing = []
+    for module in model.modules():
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in made:
+                key = next((n for n in names[id(p)] if n in shards), None)
+                if key is None:
+                    missing.append(names[id(p)][0])
+                made[id(p)] = placeholder(p.shape, key)
+            module._parameters[pname] = made[id(p)]
+    if missing:
+        raise EdgeftError(f"{model_dir}: weights missing from its safetensors files: {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}; download the complete model folder again")
+    return model.eval(), shards
+
+
+def placeholder(shape, key: str | None) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(tuple(shape)), requires_grad=False)
+    setattr(p, KEY, key)
+    return p
+
+
+def load_(module: torch.nn.Module, shards: Shards, recurse: bool = True) -> int:
+    """Replace the placeholders in `module` (and, with `recurse`, its children) by the real weights. A
+    placeholder shared by several modules (tied embeddings) is loaded once and stays shared. Returns how
+    many tensors were read."""
+    loaded: dict[int, torch.nn.Parameter] = {}
+    for sub in module.modules() if recurse else (module,):
+        for pname, p in sub._parameters.items():
+            if p is None or not is_placeholder(p):
+                continue
+            if id(p) not in loaded:
+                real = torch.nn.Parameter(shards.read(getattr(p, KEY)), requires_grad=p.requires_grad)
+                setattr(real, PLACEHOLDER, p)
+                loaded[id(p)] = real
+            sub._parameters[pname] = loaded[id(p)]
+    return len(loaded)
+
+
+def unload_(module: torch.nn.Module, recurse: bool = True) -> None:
+    """Put the placeholders back where `load_` replaced them (the real weights are freed once unused)."""
+    for sub in module.modules() if recurse else (module,):
+        for pname, p in sub._parameters.items():
+            if p is not None and hasattr(p, PLACEHOLDER):
+                sub._parameters[pname] = getattr(p, PLACEHOLDER)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList with one entry per hidden layer)."""
+    config = model.config if hasattr(model, "config") else model.get_base_model().config
+    n = config.num_hidden_layers
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not found:
+        raise EdgeftError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+    return found[0]
+
+
+@contextlib.contextmanager
+def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) -> Iterator[None]:
+    """Within: `model` (placeholders, maybe wrapped by PEFT) computes with its real weights, fake-quantized
+    as `quant` says (quantize.fake_quantize_), while holding one decoder layer's weights at a time.
+
+    Everything outside the decoder layers (embedding, final norm, LM head) is loaded for the whole block.
+    Each layer loads its weights when it runs and drops them after; with gradients enabled it runs under
+    activation checkpointing, so the backward pass loads the layer again instead of keeping it."""
+    from torch.utils.checkpoint import checkpoint
+
+    from edgeft import quantize
+
+    layers = decoder_layers(model)
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    for m in outside:
+        load_(m, shards, recurse=False)
+    quantize.fake_quantize_(model, quant or {"precision": "fp32"})  # the layers are still placeholders: skipped
+
+    def wrap(layer: torch.nn.Module):
+        forward = layer.forward
+
+        def run(*args, **kwargs):
+            load_(layer, shards)
+            try:
+                quantize.fake_quantize_(layer, quant or {"precision": "fp32"})
+                return forward(*args, **kwargs)
+            finally:
+                unload_(layer)
+
+        def checkpointed(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+
+        layer.forward = checkpointed
+
+    for layer in layers:
+        wrap(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: the class's forward is back
+        for m in outside:
+            unload_(m, recurse=False)
