@@ -346,9 +346,11 @@ COMMANDS: tuple[Command, ...] = (
         arg("--weights", choices=("auto", "load", "stream"), default="auto",
             help="stream: read the base one tensor at a time from its safetensors files, never holding the fp32 "
                  "model (auto: past 4 GiB of fp32 weights)"),
-        arg("--recompute", action="store_true",
+        arg("--recompute", action="store_true", default=None,
             help="recompute each layer's activations in the backward pass instead of holding them: "
-                 "a fraction of the activation memory for about a third more compute per step"))),
+                 "a fraction of the activation memory for about a third more compute per step (default: as "
+                 "prepare's --device plan chose)"),
+        arg("--no-recompute", dest="recompute", action="store_false", help="hold the activations"))),
     Command("train", cmd_train, (
         arg("workspace"), arg("--data", required=True, help="training JSONL"),
         arg("--eval-data", help="validation JSONL (default: --val-fraction of --data)"),
@@ -361,7 +363,11 @@ COMMANDS: tuple[Command, ...] = (
         arg("--seed", type=_int_or), arg("--eval-every", type=_int_or), arg("--save-every", type=_int_or),
         arg("--keep-last", type=_int_or), arg("--max-grad-norm", type=float),
         arg("--resume", action="store_true", help="continue from the latest checkpoint"),
-        arg("--backend", choices=("ort", "torch")), arg("--ep", choices=("cpu", "cuda")))),
+        arg("--backend", choices=("ort", "torch")), arg("--ep", choices=("cpu", "cuda")),
+        arg("--recompute", action="store_true", default=None,
+            help="torch backend: recompute each layer's activations in the backward pass (default: as exported or "
+                 "as prepare's --device plan chose)"),
+        arg("--no-recompute", dest="recompute", action="store_false"))),
     Command("merge", cmd_merge, (
         arg("workspace"), arg("--checkpoint", default="best", help="best, last, or a step number"))),
     Command("package", cmd_package, (
@@ -401,8 +407,9 @@ COMMANDS: tuple[Command, ...] = (
         arg("--lora-r", type=_int_or), arg("--targets", help="comma-separated module names"),
         arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
         arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
-        arg("--base-precision", choices=quantize.CHOICES, default="fp32",
-            help="frozen base stored quantized (as `prepare --base-precision`)"),
+        arg("--base-precision", choices=quantize.CHOICES,
+            help="frozen base stored quantized (as `prepare --base-precision`; default: as prepared, or for a "
+                 "model folder what `prepare --device` picks)"),
         arg("--recompute", action="store_true", default=None,
             help="activations recomputed in the backward pass (as `export --recompute`; a workspace's own setting "
                  "is the default)"),

@@ -44,8 +44,9 @@ class ExportConfig:
                         "'stream' reads one tensor at a time from the safetensors files (the PyTorch reference then "
                         "holds one decoder layer at a time); 'auto' streams past 4 GiB of fp32 weights", "auto",
                         choices=("auto", "load", "stream"))
-    recompute: bool = spec("recompute each layer's activations in the backward pass instead of holding them "
-                           "(about a third more compute per step, a fraction of the activation memory)", False)
+    recompute: bool | None = spec("recompute each layer's activations in the backward pass instead of holding them "
+                                  "(about a third more compute per step, a fraction of the activation memory); "
+                                  "default: as prepare's device plan chose (off without a device)", None)
 
 
 class VerificationError(EdgeftError):
@@ -98,6 +99,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
             quantize.fake_quantize_(peft_model, quant)
         reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
     trainable, frozen = onnx_export.parameter_names(wrapper)
+    recompute = cfg.recompute if cfg.recompute is not None else bool((prep.get("plan") or {}).get("recompute"))
     n_trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in wrapper.parameters()}.values())
 
@@ -132,7 +134,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         log = ws.root / "logs" / "export-runtime.log"
         generated = launcher.run("edgeft.trainer.artifacts:generate", {
             "model": str(tmp / "slim_model.onnx"), "out": str(tmp), "requires_grad": trainable,
-            "recompute": cfg.recompute, "data_inputs": list(onnx_export.INPUT_NAMES),
+            "recompute": recompute, "data_inputs": list(onnx_export.INPUT_NAMES),
             "nominal_checkpoint": cfg.nominal_checkpoint, "ort_format": cfg.ort_format},
             on_event=on_event, log_path=log, cwd=tmp)
         (tmp / "slim_model.onnx").unlink()

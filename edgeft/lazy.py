@@ -99,14 +99,14 @@ def placeholder(shape, key: str | None) -> torch.nn.Parameter:
     return p
 
 
-def load_(module: torch.nn.Module, shards: Shards, recurse: bool = True) -> int:
-    """Replace the placeholders in `module` (and, with `recurse`, its children) by the real weights. A
-    placeholder shared by several modules (tied embeddings) is loaded once and stays shared. Returns how
-    many tensors were read."""
+def load_(module: torch.nn.Module, shards: Shards, only: set[int] | None = None) -> int:
+    """Replace the placeholders in `module` and its children (those whose id is in `only`, if given) by the
+    real weights. A placeholder shared by several modules (tied embeddings) is loaded once and stays shared
+    within `module`. Returns how many tensors were read."""
     loaded: dict[int, torch.nn.Parameter] = {}
-    for sub in module.modules() if recurse else (module,):
+    for sub in module.modules():
         for pname, p in sub._parameters.items():
-            if p is None or not is_placeholder(p):
+            if p is None or not is_placeholder(p) or (only is not None and id(p) not in only):
                 continue
             if id(p) not in loaded:
                 real = torch.nn.Parameter(shards.read(getattr(p, KEY)), requires_grad=p.requires_grad)
@@ -116,9 +116,9 @@ def load_(module: torch.nn.Module, shards: Shards, recurse: bool = True) -> int:
     return len(loaded)
 
 
-def unload_(module: torch.nn.Module, recurse: bool = True) -> None:
+def unload_(module: torch.nn.Module) -> None:
     """Put the placeholders back where `load_` replaced them (the real weights are freed once unused)."""
-    for sub in module.modules() if recurse else (module,):
+    for sub in module.modules():
         for pname, p in sub._parameters.items():
             if p is not None and hasattr(p, PLACEHOLDER):
                 sub._parameters[pname] = getattr(p, PLACEHOLDER)
@@ -147,10 +147,8 @@ def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) 
     from edgeft import quantize
 
     layers = decoder_layers(model)
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    outside = [m for m in model.modules() if id(m) not in inside]
-    for m in outside:
-        load_(m, shards, recurse=False)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    load_(model, shards, only={id(p) for p in model.parameters() if id(p) not in inside})
     quantize.fake_quantize_(model, quant or {"precision": "fp32"})  # the layers are still placeholders: skipped
 
     def wrap(layer: torch.nn.Module):
@@ -178,5 +176,4 @@ def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) 
     finally:
         for layer in layers:
             del layer.forward  # the instance attribute: the class's forward is back
-        for m in outside:
-            unload_(m, recurse=False)
+        unload_(model)

@@ -33,14 +33,15 @@ from edgeft.errors import EdgeftError
 # precision; its fp32 input embedding is memory-mapped and only the rows in use are resident. Checked on the
 # real-width slice, 4 layers, int4, batch 1 x 256 (results/quantized_base.md): predicted 2.15 / 1.43 GB,
 # measured 1.92 / 1.33 GB without / with recomputation; so a fit, not a check.
-# The torch backend holds the fp32 model with the dequantized values: `dequant_held` x all quantized weights.
+# The torch backend holds a quantized base quantized too (torch_base.QuantizedLinear) and dequantizes inside
+# each matmul; its temporaries (unpacked codes, then values) are `dequant_live` x the largest weight's fp32 size.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
             "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 0.0,
             "dequant_live": {"int8": 1.0, "int4": 1.0}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
-              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 1.0,
-              "dequant_live": {"int8": 0.0, "int4": 0.0}},
+              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 0.0,
+              "dequant_live": {"int8": 2.0, "int4": 3.0}},
 }
 ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
@@ -162,7 +163,7 @@ class Run:
     train_modules: tuple[str, ...] = ()
     backend: str = "ort"
     base_precision: str = "fp32"
-    recompute: bool = False  # export --recompute: each layer's activations recomputed in the backward pass (ORT)
+    recompute: bool = False  # each layer's activations recomputed in the backward pass (ORT: export --recompute)
 
 
 @dataclass(frozen=True)
@@ -200,13 +201,13 @@ class Plan:
 
 
 def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str, recompute: bool = False) -> float:
-    """Saved activations. With recomputation (ORT only, recompute.py) every layer keeps its input (fp32 hidden
-    state) and one layer's activations are alive at a time."""
+    """Saved activations. With recomputation (ORT: recompute.py; torch: checkpointing per decoder layer) every
+    layer keeps its input (fp32 hidden state) and one layer's activations are alive at a time."""
     c = CALIBRATION[backend]
     kv_dim = shape.kv_heads * shape.hidden // shape.heads
     width = (shape.hidden + 2 * kv_dim) / 3
     layer = c["act_width"] * (width + shape.ffn) + c["act_attn"] * shape.heads * seq_len
-    if recompute and backend == "ort":
+    if recompute:
         per_token = layer + shape.layers * 4 * shape.hidden + c["act_vocab"] * shape.vocab
     else:
         per_token = shape.layers * layer + c["act_vocab"] * shape.vocab
@@ -221,8 +222,7 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
     frozen = quantized * PRECISION_BYTES[run.base_precision] + (base_params - quantized) * 4
     if run.base_precision != "fp32" and run.backend == "ort" and not shape.tied:
         frozen -= embed * 4  # memory-mapped from base.data: only the rows of the batch's tokens are ever read
-    # The torch backend holds fp32 weights with the dequantized values (a reference, not a memory saver);
-    # ORT dequantizes each weight at its use (see CALIBRATION).
+    # Both backends dequantize each weight at its use (see CALIBRATION).
     dequantized = 0.0 if run.base_precision == "fp32" else 4 * (c["dequant_held"] * quantized
                                                                  + c["dequant_live"][run.base_precision] * largest_linear)
     return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
@@ -236,7 +236,7 @@ def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflop
     tokens = run.seq_len * run.batch_size
     matmuls = tokens * training_flops_per_token(matmul, trainable)
     attention = tokens * 4.0 * 3 * shape.layers * shape.hidden * run.seq_len  # QK^T and PV, forward + backward
-    if run.recompute and run.backend == "ort":  # the forward pass runs twice: 2M of the 6M per token again
+    if run.recompute:  # the forward pass runs twice: 2M of the 6M per token again
         matmuls, attention = matmuls * 4 / 3, attention * 4 / 3
     seconds = (matmuls / (peak_gflops * 1e9 * c["efficiency"]) + attention / (peak_gflops * 1e9 * c["attn_efficiency"])
                + c["layer_overhead_s"] * shape.layers)
@@ -261,6 +261,28 @@ def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | No
                 budget_bytes=profile.memory_budget_bytes if profile else None, flops_per_step=flops,
                 step_s=seconds, tokens_per_s=tokens / seconds if seconds else 0.0, peak_gflops=peak or 0.0,
                 compute=compute)
+
+
+CHOICE_SEQ_LEN = 256  # the run a profile's defaults are picked for: batch 1 x this many tokens
+
+
+def choose(model_dir: Path, run: Run, profile: Profile, base_precision: str | None = None,
+           recompute: bool | None = None) -> Plan:
+    """The run a profile trains when the base precision or recomputation is not given (None): the first of
+    fp32; fp32 with recomputed activations; the precision the profile packages (the base the app ships);
+    that with recomputation, that fits the budget. Returns the first plan that fits, or the leanest if none
+    does."""
+    shipped = profile.quantization.precision
+    precisions = [base_precision] if base_precision else ["fp32"] + ([shipped] if shipped in ("int8", "int4") else [])
+    recomputes = [recompute] if recompute is not None else [False, True]
+    trainable = None
+    for precision in precisions:
+        for again in recomputes:
+            p = make(model_dir, dataclasses.replace(run, base_precision=precision, recompute=again), profile, trainable)
+            trainable = p.trainable
+            if p.fits:
+                return p
+    return p
 
 
 def largest_fit(model_dir: Path, run: Run, profile: Profile, trainable: int) -> tuple[int, int] | None:
@@ -316,9 +338,11 @@ def estimate_time(tokens: int, base_params: int, profile: Profile, trainable_par
 
 def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
-               train_modules: list[str] | None = None, base_precision: str = "fp32", recompute: bool | None = None) -> Plan:
-    """A plan for a model folder or a prepared workspace (whose LoRA settings, base precision and, once
-    exported, recomputation are the defaults here)."""
+               train_modules: list[str] | None = None, base_precision: str | None = None,
+               recompute: bool | None = None) -> Plan:
+    """A plan for a model folder or a prepared workspace (whose LoRA settings, base precision and
+    recomputation are the defaults here). For a model folder, what is not given is what `prepare --device`
+    would pick (`choose`)."""
     target = Path(target)
     trainable = None
     if (target / "manifest.json").is_file() and not (target / "config.json").is_file():
@@ -331,18 +355,21 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
         if lora_r is None and targets is None and train_modules is None:
             trainable = prep["params"]["trainable"]
         lora_r = lora_r or c["lora_r"]
-        base_precision = c.get("base_precision", base_precision)
+        base_precision = c.get("base_precision") or "fp32"
         targets = targets or prep["targets"]
         train_modules = train_modules if train_modules is not None else c["train_modules"]
-        if recompute is None and "export" in stages:
-            recompute = bool(stages["export"]["config"].get("recompute", False))
+        if recompute is None:  # as exported, or as prepare's plan chose
+            recompute = bool(stages["export"].get("recompute") if "export" in stages
+                             else (prep.get("plan") or {}).get("recompute"))
     else:
         model_dir = target
     if backend is None:
         backend = profile.execution_providers.training_backend if profile else "ort"
     run = Run(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r or 16, targets=tuple(targets or ()),
-              train_modules=tuple(train_modules or ()), backend=backend, base_precision=base_precision,
+              train_modules=tuple(train_modules or ()), backend=backend, base_precision=base_precision or "fp32",
               recompute=bool(recompute))
+    if profile is not None and (base_precision is None or recompute is None):
+        return choose(model_dir, run, profile, base_precision, recompute)
     return make(model_dir, run, profile, trainable)
 
 
@@ -362,10 +389,11 @@ def advice(p: Plan, profile: Profile) -> str:
                 f"exceed the {_gb(p.budget_bytes)} budget; use a smaller model"
                 + ("" if m.dequantized else " or a quantized base"))
     seq, batch = best
-    if p.run.backend == "ort" and not p.run.recompute:
+    if not p.run.recompute:
         lean = dataclasses.replace(p.run, recompute=True)
         if make(p.model_dir, lean, profile, p.trainable).fits:
-            return "it fits with recomputed activations (`edgeft export WS --recompute`, about a third more compute)"
+            how = "`edgeft export WS --recompute`" if p.run.backend == "ort" else "`edgeft train WS --recompute`"
+            return f"it fits with recomputed activations ({how}, about a third more compute)"
     if seq < p.run.seq_len:
         return f"the longest sequence that fits is {seq} tokens at batch 1 (use --seq-len {seq} --batch-size 1)"
     accum = -(-p.run.batch_size // batch)

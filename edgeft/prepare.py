@@ -32,8 +32,9 @@ class PrepareConfig:
     train_modules: list[str] = spec("whole modules to train as well (PEFT modules_to_save): lm_head, embed_tokens",
                                     default_factory=list)
     trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
-    base_precision: str = spec("frozen base stored as fp32, int8 (per channel) or int4 (the int4 bundle's blocks), "
-                               "dequantized in the graph", "fp32", choices=quantize.CHOICES)
+    base_precision: str | None = spec("frozen base stored as fp32, int8 (per channel) or int4 (the int4 bundle's "
+                                      "blocks), dequantized in the graph; default: with a device profile, the one "
+                                      "its plan picks (plan.choose), fp32 without", None, choices=quantize.CHOICES)
     int4_block_size: int = spec("int4 base: block size along the input dimension (the device profile's when one "
                                 "is given)", 32, choices=quantize.INT4_BLOCK_SIZES)
     int4_symmetric: bool = spec("int4 base: symmetric blocks (the device profile's when one is given)", True)
@@ -129,6 +130,18 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     check_out_dir(out)
     config = families.read_config(model_dir)
     family = families.detect(config, model_dir)
+    chosen, picked = None, cfg.base_precision is None
+    if device is not None:
+        from edgeft import plan
+
+        run = plan.Run(seq_len=min(plan.CHOICE_SEQ_LEN, max_train_seq_len(config)), batch_size=1, lora_r=cfg.lora_r,
+                       targets=tuple(cfg.targets or family.default_targets), train_modules=tuple(cfg.train_modules),
+                       backend=device.execution_providers.training_backend)
+        chosen = plan.choose(model_dir, run, device, cfg.base_precision)
+        if plan.largest_fit(model_dir, chosen.run, device, chosen.trainable) is None:
+            plan.require_fit(chosen, device, "this model")
+        cfg = dataclasses.replace(cfg, base_precision=chosen.run.base_precision)
+    cfg = dataclasses.replace(cfg, base_precision=cfg.base_precision or "fp32")
     quantize.check(cfg.base_precision)
     if device is not None and cfg.base_precision == "int4":  # train against the blocks this profile's bundle ships
         cfg = dataclasses.replace(cfg, int4_block_size=device.quantization.block_size,
@@ -146,18 +159,13 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     if bad_tokens:
         raise EdgeftError(f"trainable_token_indices {bad_tokens} are outside the vocabulary (size {vocab})")
 
-    if device is not None:
-        from edgeft import plan
-
-        p = plan.make(model_dir, plan.Run(seq_len=min(512, max_train_seq_len(config)), batch_size=1,
-                                          lora_r=cfg.lora_r, targets=tuple(cfg.targets or family.default_targets),
-                                          train_modules=tuple(cfg.train_modules), base_precision=cfg.base_precision,
-                                          backend=device.execution_providers.training_backend), device)
-        if plan.largest_fit(model_dir, p.run, device, p.trainable) is None:
-            plan.require_fit(p, device, "this model")
-        print(f"plan for {device.name}: peak {p.memory.total / 1e9:.2f} GB at batch 1 x {p.run.seq_len} tokens "
-              f"(budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.0f} tokens/s; "
-              f"`edgeft plan {out} --device {device.name}` for other settings")
+    if chosen is not None:
+        p = chosen
+        how = "picked to fit" if picked else "given"
+        print(f"plan for {device.name}: {p.run.base_precision} base ({how})"
+              f"{', activations recomputed' if p.run.recompute else ''}, peak {p.memory.total / 1e9:.2f} GB at batch 1 x "
+              f"{p.run.seq_len} tokens (budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.1f} "
+              f"tokens/s; `edgeft plan {out} --device {device.name}` for other settings")
     base, shards = lazy.empty_model(model_dir, cfg.trust_remote_code)  # LoRA's init needs shapes, not weights
     targets = list(cfg.targets or family.default_targets)
     linears = linear_names(base)
@@ -169,10 +177,10 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     missing = [m for m in cfg.train_modules if m not in modules]
     if missing:
         raise EdgeftError(f"--train-modules {missing} not found; try lm_head or embed_tokens")
-    for name, module in base.named_modules():  # copied by PEFT (modules_to_save, trainable token rows): real
-        part = name.rsplit(".", 1)[-1]
-        if part in cfg.train_modules or (cfg.trainable_token_indices and module is base.get_input_embeddings()):
-            lazy.load_(module, shards)
+    copied = [m for name, m in base.named_modules()  # copied by PEFT (modules_to_save, token rows): real weights
+              if name.rsplit(".", 1)[-1] in cfg.train_modules
+              or (cfg.trainable_token_indices and m is base.get_input_embeddings())]
+    lazy.load_(base, shards, only={id(p) for m in copied for p in m.parameters()})  # once, so tied ones stay tied
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(base, lora_config(cfg, family))
     if cfg.dora:
@@ -193,6 +201,9 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
         "targets": targets, "num_hidden_layers": n_layers, "vocab_size": vocab,
         "max_seq_len": max_train_seq_len(config), "device": getattr(device, "name", None),
         "params": {"trainable": trainable, "total": total, "base": total - trainable},
+        "plan": None if chosen is None else {
+            "base_precision": chosen.run.base_precision, "precision_picked": picked, "recompute": chosen.run.recompute,
+            "seq_len": chosen.run.seq_len, "peak_bytes": round(chosen.memory.total), "fits": chosen.fits},
         "seconds": round(time.time() - started, 2),
     })
     return out

@@ -19,15 +19,12 @@ OPTIMIZER = "optimizer.pt"
 
 class TorchEngine:
     def __init__(self, model_dir: Path, adapter_init: Path, cfg: dict, resume: Path | None = None):
-        from peft import PeftModel
-
-        from edgeft.prepare import load_base
+        from edgeft import torch_base
 
         torch.manual_seed(int(cfg["seed"]))
-        from edgeft import quantize
-
-        model = PeftModel.from_pretrained(load_base(model_dir), adapter_init, is_trainable=True)
-        quantize.fake_quantize_(model, cfg.get("base_quant", {"precision": "fp32"}))
+        model = torch_base.load(model_dir, adapter_init, cfg.get("base_quant", {"precision": "fp32"}))
+        if cfg.get("recompute"):  # one decoder layer's activations at a time, recomputed in the backward pass
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.wrapper = CausalLMLoss(model)
         self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
         # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.

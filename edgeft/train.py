@@ -48,6 +48,9 @@ class TrainConfig:
     max_grad_norm: float | None = spec("clip the gradient norm (none: no clipping)", 1.0, gt=0)
     backend: str = spec("ort: ONNX Runtime training; torch: PEFT + torch AdamW", "ort", choices=("ort", "torch"))
     ep: str = spec("execution provider of the ORT backend", "cpu", choices=("cpu", "cuda"))
+    recompute: bool | None = spec("recompute each decoder layer's activations in the backward pass (torch backend: "
+                                  "checkpointing; the ORT backend recomputes as exported); default: as the "
+                                  "workspace was exported, or as prepare's device plan chose", None)
 
     def __post_init__(self):
         problems: list[str] = []
@@ -150,6 +153,16 @@ def _identity(ws: Workspace, backend: str) -> str:
     return prep["finished_at"]
 
 
+def _recompute(ws: Workspace, cfg: TrainConfig) -> bool:
+    exported = ws.stage("export")
+    default = bool(exported.get("recompute") if exported else (ws.stage("prepare").get("plan") or {}).get("recompute"))
+    if cfg.backend == "ort" and cfg.recompute is not None and cfg.recompute != bool(exported.get("recompute")):
+        flag = "--recompute" if cfg.recompute else "--no-recompute"
+        raise EdgeftError(f"{flag}: the ORT backend recomputes as its artifacts were exported; run "
+                          f"`edgeft export {ws.root} {flag}` first")
+    return default if cfg.recompute is None else cfg.recompute
+
+
 def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
           device=None, resume: bool = False) -> dict:
     ws = Workspace(ws_path)
@@ -173,9 +186,11 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         except EdgeftError:
             print(f"train: the profile {prep['device']!r} used at prepare is not found; pass --device to check the "
                   "run against its budget")
+    recompute = _recompute(ws, cfg)
     if device:
         longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
-        p = plan.for_target(ws.root, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend)
+        p = plan.for_target(ws.root, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend,
+                            recompute=recompute)
         plan.require_fit(p, device, f"training (longest sample {longest} tokens)")
     out = ws.root / "train"
     root = out / "checkpoints"
@@ -205,7 +220,7 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         for stale in (out / "metrics.jsonl", root / "best.json"):
             stale.unlink(missing_ok=True)
     args = {
-        "config": dataclasses.asdict(cfg) | {"base_quant": quantize.settings(prep["config"])},
+        "config": dataclasses.asdict(cfg) | {"base_quant": quantize.settings(prep["config"]), "recompute": recompute},
         "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
         "checkpoints": str(root), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
         "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,

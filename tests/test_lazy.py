@@ -93,11 +93,12 @@ def test_sharded_folder_and_missing_weights(tiny_model, tmp_path):
         lazy.empty_model(broken)
 
 
-def test_streamed_export_writes_the_artifacts_loading_writes(tiny_model, tmp_path):
+@pytest.mark.parametrize("family", ["phi3-mini-4k", "qwen2.5"])  # qwen2.5: the LM head is the embedding
+def test_streamed_export_writes_the_artifacts_loading_writes(tiny_model, tmp_path, family):
     """export --weights stream (never holding the fp32 model) and --weights load write the same bytes."""
     from edgeft.export import ExportConfig, export
 
-    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=4, base_precision="int4"),
+    ws = prepare(PrepareConfig(model_dir=str(tiny_model(family)), lora_r=4, base_precision="int4"),
                  tmp_path / "stream")
     shutil.copytree(ws, tmp_path / "load")
     export(tmp_path / "stream", ExportConfig(weights="stream"))
