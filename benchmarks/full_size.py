@@ -146,13 +146,61 @@ def main() -> None:
               "prepare": {k: manifest["prepare"][k] for k in ("params", "plan", "seconds")},
               "export": {k: manifest["export"][k] for k in ("weights", "verification", "timing_s", "memory_mb",
                                                            "recompute", "base_weights")},
-              "train": manifest["train"],
+              "train": {k: manifest["train"][k] for k in ("step", "best_eval_loss", "tokens_seen", "tokens_per_s",
+                                                          "peak_rss_mb", "wall_s")}
+              | {"losses": [r["loss"] for r in map(json.loads, (ws / "train" / "metrics.jsonl").read_text().splitlines())
+                            if r["event"] == "progress"]},
               "bench": json.loads((ws / "bench" / "bench.json").read_text())["training"]}
     report.save(Path(args.out), "full_size", result, markdown)
 
 
-def markdown(result: dict) -> str:
-    return "```\n" + json.dumps(result, indent=1)[:20000] + "\n```\n"
+def markdown(r: dict) -> str:
+    gib = 2**30
+    plan, here, export, bench = r["plan"], r["plan_here"], r["export"], r["bench"]
+    mem = export["memory_mb"]
+    lines = [f"# Full-size Phi-3-mini, int4 base: prepare, export, train ({r['date']})", "",
+             f"{r['model']}; 3.82 B frozen parameters, LoRA r16 on every Linear of the 32 layers. Measured on "
+             f"{r['machine']}, 24 GiB, each stage its own process as a user runs it; peaks are the largest "
+             "process of each stage (getrusage). `python benchmarks/full_size.py`.", "",
+             "| stage | wall time | peak RSS | limit |", "|---|---|---|---|"]
+    limits = {"export": f"{EXPORT_CEILING_GB:g} GB", "train": "8 GB", "bench": "8 GB"}
+    for s in r["stages"]:
+        lines.append(f"| {s['stage']} | {s['seconds']:.0f} s | {s['peak_gib']:.2f} GiB "
+                     f"({s['peak_gib'] * gib / 1e9:.2f} GB) | {limits.get(s['stage'], '')} |")
+    lines += ["", "Export, step by step (its own record; the PyTorch reference and the trace run in the export "
+              f"process, the rest in the training runtime): weights `{export['weights']}`, recomputation "
+              f"{'on' if export['recompute'] else 'off'} ({r['prepare']['plan']['base_precision']} base and "
+              f"recomputation picked by `prepare --device {r['device']}`).", "",
+              "| step | seconds | peak RSS |", "|---|---|---|"]
+    t = export["timing_s"]
+    for step, secs, peak in (("PyTorch reference: loss and LoRA gradients, one layer loaded at a time", t["reference"],
+                              mem["torch_export_peak_rss"]),
+                             ("trace (placeholder weights)", t["trace"], mem["torch_export_peak_rss"]),
+                             ("weights streamed into base.data, int4", t["externalize"], mem["externalize_peak_rss"]),
+                             ("generate_artifacts + recomputation", t["generate_artifacts"],
+                              mem["generate_artifacts_peak_rss"]),
+                             ("verify (training session, probe batch)", t["verify"], mem["verify_peak_rss"])):
+        lines.append(f"| {step} | {secs:.0f} | {peak / 1024:.2f} GiB |")
+    v = export["verification"]
+    lines += ["", f"Verification against PEFT (the same int4 base, fake-quantized, one layer resident at a time): "
+              f"ORT loss {v['ort_eval_loss']:.6f} vs PyTorch {v['torch_loss']:.6f} (relative "
+              f"{v['relative_difference']:.1e}), LoRA gradients relative error "
+              f"{v['gradient_relative_error']:.1e}. base.data {export['base_weights']['bytes'] / gib:.2f} GiB.", "",
+              f"Training: `edgeft train` {r['train']['step']} steps on the sample task (batch 1, up to "
+              f"{r['seq_len']} tokens): losses {', '.join(f'{x:.3f}' for x in r['train']['losses'])}; peak "
+              f"{r['train']['peak_rss_mb'] / 1024:.2f} GiB.", "",
+              f"Full-length steps (`edgeft bench`, batch 1 x {bench['seq_len']}, median of "
+              f"{bench['step_s']['runs']}):", "",
+              "| | step | tokens/s | peak RSS | MFU |", "|---|---|---|---|---|",
+              f"| measured, this machine | {bench['step_s']['median']:.1f} s | {bench['tokens_per_s']['median']:.2f} | "
+              f"{bench['peak_rss_mb'] / 1024:.2f} GiB | {bench['mfu']:.1%} of {bench['peak_gflops']:.0f} GFLOP/s "
+              f"({r['here']}) |",
+              f"| planned, this machine ({r['here']}) | {here['step_s']:.1f} s | {here['tokens_per_s']:.2f} | "
+              f"{here['memory_bytes']['total'] / gib:.2f} GiB | |",
+              f"| planned, {r['device']} | {plan['step_s']:.1f} s | {plan['tokens_per_s']:.2f} | "
+              f"{plan['memory_bytes']['total'] / gib:.2f} GiB of {plan['budget_bytes'] / gib:.2f} | "
+              f"fits: {'yes' if plan['fits'] else 'no'} |", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

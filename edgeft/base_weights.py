@@ -95,7 +95,7 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict |
     dequant_nodes: list[onnx.NodeProto] = []
     # Quantized weights are graph inputs fed from base.data, not initializers: generate_artifacts would
     # constant-fold a DequantizeLinear of initializers straight back to fp32.
-    fed: list[tuple[str, np.ndarray, int]] = []
+    fed: list[tuple[str, np.dtype, tuple[int, ...], int]] = []  # (input, dtype, shape, offset): not the values
     dropped: set[str] = set()
     specs: dict[str, dict] = {}
 
@@ -127,7 +127,8 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict |
                 transposed += 1
                 if precision != "fp32":
                     spec, tensors = _quantize(name, array, quant)
-                    fed += [(tensor, value, append(f, value)) for tensor, value in tensors.items()]
+                    fed += [(tensor, value.dtype, value.shape, append(f, value)) for tensor, value in tensors.items()]
+                    del tensors
                     specs[name] = spec
                     dropped.add(init.name)
                     one = f"{name}/one"
@@ -155,10 +156,9 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict |
         del graph.initializer[:]
         graph.initializer.extend(kept)
     inputs = {}
-    for name, array, at in fed:
-        graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
-                                                         list(array.shape)))
-        inputs[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": at}
+    for name, dtype, shape, at in fed:
+        graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
+        inputs[name] = {"dtype": dtype.name, "shape": list(shape), "offset": at}
     return model, {"tensors": stored, "transposed": transposed, "quantized": quantized, "precision": precision,
                    "bytes": offset, "inputs": inputs, "quantized_weights": specs}
 

@@ -35,13 +35,18 @@ from edgeft.errors import EdgeftError
 # measured 1.92 / 1.33 GB without / with recomputation; so a fit, not a check.
 # The torch backend holds a quantized base quantized too (torch_base.QuantizedLinear) and dequantizes inside
 # each matmul; its temporaries (unpacked codes, then values) are `dequant_live` x the largest weight's fp32 size.
+# A quantized base costs time too: every use dequantizes its weight (once in the forward pass, once more in
+# the backward pass, and again when recomputed), a chain of element-wise ops that runs at memory speed:
+# `dequant_bytes` of traffic per value and pass, against the profile's bandwidth. Fitted on the slice
+# (results/quantized_base.md: int8 +2.28 s, int4 +3.45 s over fp32 for two passes over 0.55 B values at
+# 21 GB/s). The torch backend's chain (torch_base.py) is assumed to cost the same: not measured.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
             "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 0.0,
-            "dequant_live": {"int8": 1.0, "int4": 1.0}},
+            "dequant_live": {"int8": 1.0, "int4": 1.0}, "dequant_bytes": {"int8": 43.6, "int4": 66.0}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
               "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 0.0,
-              "dequant_live": {"int8": 2.0, "int4": 3.0}},
+              "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 66.0}},
 }
 ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
@@ -194,6 +199,7 @@ class Plan:
     tokens_per_s: float
     peak_gflops: float
     compute: str
+    dequant_s: float = 0.0  # of step_s: dequantizing a quantized base
 
     @property
     def fits(self) -> bool | None:
@@ -230,8 +236,18 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
                   runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
 
 
+def dequant_seconds(shape: Shape, run: Run, matmul: int, bandwidth_gbs: float) -> float:
+    """Time per step spent dequantizing a quantized base (see CALIBRATION). `matmul`: the matmul parameters,
+    all stored quantized but an LM head tied to the (fp32) embedding."""
+    if run.base_precision == "fp32":
+        return 0.0
+    quantized = matmul - (shape.vocab * shape.hidden if shape.tied else 0)
+    passes = 3 if run.recompute else 2
+    return quantized * passes * CALIBRATION[run.backend]["dequant_bytes"][run.base_precision] / (bandwidth_gbs * 1e9)
+
+
 def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflops: float) -> tuple[float, float]:
-    """(FLOPs per step, predicted seconds per step)."""
+    """(FLOPs per step, predicted seconds per step of compute)."""
     c = CALIBRATION[run.backend]
     tokens = run.seq_len * run.batch_size
     matmuls = tokens * training_flops_per_token(matmul, trainable)
@@ -253,14 +269,17 @@ def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | No
         trainable = trainable_params(model_dir, targets, run.lora_r, list(run.train_modules))
     base = safetensors_params(model_dir)  # a trained whole module is a copy: PEFT keeps the original, frozen
     peak, compute = peak_gflops(profile) if profile else (None, "no profile")
-    flops, seconds = step_seconds(shape, run, matmul_params(model_dir), trainable, peak) if peak else (0.0, 0.0)
+    matmul = matmul_params(model_dir)
+    flops, seconds = step_seconds(shape, run, matmul, trainable, peak) if peak else (0.0, 0.0)
+    dequant = dequant_seconds(shape, run, matmul, profile.memory.bandwidth_gbs.value) if peak else 0.0
+    seconds += dequant
     tokens = run.seq_len * run.batch_size
     largest = max((r * c for r, c in linear_shapes(model_dir).values()), default=0)
     return Plan(model_dir=model_dir, shape=shape, run=run, base_params=base, trainable=trainable,
                 memory=memory(shape, run, base, trainable, largest),
                 budget_bytes=profile.memory_budget_bytes if profile else None, flops_per_step=flops,
                 step_s=seconds, tokens_per_s=tokens / seconds if seconds else 0.0, peak_gflops=peak or 0.0,
-                compute=compute)
+                compute=compute, dequant_s=dequant)
 
 
 CHOICE_SEQ_LEN = 256  # the run a profile's defaults are picked for: batch 1 x this many tokens
@@ -417,8 +436,9 @@ def render(p: Plan, profile: Profile | None) -> str:
         lines.append(f"  {label:<31} {_gb(value):>10}")
     if profile:
         lines.append(f"step time: {p.step_s:.3g} s ({p.flops_per_step / 1e12:.3g} TFLOP at "
-                     f"{CALIBRATION[p.run.backend]['efficiency']:.0%} of {p.peak_gflops:g} GFLOP/s, {p.compute}) "
-                     f"-> {p.tokens_per_s:,.0f} tokens/s")
+                     f"{CALIBRATION[p.run.backend]['efficiency']:.0%} of {p.peak_gflops:g} GFLOP/s, {p.compute}"
+                     + (f"; {p.dequant_s:.3g} s of it dequantizing the {p.run.base_precision} base" if p.dequant_s else "")
+                     + f") -> {p.tokens_per_s:,.1f} tokens/s")
         b = profile.budgets
         if b and b.train_tokens_per_s:
             ok = p.tokens_per_s >= b.train_tokens_per_s.value
@@ -432,7 +452,7 @@ def to_dict(p: Plan, profile: Profile | None) -> dict:
     out = {"shape": dataclasses.asdict(p.shape), "run": dataclasses.asdict(p.run), "base_params": p.base_params,
            "trainable_params": p.trainable, "memory_bytes": {**dataclasses.asdict(p.memory), "total": p.memory.total},
            "budget_bytes": p.budget_bytes, "fits": p.fits, "flops_per_step": p.flops_per_step, "step_s": p.step_s,
-           "tokens_per_s": p.tokens_per_s, "peak_gflops": p.peak_gflops, "compute": p.compute,
+           "tokens_per_s": p.tokens_per_s, "dequant_s": p.dequant_s, "peak_gflops": p.peak_gflops, "compute": p.compute,
            "device": profile.name if profile else None, "model_dir": str(p.model_dir)}
     if profile and not p.fits:
         best = largest_fit(p.model_dir, p.run, profile, p.trainable)
