@@ -48,7 +48,6 @@ CALIBRATION = {
               "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 0.0,
               "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 66.0}},
 }
-ASSUMED_EFFICIENCY = CALIBRATION["ort"]["efficiency"]
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
 PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 32}
 
@@ -328,16 +327,6 @@ def training_flops_per_token(matmul: int, trainable_params: int = 0) -> float:
     return 4.0 * matmul + 2.0 * trainable_params
 
 
-@dataclass(frozen=True)
-class TimeEstimate:
-    tokens: int
-    flops: float
-    peak_gflops: float
-    efficiency: float
-    seconds: float
-    compute: str
-
-
 def peak_gflops(profile: Profile) -> tuple[float, str]:
     eps = profile.execution_providers.training
     gpus = [a for a in profile.accelerators if a.kind == "gpu" and a.fp32_tflops]
@@ -346,11 +335,19 @@ def peak_gflops(profile: Profile) -> tuple[float, str]:
     return profile.cpu.peak_fp32_gflops.value, f"{profile.cpu.model} fp32"
 
 
-def estimate_time(tokens: int, base_params: int, profile: Profile, trainable_params: int = 0,
-                  efficiency: float = ASSUMED_EFFICIENCY) -> TimeEstimate:
-    flops = tokens * training_flops_per_token(base_params, trainable_params)  # base_params: matmul parameters
-    peak, compute = peak_gflops(profile)
-    return TimeEstimate(tokens, flops, peak, efficiency, flops / (peak * 1e9 * efficiency), compute)
+def epoch_estimate(model_dir: Path, profile: Profile, lengths) -> dict:
+    """Time per epoch over samples of `lengths` tokens on `profile`, as `prepare --device` would set the run up
+    (`choose`): batches of the largest size that fits at the longest sample, each step priced as the plan
+    prices a full batch of that length (the trainer pads a batch to its longest row)."""
+    longest = int(max(lengths))
+    p = for_target(Path(model_dir), profile, seq_len=longest, batch_size=1)
+    best = largest_fit(p.model_dir, p.run, profile, p.trainable)
+    batch = best[1] if best and best[0] >= longest else 1
+    p = make(p.model_dir, dataclasses.replace(p.run, batch_size=batch), profile, p.trainable)
+    steps = -(-len(lengths) // batch)
+    return {"device": profile.name, "seconds_per_epoch": round(steps * p.step_s, 1), "steps": steps,
+            "batch_size": batch, "seq_len": longest, "step_s": p.step_s, "base_precision": p.run.base_precision,
+            "recompute": p.run.recompute, "backend": p.run.backend, "fits": p.fits, "compute": p.compute}
 
 
 # -- the `plan` command and the checks prepare and train make ---------------------------------------------

@@ -21,14 +21,14 @@ def test_clean_sample_data_exits_0_with_statistics(tiny_model):
     assert report["tokens_per_epoch"] == t["total"]
     est = report["estimate"]
     assert est["device"] == "raspberry-pi-5-8gb" and est["seconds_per_epoch"] > 0
-    # 4 * M FLOPs per token (M: matmul parameters, the embedding lookup excluded) at the assumed
-    # efficiency against the Pi's 153.6 GFLOP/s; tiny phi3: 320 x 64 embedding, untied
-    from edgeft import plan
+    # Steps of the largest batch that fits at the longest sample, each priced by the plan for that batch.
+    from edgeft import devices, plan
 
-    matmul = plan.matmul_params(tiny_model("phi3-mini-4k"))
-    assert matmul == est["base_params"] - 320 * 64
-    expected = report["tokens_per_epoch"] * 4 * matmul / (153.6e9 * est["assumed_efficiency"])
-    assert abs(est["seconds_per_epoch"] - expected) < 0.1
+    assert est["seq_len"] == t["max"] and est["steps"] == -(-150 // est["batch_size"])
+    priced = plan.make(tiny_model("phi3-mini-4k"), plan.Run(seq_len=t["max"], batch_size=est["batch_size"],
+                                                             backend="torch"), devices.load("raspberry-pi-5-8gb"))
+    assert est["step_s"] == priced.step_s and priced.fits
+    assert abs(est["seconds_per_epoch"] - est["steps"] * priced.step_s) < 0.1
 
 
 def test_problems_exit_1_by_kind_with_lines(tiny_model, tmp_path):

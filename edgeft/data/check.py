@@ -43,13 +43,7 @@ def check(path: Path, model_dir: Path, seq_len: int = 512, profile=None, train_o
     if profile is not None and len(kept):
         from edgeft import plan
 
-        params = plan.safetensors_params(model_dir)
-        est = plan.estimate_time(int(kept.sum()), plan.matmul_params(model_dir), profile)
-        report["estimate"] = {
-            "device": profile.name, "base_params": params, "seconds_per_epoch": round(est.seconds, 1),
-            "flops_per_epoch": est.flops, "peak_gflops": est.peak_gflops, "compute": est.compute,
-            "assumed_efficiency": est.efficiency,
-        }
+        report["estimate"] = plan.epoch_estimate(model_dir, profile, kept)
     report["clean"] = not problems and not over and not duplicates
     return report
 
@@ -93,8 +87,9 @@ def render(report: dict) -> str:
     e = report["estimate"]
     if e:
         lines.append(f"  estimated time per epoch on {e['device']}: {_duration(e['seconds_per_epoch'])} "
-                     f"({e['base_params'] / 1e6:.1f} M parameters, {e['compute']} peak {e['peak_gflops']:g} GFLOP/s "
-                     f"at an assumed {e['assumed_efficiency']:.0%})")
+                     f"({e['steps']:,} steps of batch {e['batch_size']} x {e['seq_len']} tokens at {e['step_s']:.3g} s, "
+                     f"{e['backend']} backend, {e['base_precision']} base"
+                     f"{', recomputed' if e['recompute'] else ''}; `edgeft plan` for the breakdown)")
     lines.append("clean" if report["clean"] else "problems found")
     return "\n".join(lines)
 
