@@ -45,17 +45,17 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
     model_dir = Path(prep["config"]["model_dir"])
     if backend == "ort":
         ws.require("export", f"the ort backend benches exported artifacts; run `edgeft export {ws.root}`")
+    predicted = plan.for_target(ws.root, profile, seq_len, batch_size, backend=backend)
     tokens_path = work / "tokens.npy"
     np.save(tokens_path, _tokens(model_dir, data))
     args = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
             "tokens": str(tokens_path), "artifacts": str(ws.root / "artifacts"), "model_dir": str(model_dir),
             "adapter_init": str(ws.root / "adapter_init"),
-            "base_quant": quantize.settings(prep["config"])}
+            "base_quant": quantize.settings(prep["config"]), "recompute": predicted.run.recompute}
     result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.root / "logs" / "bench-train.log",
                           cwd=work, runtime_name="training" if backend == "ort" else "main")
     step = _stats(result["step_s"])
     tokens = batch_size * seq_len
-    predicted = plan.for_target(ws.root, profile, seq_len, batch_size, backend=backend)
     out = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "step_s": step,
            "tokens_per_s": _stats([tokens / s for s in result["step_s"]]),
            "peak_rss_mb": result["peak_rss_mb"],

@@ -39,14 +39,16 @@ from edgeft.errors import EdgeftError
 # the backward pass, and again when recomputed), a chain of element-wise ops that runs at memory speed:
 # `dequant_bytes` of traffic per value and pass, against the profile's bandwidth. Fitted on the slice
 # (results/quantized_base.md: int8 +2.28 s, int4 +3.45 s over fp32 for two passes over 0.55 B values at
-# 21 GB/s). The torch backend's chain (torch_base.py) is assumed to cost the same: not measured.
+# 21 GB/s). The torch backend's int4 chain (torch_base.py) runs more ops: 107, fitted on the same slice
+# without recomputation (8.66 s per step) and checked with it (predicted 12.5 s, measured 12.8 s; peaks
+# predicted 2.88 / 2.36 GB, measured 2.70 / 2.39 GB). Its int8 figure is the ORT one: not measured.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
             "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 0.0,
             "dequant_live": {"int8": 1.0, "int4": 1.0}, "dequant_bytes": {"int8": 43.6, "int4": 66.0}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
               "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 0.0,
-              "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 66.0}},
+              "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 107.0}},
 }
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
 PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 32}
@@ -352,6 +354,15 @@ def epoch_estimate(model_dir: Path, profile: Profile, lengths) -> dict:
 
 # -- the `plan` command and the checks prepare and train make ---------------------------------------------
 
+def recomputed(stages: dict) -> bool:
+    """Whether a workspace's run recomputes activations: as exported (an explicit --recompute, or the record
+    of what export recomputed), or before export as prepare's device plan chose."""
+    exported = stages.get("export")
+    if exported:
+        return bool(exported["config"].get("recompute") or exported.get("recompute"))
+    return bool((stages["prepare"].get("plan") or {}).get("recompute"))
+
+
 def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
                train_modules: list[str] | None = None, base_precision: str | None = None,
@@ -374,9 +385,8 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
         base_precision = c.get("base_precision") or "fp32"
         targets = targets or prep["targets"]
         train_modules = train_modules if train_modules is not None else c["train_modules"]
-        if recompute is None:  # as exported, or as prepare's plan chose
-            recompute = bool(stages["export"].get("recompute") if "export" in stages
-                             else (prep.get("plan") or {}).get("recompute"))
+        if recompute is None:
+            recompute = recomputed(stages)
     else:
         model_dir = target
     if backend is None:

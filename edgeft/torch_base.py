@@ -75,12 +75,14 @@ def load(model_dir: Path, adapter_init: Path, quant: dict, trust_remote_code: bo
     model = PeftModel.from_pretrained(base, adapter_init, is_trainable=True)
     if quant["precision"] != "fp32":
         embedding = model.get_input_embeddings()
-        for name, module in list(model.named_modules()):
-            if (not isinstance(module, torch.nn.Linear) or any(k in name for k in quantize.TRAINED_PARTS)
-                    or not lazy.is_placeholder(module.weight) or module.weight is embedding.weight):
-                continue
+        names = [name for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and not any(k in name for k in quantize.TRAINED_PARTS)
+                 and lazy.is_placeholder(module.weight) and module.weight is not embedding.weight]
+        for name in names:  # by name: a list of the modules would keep each replaced fp32 Linear alive
+            module = model.get_submodule(name)
             lazy.load_(module, shards)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantizedLinear(module.weight, module.bias, quant))
+            del module
     lazy.load_(model, shards)  # the rest: embedding, norms (and everything, with an fp32 base)
     return model

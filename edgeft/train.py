@@ -154,9 +154,8 @@ def _identity(ws: Workspace, backend: str) -> str:
 
 
 def _recompute(ws: Workspace, cfg: TrainConfig) -> bool:
-    exported = ws.stage("export")
-    default = bool(exported.get("recompute") if exported else (ws.stage("prepare").get("plan") or {}).get("recompute"))
-    if cfg.backend == "ort" and cfg.recompute is not None and cfg.recompute != bool(exported.get("recompute")):
+    default = plan.recomputed(ws.manifest()["stages"])
+    if cfg.backend == "ort" and cfg.recompute is not None and cfg.recompute != default:
         flag = "--recompute" if cfg.recompute else "--no-recompute"
         raise EdgeftError(f"{flag}: the ORT backend recomputes as its artifacts were exported; run "
                           f"`edgeft export {ws.root} {flag}` first")

@@ -38,7 +38,7 @@ def main(args: dict) -> dict:
         from edgeft.torch_engine import TorchEngine
 
         cfg = {"seed": 0, "lr": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0,
-               "base_quant": args["base_quant"]}
+               "base_quant": args["base_quant"], "recompute": args.get("recompute", False)}
         engine = TorchEngine(Path(args["model_dir"]), Path(args["adapter_init"]), cfg)
     steps = []
     for i, b in enumerate(_batches(tokens, batch, seq, runs + 1)):
