@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import shutil
 import time
@@ -67,6 +68,13 @@ def _unchanged(ws: Workspace, cfg: ExportConfig) -> dict | None:
     return record
 
 
+def _from_shards(shards: lazy.Shards, keys: dict[str, str], traced_dir: Path, init) -> np.ndarray:
+    """An initializer of a model traced without weights: a placeholder's values come from the shards."""
+    if init.name in keys:
+        return shards.read(keys[init.name]).numpy()
+    return base_weights.initializer_array(init, traced_dir)
+
+
 def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> Path:
     from peft import PeftModel
 
@@ -118,12 +126,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         np.savez(work / "probe.npz", **batch)
         t0 = time.time()
         rss.reset_peak()
-        read = None
-        if stream:
-            def read(init):
-                if init.name in keys:
-                    return shards.read(keys[init.name]).numpy()
-                return base_weights.initializer_array(init, traced.parent)
+        read = functools.partial(_from_shards, shards, keys, traced.parent) if stream else None
         slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant, read)
         shutil.rmtree(traced.parent)  # its weights now live in base.data
         detached = detach.detach_norms(slim, set(trainable))
