@@ -111,3 +111,38 @@ def test_quantized_base_plans_smaller_frozen_weights(tiny_model):
                         for p in ("fp32", "int8", "int4"))
     assert fp32.memory.frozen > int8.memory.frozen > int4.memory.frozen
     assert fp32.memory.dequantized == 0 < int4.memory.dequantized
+
+
+def _with_budget(profile, budget_bytes: float):
+    return dataclasses.replace(profile, memory=dataclasses.replace(
+        profile.memory, budget_gb=devices.Figure(budget_bytes / 1e9, "target", "test")))
+
+
+def test_profile_picks_base_precision_and_recomputation_and_export_follows(tiny_model, tmp_path):
+    """Without --base-precision, prepare --device takes the first of fp32, fp32 recomputed, the profile's
+    packaged precision (int4), int4 recomputed that fits batch 1 x 256; export recomputes as it chose."""
+    model = tiny_model("phi3-mini-4k")
+    profile = devices.load("dev-2core-avx512")  # packages int4
+    assert profile.quantization.precision == "int4"
+    run = plan.Run(seq_len=plan.CHOICE_SEQ_LEN, batch_size=1, backend="ort")
+    order = [("fp32", False), ("fp32", True), ("int4", False), ("int4", True)]
+    totals = {c: plan.make(model, dataclasses.replace(run, base_precision=c[0], recompute=c[1]), profile).memory.total
+              for c in order}
+    assert totals[("int4", True)] == min(totals.values())
+    for budget in sorted(totals.values()):
+        tight = _with_budget(profile, budget + 1)  # a byte over: the budget goes through GB and back
+        picked = plan.choose(model, run, tight)
+        first = next(c for c in order if totals[c] <= budget)
+        assert (picked.run.base_precision, picked.run.recompute) == first and picked.fits
+    none = plan.choose(model, run, _with_budget(profile, totals[("int4", True)] - 1))
+    assert (none.run.base_precision, none.run.recompute, none.fits) == ("int4", True, False)  # the leanest
+    assert plan.choose(model, run, profile, base_precision="int8").run.base_precision == "int8"  # given: kept
+
+    lean = _with_budget(profile, totals[("int4", True)] + 1)
+    ws = prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws", lean)  # lora_r 16, as `run`
+    record = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    assert record["config"]["base_precision"] == "int4" and record["plan"]["precision_picked"]
+    assert record["plan"]["recompute"] and record["plan"]["fits"]
+    export(ws)
+    exported = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    assert exported["recompute"]["layers"] == 2 and exported["base_weights"]["precision"] == "int4"
