@@ -7,7 +7,8 @@ Builds the real-width Phi-3-mini slice (random weights, a real Phi3Config: hidde
 32064; `--layers` of the 32), then for each base precision runs `edgeft prepare --base-precision P`,
 `edgeft export` and `edgeft bench` through the CLI, each its own process, side by side on this machine.
 Measured: the size of base.data, export's peak, and the training process's peak RSS and median step time
-(ONNX Runtime training, batch x seq tokens). Writes quantized_base.json and quantized_base.md.
+(ONNX Runtime training, batch x seq tokens; the last two rows: the torch backend, which the Raspberry Pi 5 and
+Jetson profiles train with, on the same int4 workspaces). Writes quantized_base.json and quantized_base.md.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
 
-# (row label, base precision, export options)
-VARIANTS = (("fp32", "fp32", ()), ("int8", "int8", ()), ("int4", "int4", ()),
-            ("int4, recomputed", "int4", ("--recompute",)))
+# (row label, base precision, export options, training backend)
+VARIANTS = (("fp32", "fp32", (), "ort"), ("int8", "int8", (), "ort"), ("int4", "int4", (), "ort"),
+            ("int4, recomputed", "int4", ("--recompute",), "ort"),
+            ("int4, torch backend", "int4", (), "torch"),
+            ("int4, torch backend, recomputed", "int4", ("--recompute",), "torch"))
 
 
 def edgeft(*argv: str) -> None:
@@ -37,12 +40,13 @@ def edgeft(*argv: str) -> None:
         raise SystemExit(f"edgeft {' '.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
-def measure(model: Path, label: str, precision: str, options: tuple[str, ...], args, root: Path) -> dict:
+def measure(model: Path, label: str, precision: str, options: tuple[str, ...], backend: str, args,
+            root: Path) -> dict:
     ws = root / label.replace(", ", "-")
     edgeft("prepare", str(model), "--out", str(ws), "--base-precision", precision)
     edgeft("export", str(ws), *options)
     edgeft("bench", str(ws), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-           "--runs", str(args.runs))
+           "--runs", str(args.runs), "--backend", backend)
     export = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
     bench = json.loads((ws / "bench" / "bench.json").read_text())
     training = bench["training"]
@@ -69,6 +73,8 @@ def markdown(result: dict) -> str:
     lines += ["", "base.data holds the frozen weights (the input embedding stays fp32 in every row: a lookup, "
               "memory-mapped). Quantized weights are dequantized in the graph just before each use "
               "(`base_weights.dequantize_at_use`); int4 rows are the int4 bundle's own blocks. "
+              "`torch backend`: PEFT with the same int4 codes held quantized (`torch_base.QuantizedLinear`), "
+              "recomputed by checkpointing each decoder layer. "
               "`recomputed`: exported with `--recompute`, each layer's activations are recomputed in the backward "
               "pass from the layer's input (`recompute.py`).", ""]
     return "\n".join(lines)
@@ -88,9 +94,9 @@ def main() -> None:
         root = Path(tmp)
         model = build("slice", root / "model", args.layers)
         rows = []
-        for label, precision, options in VARIANTS:
+        for label, precision, options, backend in VARIANTS:
             started = time.time()
-            rows.append(measure(model, label, precision, options, args, root))
+            rows.append(measure(model, label, precision, options, backend, args, root))
             print(f"{label}: {rows[-1]['train_peak_mib']:.0f} MiB, {rows[-1]['step_s']:.2f} s/step "
                   f"({time.time() - started:.0f} s)", flush=True)
     result = {"model": f"Phi-3-mini slice, {args.layers} of 32 layers at full width", "date": time.strftime("%Y-%m-%d"),
