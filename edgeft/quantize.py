@@ -85,6 +85,18 @@ def int8_per_channel(w_in_out):
     return q, scale
 
 
+def frozen_linears(model):
+    """(name, module) of every Linear a quantized base stores quantized: all but PEFT's trained parts and an
+    LM head tied to the input embedding (export keeps that fp32)."""
+    import torch
+
+    embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.Linear) and not any(k in name for k in TRAINED_PARTS)
+                and (embed is None or module.weight is not embed)):
+            yield name, module
+
+
 def fake_quantize_(model, quant: dict) -> int:
     """Replace, in place, the frozen Linear weights export quantizes by their dequantized values.
     `quant` is `settings(...)` of the workspace. Returns how many weights were replaced."""
@@ -97,14 +109,9 @@ def fake_quantize_(model, quant: dict) -> int:
     if precision == "fp32":
         return 0
     check(precision)
-    embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     done = 0
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or any(k in name for k in TRAINED_PARTS):
-                continue
-            if embed is not None and module.weight is embed:
-                continue  # tied to the embedding: export keeps it fp32
+        for _, module in frozen_linears(model):
             if lazy.is_placeholder(module.weight):
                 continue  # not loaded (lazy.py): quantized when it is
             w = module.weight.detach().float().numpy().T  # [in, out], MatMul's B

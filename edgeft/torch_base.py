@@ -74,10 +74,7 @@ def load(model_dir: Path, adapter_init: Path, quant: dict, trust_remote_code: bo
     base, shards = lazy.empty_model(model_dir, trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter_init, is_trainable=True)
     if quant["precision"] != "fp32":
-        embedding = model.get_input_embeddings()
-        names = [name for name, module in model.named_modules()
-                 if isinstance(module, torch.nn.Linear) and not any(k in name for k in quantize.TRAINED_PARTS)
-                 and lazy.is_placeholder(module.weight) and module.weight is not embedding.weight]
+        names = [name for name, module in quantize.frozen_linears(model) if lazy.is_placeholder(module.weight)]
         for name in names:  # by name: a list of the modules would keep each replaced fp32 Linear alive
             module = model.get_submodule(name)
             lazy.load_(module, shards)
