@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeft import atomic, base_weights, detach, launcher, lazy, quantize, rss
+from edgeft import atomic, base_weights, detach, launcher, lazy, plan, quantize, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -93,7 +93,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     rss.reset_peak()
     model_dir = Path(prep["config"]["model_dir"])
     trust = prep["config"]["trust_remote_code"]
-    stream = cfg.weights == "stream" or (cfg.weights == "auto" and lazy.Shards(model_dir).params * 4 > STREAM_ABOVE)
+    stream = cfg.weights == "stream" or (cfg.weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE)
     base, shards = lazy.empty_model(model_dir, trust) if stream else (load_base(model_dir, trust), None)
     peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=True)
     quant = quantize.settings(prep["config"])

@@ -14,7 +14,6 @@ tracer). Each placeholder remembers its key in the safetensors files, and a stag
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,12 +33,9 @@ class Shards:
         from safetensors import safe_open
 
         self.files: dict[str, Path] = {}
-        self.params = 0  # values stored, over all tensors
         for path in families.weight_files(model_dir):
             with safe_open(str(path), "pt") as f:
-                for key in f.keys():
-                    self.files[key] = path
-                    self.params += math.prod(f.get_slice(key).get_shape())
+                self.files.update(dict.fromkeys(f.keys(), path))
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
