@@ -109,7 +109,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
     reference_seconds = time.time() - t0
     trainable, frozen = onnx_export.parameter_names(wrapper)
-    recompute = cfg.recompute if cfg.recompute is not None else bool((prep.get("plan") or {}).get("recompute"))
+    recompute = cfg.recompute if cfg.recompute is not None else plan.prepared_recompute(prep)
     n_trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in wrapper.parameters()}.values())
 

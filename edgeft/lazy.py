@@ -142,10 +142,11 @@ def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) 
 
     from edgeft import quantize
 
+    quant = quant or {"precision": "fp32"}
     layers = decoder_layers(model)
     inside = {id(p) for layer in layers for p in layer.parameters()}
     load_(model, shards, only={id(p) for p in model.parameters() if id(p) not in inside})
-    quantize.fake_quantize_(model, quant or {"precision": "fp32"})  # the layers are still placeholders: skipped
+    quantize.fake_quantize_(model, quant)  # the layers are still placeholders: skipped
 
     def wrap(layer: torch.nn.Module):
         forward = layer.forward
@@ -153,7 +154,7 @@ def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) 
         def run(*args, **kwargs):
             load_(layer, shards)
             try:
-                quantize.fake_quantize_(layer, quant or {"precision": "fp32"})
+                quantize.fake_quantize_(layer, quant)
                 return forward(*args, **kwargs)
             finally:
                 unload_(layer)

@@ -361,7 +361,12 @@ def recomputed(stages: dict) -> bool:
     exported = stages.get("export")
     if exported:
         return bool(exported["config"].get("recompute") or exported.get("recompute"))
-    return bool((stages["prepare"].get("plan") or {}).get("recompute"))
+    return prepared_recompute(stages["prepare"])
+
+
+def prepared_recompute(prep: dict) -> bool:
+    """Whether prepare's device plan chose recomputed activations (a prepare record; False without a device)."""
+    return bool((prep.get("plan") or {}).get("recompute"))
 
 
 def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
