@@ -45,10 +45,10 @@ from edgeft.errors import EdgeftError
 # is the ORT one: not measured.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
-            "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030, "dequant_held": 0.0,
+            "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030,
             "dequant_live": {"int8": 1.0, "int4": 1.0}, "dequant_bytes": {"int8": 43.6, "int4": 66.0}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
-              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127, "dequant_held": 0.0,
+              "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127,
               "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 107.0}},
 }
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
@@ -231,8 +231,7 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
     if run.base_precision != "fp32" and run.backend == "ort" and not shape.tied:
         frozen -= embed * 4  # memory-mapped from base.data: only the rows of the batch's tokens are ever read
     # Both backends dequantize each weight at its use (see CALIBRATION).
-    dequantized = 0.0 if run.base_precision == "fp32" else 4 * (c["dequant_held"] * quantized
-                                                                 + c["dequant_live"][run.base_precision] * largest_linear)
+    dequantized = 0.0 if run.base_precision == "fp32" else 4 * c["dequant_live"][run.base_precision] * largest_linear
     return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
                   activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend, run.recompute),
                   runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
