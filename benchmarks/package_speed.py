@@ -4,8 +4,9 @@ decode speed and time to first token against transformers fp32 generate, on the 
     python benchmarks/package_speed.py [--layers 4] [--runs 3] [--out benchmarks/results]
 
 The model is a real-width Phi-3-mini slice (hidden 3072, ffn 8192, vocab 32064, 32 heads; random weights,
-`--layers` layers). Each precision is built by the GenAI builder's CLI in its own process, whose peak RSS
-(VmHWM) is read at exit. Inference: `edgeft bench`'s genai child (its own process) and a transformers
+`--layers` layers). Each build runs in its own process, as `edgeft package` builds it (int4 and int8 from
+a copy quantized one weight at a time) and, for comparison, as the builder quantizes the fp32 folder itself;
+the peak is the larger of that process's VmHWM and its builder child's. Inference: `edgeft bench`'s genai child (its own process) and a transformers
 child, each with the same 128-token prompt and 64 new tokens (no early stop), median over runs after a
 warm-up. Goals: builder peak <= 2x the fp32 model size; int4 decode >= 3x transformers fp32.
 """
@@ -29,15 +30,23 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
 
-PEAK_WRAPPER = """
-import runpy, sys
-sys.argv = ["builder", *sys.argv[1:]]
-try:
-    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
-finally:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            print("EDGEFT_PEAK_KB", line.split()[1], file=sys.stderr)
+BUILD_CHILD = """
+import json, resource, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from edgeft import package
+from edgeft.devices import Quantization
+args = json.loads(sys.argv[1])
+quant = Quantization(precision=args["precision"])
+out, cache = Path(args["out"]), Path(args["cache"])
+if args["route"] == "edgeft":
+    info = package.build(Path(args["model"]), out, cache, args["precision"], "cpu", quant)
+else:
+    info = {{"builder_input": "fp32", "builder_seconds": package.run_builder(Path(args["model"]), out, cache,
+                                                                          args["precision"], "cpu", quant)}}
+own = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+builder = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({{**info, "own_peak_kb": own, "builder_peak_kb": builder}}))
 """
 
 TRANSFORMERS_CHILD = """
@@ -72,25 +81,25 @@ def build_model(out: Path, layers: int) -> Path:
     return out
 
 
-def build_bundle(model: Path, out: Path, precision: str, cache: Path) -> dict:
+def build_bundle(model: Path, out: Path, precision: str, route: str, cache: Path) -> dict:
+    """One build in its own process: `edgeft package`'s (route "edgeft": int4/int8 from the quantized copy) or the
+    builder left to quantize the fp32 folder itself (route "builder"). Peak: the larger of that process and the
+    builder it runs."""
     from edgeft import package
-    from edgeft.devices import Quantization
 
-    q = Quantization()
-    cmd = [sys.executable, "-c", PEAK_WRAPPER, "-i", str(model), "-o", str(out), "-p", precision, "-e", "cpu",
-           "-c", str(cache)]
-    if precision in ("int4", "int8"):
-        cmd += ["--extra_options", f"block_size={q.block_size}", f"accuracy_level={q.accuracy_level}",
-                f"is_symmetric={str(q.symmetric).lower()}"]
     t = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", BUILD_CHILD.format(repo=str(REPO)), json.dumps(
+        {"model": str(model), "out": str(out), "cache": str(cache), "precision": precision, "route": route})],
+        capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
-    peak_kb = int(proc.stderr.rsplit("EDGEFT_PEAK_KB", 1)[1].split()[0])
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
     package.set_cpu_threads(out, os.cpu_count() or 1)  # as `edgeft package` leaves a bundle
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"precision": precision, "seconds": round(time.time() - t, 1), "peak_rss_mb": peak_kb / 1024,
-            "bundle_mb": size / 2**20}
+    return {"precision": precision, "route": route, "builder_input": info["builder_input"],
+            "seconds": round(time.time() - t, 1), "peak_rss_mb": max(info["own_peak_kb"], info["builder_peak_kb"]) / 1024,
+            "prequantize_peak_mb": info["own_peak_kb"] / 1024 if info["builder_input"] == "prequantized" else None,
+            "builder_peak_mb": info["builder_peak_kb"] / 1024, "bundle_mb": size / 2**20}
 
 
 def main() -> None:
@@ -108,13 +117,15 @@ def main() -> None:
         model = build_model(tmp / "model", args.layers)
         fp32_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
         builds = []
-        for precision in ("fp32", "int8", "int4"):
-            builds.append(build_bundle(model, tmp / f"bundle-{precision}", precision, tmp / "cache"))
+        for precision, route in (("fp32", "edgeft"), ("int8", "builder"), ("int8", "edgeft"), ("int4", "builder"),
+                                 ("int4", "edgeft")):
+            bundle = tmp / f"bundle-{precision}-{route}"
+            builds.append(build_bundle(model, bundle, precision, route, tmp / "cache"))
             print(json.dumps(builds[-1]), flush=True)
-            if precision != "int4":
-                shutil.rmtree(tmp / f"bundle-{precision}")
+            if (precision, route) != ("int4", "edgeft"):
+                shutil.rmtree(bundle)
         prompt = [int(x) for x in bench._tokens(model, None)[:128]]
-        genai = bench.bench_inference(tmp / "bundle-int4", args.runs, 128, 64, None, tmp)
+        genai = bench.bench_inference(tmp / "bundle-int4-edgeft", args.runs, 128, 64, None, tmp)
         proc = subprocess.run([sys.executable, "-c", TRANSFORMERS_CHILD,
                                json.dumps({"model": str(model), "prompt": prompt, "new": 64, "runs": args.runs})],
                               capture_output=True, text=True)
@@ -142,11 +153,18 @@ def markdown(r: dict) -> str:
              f"slice with {r['layers']} layers ({r['params'] / 1e9:.2f} B parameters, {r['fp32_model_mb']:.0f} MiB fp32 "
              "safetensors), random weights. Goals: builder peak <= 2x the fp32 model; int4 decode >= 3x transformers "
              "fp32 generate.", "",
-             "| precision | build time | builder peak RSS | peak / fp32 model | bundle size |", "|---|---|---|---|---|"]
+             "Each build runs in its own process; its peak is the larger of that process (which writes the "
+             "quantized copy) and the builder process it starts. `edgeft package` builds int4 and int8 from a copy it "
+             "quantizes one weight at a time (edgeft/prequantize.py); the builder rows are the builder left to "
+             "quantize the fp32 folder itself, as package did before.", "",
+             "| precision | route | build time | peak RSS | peak / fp32 model | bundle size |",
+             "|---|---|---|---|---|---|"]
     for b in r["builds"]:
         ratio = b["peak_rss_mb"] / r["fp32_model_mb"]
-        lines.append(f"| {b['precision']} | {b['seconds']:.0f} s | {b['peak_rss_mb']:.0f} MiB | **{ratio:.2f}x** "
-                     f"{'ok' if ratio <= 2 else 'over'} | {b['bundle_mb']:.0f} MiB |")
+        route = ("`edgeft package`" + (" (quantized copy)" if b["builder_input"] == "prequantized" else "")
+                 if b["route"] == "edgeft" else "builder from fp32")
+        lines.append(f"| {b['precision']} | {route} | {b['seconds']:.0f} s | {b['peak_rss_mb']:.0f} MiB | "
+                     f"**{ratio:.2f}x** {'ok' if ratio <= 2 else 'over'} | {b['bundle_mb']:.0f} MiB |")
     g, h = r["int4_genai"], r["transformers_fp32"]
     lines += ["", f"Inference, 128-token prompt, 64 new tokens, median of {r['runs']} runs after a warm-up:", "",
               "| runner | decode tokens/s | time to first token | peak RSS |", "|---|---|---|---|",

@@ -174,7 +174,7 @@ def _quantize(name: str, w_in_out: np.ndarray, quant: dict) -> tuple[dict, dict[
     if quant["precision"] == "int8":
         q, scale = quantize.int8_per_channel(w_in_out)
         return spec, {spec["q"]: np.ascontiguousarray(q.T), spec["scale"]: scale}
-    packed, scales, zero = quantize.int4_blocks(w_in_out, quant["block_size"], quant["symmetric"])
+    packed, scales, zero = quantize.nbits_blocks(w_in_out, quant["block_size"], quant["symmetric"])
     spec |= {"block_size": quant["block_size"], "blocks": int(packed.shape[1]), "zero_point": f"{name}.zero_point"}
     return spec, {spec["q"]: packed, spec["scale"]: scales.reshape(-1), spec["zero_point"]: zero.reshape(-1)}
 

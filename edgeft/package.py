@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import launcher, quantize, rss, schema
+from edgeft import launcher, prequantize, quantize, rss, schema
 from edgeft.atomic import atomic_dir
 from edgeft.devices import Quantization
 from edgeft.errors import EdgeftError
@@ -75,6 +75,26 @@ def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quan
                 f"{src}/config.json, or try another --precision")
         raise BuilderError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n{tail}\nhint: {hint}")
     return time.time() - started
+
+
+def build(merged: Path, out: Path, cache: Path, precision: str, ep: str, quant: Quantization) -> dict:
+    """Build the merged model into `out`. int4 and int8 are built from a copy quantized one weight at a time
+    (prequantize.py), so that no process holds the fp32 model; the builder quantizes the fp32 folder itself
+    only where that copy cannot be made (the reason is printed and recorded)."""
+    if precision in ("int4", "int8"):
+        reason = prequantize.unsupported(merged, quant.block_size)
+        if reason is None:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prequantized-") as work:
+                started = time.time()
+                info = prequantize.write(merged, Path(work), 4 if precision == "int4" else 8, quant.block_size,
+                                         quant.symmetric)
+                info["seconds"] = round(time.time() - started, 1)
+                seconds = run_builder(Path(work), out, cache, precision, ep, quant)
+            return {"builder_input": "prequantized", "prequantize": info, "builder_seconds": round(seconds, 1)}
+        print(f"package: the builder quantizes the fp32 model itself: {reason}")
+        return {"builder_input": "fp32", "why": reason,
+                "builder_seconds": round(run_builder(merged, out, cache, precision, ep, quant), 1)}
+    return {"builder_input": "fp32", "builder_seconds": round(run_builder(merged, out, cache, precision, ep, quant), 1)}
 
 
 def set_cpu_threads(bundle: Path, threads: int) -> int:
@@ -340,12 +360,19 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         adapter_files: dict[str, Path] = {}
         if cfg.adapters:
             build_s, adapter_files = _build_adapters(ws, sources, tmp, cache, precision, cfg.ep, quant)
+            built = {"builder_input": "fp32 base with the LoRA branches", "builder_seconds": round(build_s, 1)}
         else:
-            build_s = run_builder(merged, tmp, cache, precision, cfg.ep, quant)
+            built = build(merged, tmp, cache, precision, cfg.ep, quant)
+            build_s = built["builder_seconds"] + built.get("prequantize", {}).get("seconds", 0.0)
         threads = set_cpu_threads(tmp, device.cpu.cores if device else os.cpu_count() or 1) if cfg.ep == "cpu" else None
         ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens)
         active = adapter_files.get(ws.root.name)
-        got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active)
+        try:
+            got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active)
+        except RuntimeError as e:  # onnxruntime-genai refuses the model it was given
+            raise BuilderError(f"the builder wrote a model onnxruntime-genai cannot load: {str(e)[:300]}\nhint: "
+                               "onnxruntime-genai 0.18 builds an invalid embedding for asymmetric int4 with tied "
+                               "embeddings; package with a symmetric profile or another --precision") from None
         verification = {
             "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
             "token_agreement": agreement(ref_tokens, got_tokens),
@@ -373,7 +400,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         manifest = {
             "edgeft": __version__, "kind": "base+adapters" if cfg.adapters else "merged",
             "precision": precision, "execution_provider": cfg.ep, "cpu_threads": threads,
-            "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None,
+            "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None, "build": built,
             "device": device.name if device else None,
             "source": {"model_dir": ws.stage("prepare")["config"]["model_dir"], "model_sha256": ws.stage("prepare")["inputs"],
                        "adapter_sha256": merged_rec["outputs"]["adapter"], "checkpoint": merged_rec["checkpoint"]},

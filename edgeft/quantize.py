@@ -46,9 +46,10 @@ def unpack_nibbles(packed):
     return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
-def int4_blocks(w_in_out, block_size: int, symmetric: bool):
-    """The int4 bundle's blocks of a weight laid out [in, out] (MatMul's B, as the builder quantizes it):
-    packed codes [out, blocks, block / 2] uint8, scales [out, blocks] fp32, zero points [out, blocks] uint8."""
+def nbits_blocks(w_in_out, block_size: int, symmetric: bool, bits: int = 4):
+    """The int4 (or int8) bundle's blocks of a weight laid out [in, out] (MatMul's B, as the builder quantizes it):
+    codes [out, blocks, block * bits / 8] uint8 (int4: two per byte, low nibble first), scales [out, blocks] fp32,
+    zero points [out, blocks] uint8 (one per block, unpacked)."""
     import numpy as np
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -57,13 +58,17 @@ def int4_blocks(w_in_out, block_size: int, symmetric: bool):
     )
 
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                          quant_format=QuantFormat.QOperator, bits=4)
+                                          quant_format=QuantFormat.QOperator, bits=bits)
     packed, scales, zero = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
         np.ascontiguousarray(w_in_out, dtype=np.float32))
     out, blocks, _ = packed.shape
-    # Symmetric blocks are stored offset by 8 (MatMulNBits' implied zero point); asymmetric ones pack theirs.
-    zero = np.full((out, blocks), 8, np.uint8) if symmetric else unpack_nibbles(zero)[:, :blocks]
-    return packed, scales.astype(np.float32), np.ascontiguousarray(zero)
+    # Symmetric blocks are stored offset by 2^(bits-1) (MatMulNBits' implied zero point); asymmetric ones carry
+    # theirs, int4's two to a byte.
+    if symmetric:
+        zero = np.full((out, blocks), 1 << (bits - 1), np.uint8)
+    elif bits == 4:
+        zero = unpack_nibbles(zero)[:, :blocks]
+    return packed, scales.astype(np.float32).reshape(out, blocks), np.ascontiguousarray(zero.reshape(out, blocks))
 
 
 def int4_dequantize(packed, scales, zero, k: int):
@@ -119,7 +124,7 @@ def fake_quantize_(model, quant: dict) -> int:
                 q, scale = int8_per_channel(w)
                 values = (q.astype(np.float32) * scale).T
             else:
-                values = int4_dequantize(*int4_blocks(w, quant["block_size"], quant["symmetric"]), w.shape[0])
+                values = int4_dequantize(*nbits_blocks(w, quant["block_size"], quant["symmetric"]), w.shape[0])
             module.weight.copy_(torch.from_numpy(np.ascontiguousarray(values)))
             done += 1
     return done

@@ -44,7 +44,7 @@ class QuantizedLinear(torch.nn.Module):
             q, scale = quantize.int8_per_channel(w)
             stored = {"codes": q.T, "scale": scale[:, None]}
         else:
-            packed, scales, zero = quantize.int4_blocks(w, quant["block_size"], quant["symmetric"])
+            packed, scales, zero = quantize.nbits_blocks(w, quant["block_size"], quant["symmetric"])
             stored = {"codes": packed, "scale": scales, "zero_point": zero}
         for name, value in stored.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)), persistent=False)

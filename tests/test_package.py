@@ -63,6 +63,76 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
 
 
+def matmul_nbits(bundle):
+    """name -> (dequantized [N, K] weight, attributes) of every MatMulNBits in a bundle, in graph order."""
+    import numpy as np
+    import onnx
+
+    from edgeft import base_weights
+    from edgeft.quantize import unpack_nibbles
+
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        codes = base_weights.initializer_array(inits[node.input[1]], bundle).reshape(a["N"], -1)
+        scales = base_weights.initializer_array(inits[node.input[2]], bundle).reshape(a["N"], -1)
+        blocks = scales.shape[1]
+        if a["bits"] == 4:
+            codes = unpack_nibbles(codes)
+        codes = codes.reshape(a["N"], blocks, -1).astype(np.int32)
+        if len(node.input) > 3 and node.input[3]:
+            zero = base_weights.initializer_array(inits[node.input[3]], bundle).reshape(a["N"], -1)
+            zero = (unpack_nibbles(zero) if a["bits"] == 4 else zero)[:, :blocks]
+        else:
+            zero = np.full((a["N"], blocks), 1 << (a["bits"] - 1))
+        values = ((codes - zero[..., None].astype(np.int32)) * scales[..., None]).reshape(a["N"], -1)[:, :a["K"]]
+        out.append((values, {k: a[k] for k in ("K", "N", "bits", "block_size", "accuracy_level")}))
+    return out
+
+
+@pytest.mark.parametrize("family,precision,symmetric", [
+    ("phi3-mini-4k", "int4", True), ("phi3-mini-4k", "int4", False), ("phi3-mini-4k", "int8", True),
+    ("llama3.2", "int4", True), ("qwen2.5", "int4", True)])
+def test_quantized_copy_builds_the_builders_own_int4(tiny_model, tmp_path, family, precision, symmetric):
+    """The builder given edgeft's quantized copy (prequantize.py) ships the weights it would have quantized
+    itself from fp32, and the two bundles compute the same logits and tokens."""
+    import numpy as np
+
+    from edgeft import prequantize
+    from edgeft.devices import Quantization
+    from edgeft.package import _prompts, agreement, build, genai_generate, run_builder
+
+    model = tiny_model(family)
+    quant = Quantization(precision=precision, block_size=32, accuracy_level=4, symmetric=symmetric)
+    assert prequantize.unsupported(model, 32) is None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    built = build(model, tmp_path / "a" / "bundle", tmp_path / "cache", precision, "cpu", quant)
+    assert built["builder_input"] == "prequantized" and built["prequantize"]["quantized_linears"] > 0
+    assert not list((tmp_path / "a").glob(".prequantized-*"))  # the copy is gone once built
+    run_builder(model, tmp_path / "b" / "bundle", tmp_path / "cache", precision, "cpu", quant)
+    ours, theirs = matmul_nbits(tmp_path / "a" / "bundle"), matmul_nbits(tmp_path / "b" / "bundle")
+    assert len(ours) == len(theirs) > 0
+    for (w1, a1), (w2, a2) in zip(ours, theirs, strict=True):
+        assert a1 == a2 and np.array_equal(w1, w2)
+    prompts = _prompts(model, 2)
+    t1, l1 = genai_generate(tmp_path / "a" / "bundle", prompts, 8)
+    t2, l2 = genai_generate(tmp_path / "b" / "bundle", prompts, 8)
+    assert agreement(t1, t2) == 1.0
+    assert max(float(np.abs(x - y).max()) for x, y in zip(l1, l2, strict=True)) < 1e-5
+
+
+def test_blocks_that_do_not_divide_fall_back_to_the_builders_quantization(tiny_model, tmp_path):
+    from edgeft import prequantize
+
+    model = tiny_model("phi3-mini-4k")
+    assert "not a multiple of the block size 256" in prequantize.unsupported(model, 256)
+
+
 def test_bad_input(merged_ws, tiny_model, tmp_path):
     ws = copy(merged_ws, tmp_path)
     package(ws, PackageConfig(precision="fp32"))

@@ -97,7 +97,7 @@ def test_int4_blocks_are_the_builders_own(k, symmetric):
 
     rng = np.random.default_rng(k)
     w = rng.standard_normal((k, 48)).astype(np.float32)
-    packed, scales, zero = quantize.int4_blocks(w, 32, symmetric)
+    packed, scales, zero = quantize.nbits_blocks(w, 32, symmetric)
     quantizer = MatMulNBitsQuantizer(_matmul_model(w), block_size=32, is_symmetric=symmetric, accuracy_level=1)
     quantizer.process()
     model = quantizer.model.model
