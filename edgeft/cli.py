@@ -205,7 +205,7 @@ def cmd_merge(args) -> int:
     """Write the trained adapter in PEFT format and the merged model, both checked against training."""
     from edgeft.merge import MergeConfig, merge
 
-    ws = merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint))
+    ws = merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint, weights=args.weights))
     rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
     v = rec["verification"]
     check = (f"PEFT vs ORT eval logits {v['peft_vs_ort_eval_max_abs']:.1e}, " if "peft_vs_ort_eval_max_abs" in v else "")
@@ -369,7 +369,10 @@ COMMANDS: tuple[Command, ...] = (
                  "as prepare's --device plan chose)"),
         arg("--no-recompute", dest="recompute", action="store_false"))),
     Command("merge", cmd_merge, (
-        arg("workspace"), arg("--checkpoint", default="best", help="best, last, or a step number"))),
+        arg("workspace"), arg("--checkpoint", default="best", help="best, last, or a step number"),
+        arg("--weights", choices=("auto", "load", "stream"), default="auto",
+            help="stream: hold one decoder layer of the base at a time, and write the merged model layer by layer "
+                 "(auto: past 4 GiB of fp32 weights)"))),
     Command("package", cmd_package, (
         arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers"),
         arg("--precision", choices=("int4", "int8", "fp16", "fp32")),

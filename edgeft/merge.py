@@ -4,6 +4,13 @@ Writes `WS/adapter/` (adapter_model.safetensors + adapter_config.json, loadable 
 `PeftModel.from_pretrained`) and `WS/merged/` (a Hugging Face model folder with its tokenizer). Before
 writing, the PEFT model's logits on a probe batch must equal the training runtime's eval model at the
 same checkpoint, and the merged model's must equal the PEFT model's, within `tolerance`.
+
+Past 4 GiB of fp32 weights (or with `weights="stream"`) nothing holds the whole model, as in export
+(lazy.py): the PEFT logits are computed one decoder layer at a time, and the merged model is written one
+layer at a time. Each layer is loaded, fake-quantized as it was trained, merged by PEFT's own `merge()`
+(LoRA, DoRA, trainable token rows) and written to a safetensors shard before the next one is loaded. Its
+logits are then computed from the written files the same way. Both routes write the same tensors
+(tests/test_merge.py).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from edgeft import launcher, quantize
+from edgeft import launcher, lazy, plan, quantize, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -29,6 +37,8 @@ from edgeft.workspace import Workspace, hash_files
 class MergeConfig:
     checkpoint: str = spec("best, last, or a step number", "best")
     tolerance: float = spec("largest accepted absolute logit difference", 1e-4, gt=0)
+    weights: str = spec("how the base weights are read: 'load' holds the fp32 model; 'stream' one decoder layer at "
+                        "a time; 'auto' streams past 4 GiB of fp32 weights", "auto", choices=("auto", "load", "stream"))
 
 
 def resolve(root: Path, which: str) -> Path:
@@ -71,11 +81,106 @@ def _logits(wrapper, batch) -> np.ndarray:
         return wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))[1].numpy()
 
 
+SHARD_BYTES = 2 * 2**30  # a streamed merge writes safetensors shards of about this size
+
+
+class _Shards:
+    """Safetensors shards written in turn, named and indexed as transformers names them at the end."""
+
+    def __init__(self, out: Path):
+        self.out, self.pending, self.files, self.weight_map, self.total = out, {}, [], {}, 0
+
+    def add(self, key: str, value) -> None:
+        self.pending[key] = value.detach().contiguous().clone()
+        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.out / f".shard-{len(self.files)}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.total += sum(t.numel() * t.element_size() for t in self.pending.values())
+        self.pending = {}
+
+    def close(self) -> None:
+        import json
+
+        self.flush()
+        n = len(self.files)
+        for i, (path, keys) in enumerate(self.files, 1):
+            name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / name)
+            self.weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                indent=2) + "\n")
+
+
+def _write_merged_streamed(peft_model, shards: lazy.Shards, quant: dict, out: Path) -> int:
+    """Write the merged model's weights into `out`, holding one decoder layer (and the parts outside the layers)
+    at a time. PEFT merges each loaded part itself; a module trained whole (modules_to_save) replaces its
+    original, untied from the embedding if it was tied to it. Returns how many tensors were written."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    layers = lazy.decoder_layers(peft_model)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    outer = [m for m in peft_model.modules() if id(m) not in in_layers]
+    paths = {id(m): name for name, m in peft_model.get_base_model().named_modules()}
+    writer, written, untied = _Shards(out), set(), set()
+
+    def key_of(p) -> str | None:
+        return getattr(getattr(p, lazy.PLACEHOLDER), lazy.KEY) if hasattr(p, lazy.PLACEHOLDER) else None
+
+    def write(part: torch.nn.Module, modules: list) -> None:
+        load = {id(p) for m in modules for p in m._parameters.values() if p is not None}
+        lazy.load_(part, shards, only=load)
+        try:
+            quantize.fake_quantize_(part, quant)  # what was trained against; the rest are placeholders, skipped
+            for m in modules:
+                if isinstance(m, BaseTunerLayer):
+                    m.merge()
+            for m in modules:
+                if isinstance(m, ModulesToSaveWrapper):  # its trained copy, under the module's own names
+                    trained = m.modules_to_save[m.active_adapters[0]]
+                    for name, p in m.original_module.named_parameters():
+                        key = f"{paths[id(m)]}.{name}"
+                        if key_of(p) != key:  # it was tied to another weight (an LM head to the embedding)
+                            untied.add(key)
+                        writer.add(key, trained.get_parameter(name))
+                        written.add(key)
+            for m in modules:
+                for p in m._parameters.values():
+                    key = key_of(p) if p is not None else None
+                    if key is not None and key not in written:
+                        writer.add(key, p)
+                        written.add(key)
+        finally:
+            lazy.unload_(part)
+
+    with torch.no_grad():
+        write(peft_model, outer)
+        for layer in layers:
+            write(layer, list(layer.modules()))
+    writer.close()
+    if untied:  # as merge_and_unload leaves it: the trained module has its own weight now
+        peft_model.get_base_model().config.tie_word_embeddings = False
+    return len(written)
+
+
 def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
-    import torch
+    import contextlib
+
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from edgeft import onnx_export
+    from edgeft.export import STREAM_ABOVE
     from edgeft.prepare import load_base
 
     ws = Workspace(ws_path)
@@ -88,13 +193,18 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         raise EdgeftError(f"checkpoint {ckpt.name} was written by another training run than the one the manifest "
                           f"records; train again, or merge a checkpoint of the recorded run")
     started = time.time()
+    rss.reset_peak()
     model_dir = Path(prep["config"]["model_dir"])
+    trust = prep["config"]["trust_remote_code"]
+    stream = cfg.weights == "stream" or (cfg.weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE)
+    quant = quantize.settings(prep["config"])
     with tempfile.TemporaryDirectory(dir=ws.root) as work:
         work = Path(work)
         tensors = trained_tensors(ckpt, backend, work)
-        base = load_base(model_dir, prep["config"]["trust_remote_code"])
+        base, shards = lazy.empty_model(model_dir, trust) if stream else (load_base(model_dir, trust), None)
         peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=False)
-        quantize.fake_quantize_(peft_model, quantize.settings(prep["config"]))  # what was trained against
+        if not stream:
+            quantize.fake_quantize_(peft_model, quant)  # what was trained against
         wrapper = onnx_export.CausalLMLoss(peft_model)
         params = dict(wrapper.named_parameters())
         unknown = sorted(set(tensors) - set(params))
@@ -110,8 +220,10 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         config = base.config
         batch = onnx_export.probe_batch(config.vocab_size, 24, config.pad_token_id if isinstance(
             config.pad_token_id, int) else 0, seed=11)
-        peft_logits = _logits(wrapper, batch)
-        verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance}
+        with lazy.streamed(peft_model, shards, quant) if stream else contextlib.nullcontext():
+            peft_logits = _logits(wrapper, batch)
+        verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance,
+                        "weights": "streamed" if stream else "loaded"}
         if backend == "ort":
             np.savez(work / "probe.npz", **batch)
             launcher.run("edgeft.trainer.artifacts:verify", {
@@ -125,17 +237,25 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
                                   "was written")
         with atomic_dir(ws.root / "adapter") as tmp:
             peft_model.save_pretrained(tmp)
-        merged = peft_model.merge_and_unload()
-        merged_logits = _logits(onnx_export.CausalLMLoss(merged), batch)
-        verification["merged_vs_peft_max_abs"] = float(np.abs(merged_logits - peft_logits).max())
-        if verification["merged_vs_peft_max_abs"] > cfg.tolerance:
-            raise EdgeftError(f"merge verification failed: the merged model's logits differ from the adapter's by "
-                              f"{verification['merged_vs_peft_max_abs']:.2e}; the adapter was written, the merged "
-                              "model was not")
-        with atomic_dir(ws.root / "merged") as tmp:
-            merged.save_pretrained(tmp)
-            from transformers import AutoTokenizer
 
+        def check(merged_logits: np.ndarray) -> None:
+            verification["merged_vs_peft_max_abs"] = float(np.abs(merged_logits - peft_logits).max())
+            if verification["merged_vs_peft_max_abs"] > cfg.tolerance:
+                raise EdgeftError(f"merge verification failed: the merged model's logits differ from the adapter's "
+                                  f"by {verification['merged_vs_peft_max_abs']:.2e}; the adapter was written, the "
+                                  "merged model was not")
+
+        with atomic_dir(ws.root / "merged") as tmp:
+            if stream:
+                _write_merged_streamed(peft_model, shards, quant, tmp)
+                config.save_pretrained(tmp)
+                merged, merged_shards = lazy.empty_model(tmp, trust)
+                with lazy.streamed(merged, merged_shards):
+                    check(_logits(onnx_export.CausalLMLoss(merged), batch))
+            else:
+                merged = peft_model.merge_and_unload()
+                check(_logits(onnx_export.CausalLMLoss(merged), batch))
+                merged.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
             if (model_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
                 shutil.copy(model_dir / "generation_config.json", tmp / "generation_config.json")
@@ -145,6 +265,6 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     ws.record("merge", {
         "config": dataclasses.asdict(cfg), "checkpoint": ckpt.name, "step": state["position"]["step"],
         "backend": backend, "trained_at": trained["finished_at"], "verification": verification,
-        "outputs": outputs, "seconds": round(time.time() - started, 1),
+        "outputs": outputs, "seconds": round(time.time() - started, 1), "peak_rss_mb": round(rss.peak_mb(), 1),
     })
     return ws.root
