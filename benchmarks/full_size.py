@@ -1,4 +1,4 @@
-"""Full-size Phi-3-mini (3.8 B parameters) through prepare, export and training with an int4 base, on one machine.
+"""Full-size Phi-3-mini (3.8 B parameters) from prepare to an int4 bundle, trained on an int4 base, on one machine.
 
     python benchmarks/full_size.py [--model DIR] [--work DIR] [--device intel-n100-mini-pc-8gb]
                                    [--steps 4] [--seq-len 256] [--out benchmarks/results]
@@ -8,7 +8,8 @@ weights written the way the real checkpoint ships: bfloat16 safetensors shards o
 (`--model` takes a real checkpoint folder instead). Then, each its own process, as a user would run them:
 `edgeft plan` (the device profile's prediction), `edgeft prepare --base-precision int4`, `edgeft export
 --recompute` (its weights streamed from the shards), `edgeft train` for a few steps at batch 1 x seq-len on
-the sample task, and `edgeft bench` for the step time, tokens/s and MFU. Measured: the peak RSS of every
+the sample task, `edgeft bench` for the step time, tokens/s and MFU, then `edgeft merge` (streamed) and
+`edgeft package` (int4, from edgeft's quantized copy). Measured: the peak RSS of every
 stage (the largest process it ran, from getrusage) and its wall time. Writes full_size.json and full_size.md.
 """
 
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
+from benchmarks.package_speed import build_bundle  # noqa: E402
 
 SHARD_BYTES = 2 * 10**9
 EXPORT_CEILING_GB = 12.0
@@ -40,7 +42,7 @@ def phi3_mini_config():
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
                       sliding_window=2047, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
-                      tie_word_embeddings=False, dtype="bfloat16")
+                      tie_word_embeddings=False, dtype="bfloat16", architectures=["Phi3ForCausalLM"])
 
 
 def build(out: Path, seed: int = 0) -> Path:
@@ -135,8 +137,12 @@ def main() -> None:
                     "--max-steps", steps, "--seq-len", seq, "--batch-size", "1", "--device", args.device,
                     "--eval-every", steps, "--save-every", steps),
               stage("bench", "bench", str(ws), "--device", args.here, "--seq-len", seq, "--batch-size", "1",
-                    "--runs", str(args.runs))]
+                    "--runs", str(args.runs)),
+              stage("merge", "merge", str(ws), "--checkpoint", "last"),
+              stage("package", "package", str(ws), "--device", args.device, "--force")]
     manifest = json.loads((ws / "manifest.json").read_text())["stages"]
+    with tempfile.TemporaryDirectory(dir=work) as tmp:  # the build alone: package's peak is its fp32 reference
+        package_build = build_bundle(ws / "merged", Path(tmp) / "bundle", "int4", "edgeft", Path(tmp) / "cache")
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "device": args.device, "here": args.here, "seq_len": args.seq_len, "steps": args.steps,
               "model": str(model) if args.model else "random-weight Phi-3-mini-4k (bf16 shards, built here)",
@@ -150,7 +156,12 @@ def main() -> None:
                                                           "peak_rss_mb", "wall_s")}
               | {"losses": [r["loss"] for r in map(json.loads, (ws / "train" / "metrics.jsonl").read_text().splitlines())
                             if r["event"] == "progress"]},
-              "bench": json.loads((ws / "bench" / "bench.json").read_text())["training"]}
+              "bench": json.loads((ws / "bench" / "bench.json").read_text())["training"],
+              "merge": {k: manifest["merge"][k] for k in ("verification", "seconds", "peak_rss_mb")},
+              "package": {k: manifest["package"][k] for k in ("precision", "verification", "bytes", "seconds",
+                                                              "build_seconds", "peak_rss_mb")}
+              | {"build": json.loads((ws / "bundle" / "manifest.json").read_text())["build"]},
+              "package_build": package_build}
     report.save(Path(args.out), "full_size", result, markdown)
 
 
@@ -158,7 +169,7 @@ def markdown(r: dict) -> str:
     gib = 2**30
     plan, here, export, bench = r["plan"], r["plan_here"], r["export"], r["bench"]
     mem = export["memory_mb"]
-    lines = [f"# Full-size Phi-3-mini, int4 base: prepare, export, train ({r['date']})", "",
+    lines = [f"# Full-size Phi-3-mini, int4 base: prepare, export, train, merge, package ({r['date']})", "",
              f"{r['model']}; 3.82 B frozen parameters, LoRA r16 on every Linear of the 32 layers. Measured on "
              f"{r['machine']}, 24 GiB, each stage its own process as a user runs it; peaks are the largest "
              "process of each stage (getrusage). `python benchmarks/full_size.py`.", "",
@@ -200,6 +211,27 @@ def markdown(r: dict) -> str:
               f"| planned, {r['device']} | {plan['step_s']:.1f} s | {plan['tokens_per_s']:.2f} | "
               f"{plan['memory_bytes']['total'] / gib:.2f} GiB of {plan['budget_bytes'] / gib:.2f} | "
               f"fits: {'yes' if plan['fits'] else 'no'} |", ""]
+    if "merge" in r:
+        m, p = r["merge"], r["package"]
+        v, pv, build = m["verification"], p["verification"], p["build"]
+        lines += [f"Merge (`edgeft merge`, the base {v['weights']} one decoder layer at a time): PEFT logits vs the "
+                  f"training runtime's eval model {v.get('peft_vs_ort_eval_max_abs', float('nan')):.1e}, merged model "
+                  f"vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs, tolerance {v['tolerance']:g}); "
+                  f"{m['seconds']:.0f} s, the merge process peaked at {m['peak_rss_mb'] / 1024:.2f} GiB.", "",
+                  f"Package (`edgeft package --device {r['device']}`, {p['precision']}): builder input "
+                  f"{build['builder_input']}"
+                  + (f" (quantized by edgeft in {build['prequantize']['seconds']:.0f} s)" if "prequantize" in build
+                     else "")
+                  + f", builder {build['builder_seconds']:.0f} s; bundle {p['bytes'] / gib:.2f} GiB; {p['seconds']:.0f} s "
+                  f"in all. Verification against transformers fp32 on the merged model (random weights: logits "
+                  f"matter more than tokens): token agreement {pv['token_agreement']:.0%}, max logit error "
+                  f"{pv['max_logit_error']:.2e}. The package process peaked at {p['peak_rss_mb'] / 1024:.2f} GiB: "
+                  "that is transformers holding the fp32 merged model for the reference, not the build.", ""]
+        b = r["package_build"]
+        lines += [f"The build alone (`package.build`, its own process, as `benchmarks/package_speed.py` measures it): "
+                  f"{b['seconds']:.0f} s, peak {b['peak_rss_mb'] / 1024:.2f} GiB (the quantized copy's writer "
+                  f"{b['prequantize_peak_mb'] / 1024:.2f} GiB), **{b['peak_rss_mb'] * 2**20 / (4 * r['prepare']['params']['base']):.2f}x** "
+                  f"the fp32 weights; bundle {b['bundle_mb'] / 1024:.2f} GiB.", ""]
     return "\n".join(lines)
 
 

@@ -248,6 +248,7 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         with atomic_dir(ws.root / "merged") as tmp:
             if stream:
                 _write_merged_streamed(peft_model, shards, quant, tmp)
+                config.architectures = [type(base).__name__]  # as save_pretrained records it
                 config.save_pretrained(tmp)
                 merged, merged_shards = lazy.empty_model(tmp, trust)
                 with lazy.streamed(merged, merged_shards):
