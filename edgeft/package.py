@@ -78,11 +78,13 @@ def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quan
 
 
 def build(merged: Path, out: Path, cache: Path, precision: str, ep: str, quant: Quantization) -> dict:
-    """Build the merged model into `out`. int4 and int8 are built from a copy quantized one weight at a time
-    (prequantize.py), so that no process holds the fp32 model; the builder quantizes the fp32 folder itself
-    only where that copy cannot be made (the reason is printed and recorded)."""
+    """Build the merged model into `out`. int4 and int8 for the CPU are built from a copy quantized one weight at
+    a time (prequantize.py), so that no process holds the fp32 model; the builder quantizes the fp32 folder
+    itself where that copy cannot be made (the reason is printed and recorded). GPU builds quantize fp16
+    weights, so the builder quantizes those itself too."""
     if precision in ("int4", "int8"):
-        reason = prequantize.unsupported(merged, quant.block_size)
+        reason = (prequantize.unsupported(merged, quant.block_size) if ep == "cpu" else
+                  f"a {ep} build quantizes the weights in fp16, as only the builder does")
         if reason is None:
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prequantized-") as work:
                 started = time.time()
@@ -370,9 +372,12 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         try:
             got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active)
         except RuntimeError as e:  # onnxruntime-genai refuses the model it was given
-            raise BuilderError(f"the builder wrote a model onnxruntime-genai cannot load: {str(e)[:300]}\nhint: "
-                               "onnxruntime-genai 0.18 builds an invalid embedding for asymmetric int4 with tied "
-                               "embeddings; package with a symmetric profile or another --precision") from None
+            hint = (f"package verifies the bundle by running it: build for --ep {cfg.ep} on a machine where "
+                    f"onnxruntime-genai has that provider" if cfg.ep != "cpu" else
+                    "onnxruntime-genai 0.18 builds an invalid embedding for asymmetric int4 with tied embeddings; "
+                    "package with a symmetric profile or another --precision")
+            raise BuilderError(f"the built model does not load in onnxruntime-genai here: {str(e)[:300]}\n"
+                               f"hint: {hint}") from None
         verification = {
             "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
             "token_agreement": agreement(ref_tokens, got_tokens),

@@ -126,11 +126,17 @@ def test_quantized_copy_builds_the_builders_own_int4(tiny_model, tmp_path, famil
     assert max(float(np.abs(x - y).max()) for x, y in zip(l1, l2, strict=True)) < 1e-5
 
 
-def test_blocks_that_do_not_divide_fall_back_to_the_builders_quantization(tiny_model, tmp_path):
+def test_the_builder_quantizes_where_the_copy_cannot_be_made(tiny_model, tmp_path):
+    """Blocks that do not divide a weight's inputs, and GPU builds (fp16 weights): the builder's own route."""
     from edgeft import prequantize
+    from edgeft.devices import Quantization
+    from edgeft.package import build
 
     model = tiny_model("phi3-mini-4k")
     assert "not a multiple of the block size 256" in prequantize.unsupported(model, 256)
+    built = build(model, tmp_path / "bundle", tmp_path / "cache", "int4", "cuda", Quantization())
+    assert built["builder_input"] == "fp32" and "fp16" in built["why"]
+    assert (tmp_path / "bundle" / "model.onnx").is_file()
 
 
 def test_bad_input(merged_ws, tiny_model, tmp_path):
