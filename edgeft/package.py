@@ -143,12 +143,23 @@ def reference(merged: Path, prompts: list[list[int]], max_new: int) -> tuple[lis
     return tokens, logits
 
 
-def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int,
-                   adapter: Path | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Greedy tokens and first-step logits from onnxruntime-genai, with an `.onnx_adapter` active if given."""
+def provider_here(ep: str) -> bool:
+    """Whether onnxruntime-genai on this machine runs the execution provider a bundle was built for."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    return ep == "cpu" or bool(getattr(og, f"is_{ep}_available", lambda: False)())
+
+
+def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int,
+                   adapter: Path | None = None, cpu: bool = False) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Greedy tokens and first-step logits from onnxruntime-genai, with an `.onnx_adapter` active if given;
+    `cpu`: on the CPU provider whatever the bundle was built for (the same graph and weights)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    if cpu:
+        config.clear_providers()
+    model = og.Model(config)
     adapters = None
     if adapter is not None:
         adapters = og.Adapters(model)
@@ -267,7 +278,7 @@ SHIPPED_TOLERANCE = 1e-3
 
 
 def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], adapter: Path | None,
-                       merged_rec: dict, accuracy_level: int) -> dict:
+                       merged_rec: dict, accuracy_level: int, cpu: bool = False) -> dict:
     """Train what you ship: the int4 blocks the workspace trained against must be the bundle's, byte for
     byte, and the bundle with the trained adapter active must reproduce the training runtime's eval logits
     (within SHIPPED_TOLERANCE where MatMulNBits computes in fp32, accuracy level 0/1; at level 4 it rounds
@@ -320,7 +331,7 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
                 "checkpoint": str(checkpoint)},
                 log_path=ws.root / "logs" / "package-runtime.log")
             ort_logits = np.load(out)
-        _, got = genai_generate(bundle, prompts, 1, adapter)
+        _, got = genai_generate(bundle, prompts, 1, adapter, cpu)
         error = float(max(np.abs(a - b).max() for a, b in zip(ort_logits, got, strict=True)))
         result["adapter_vs_training_runtime_max_logit_error"] = error
         if accuracy_level in (0, 1) and error > SHIPPED_TOLERANCE:
@@ -369,8 +380,9 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         threads = set_cpu_threads(tmp, device.cpu.cores if device else os.cpu_count() or 1) if cfg.ep == "cpu" else None
         ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens)
         active = adapter_files.get(ws.root.name)
+        on_cpu = not provider_here(cfg.ep)  # a bundle for a GPU provider this machine lacks: its graph, on the CPU
         try:
-            got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active)
+            got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active, on_cpu)
         except RuntimeError as e:  # onnxruntime-genai refuses the model it was given
             hint = (f"package verifies the bundle by running it: build for --ep {cfg.ep} on a machine where "
                     f"onnxruntime-genai has that provider" if cfg.ep != "cpu" else
@@ -384,18 +396,19 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
             "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(ref_logits, got_logits, strict=True))),
             "reference": "transformers greedy generate on WS/merged (fp32)"
                          + (f"; bundle with adapter {ws.root.name!r} active" if active else ""),
+            "ran_on": f"cpu (no {cfg.ep} provider on this machine)" if on_cpu else cfg.ep,
         }
         if active:
             base_tokens, base_logits = reference(Path(ws.stage("prepare")["config"]["model_dir"]), prompts,
                                                  cfg.max_new_tokens)
-            plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens)
+            plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, cpu=on_cpu)
             verification["no_adapter_vs_base"] = {
                 "token_agreement": agreement(base_tokens, plain_tokens),
                 "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(base_logits, plain_logits,
                                                                                  strict=True)))}
         if ships_trained_base:
             verification["shipped_base"] = shipped_base_check(ws, tmp, prompts, active, merged_rec,
-                                                                  quant.accuracy_level)
+                                                                  quant.accuracy_level, on_cpu)
         if precision == "fp32" and verification["token_agreement"] < 1.0:
             raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from transformers' "
                               f"(agreement {verification['token_agreement']:.1%}); nothing was written")

@@ -139,6 +139,23 @@ def test_the_builder_quantizes_where_the_copy_cannot_be_made(tiny_model, tmp_pat
     assert (tmp_path / "bundle" / "model.onnx").is_file()
 
 
+def test_a_gpu_bundle_is_verified_on_the_cpu_where_its_provider_is_missing(merged_ws, tmp_path):
+    """Built for CUDA on a machine without it: the same graph and weights run on the CPU provider for the
+    verification, and the manifest says so."""
+    from edgeft.package import provider_here
+
+    if provider_here("cuda"):
+        pytest.skip("this machine runs CUDA: the bundle is verified on it")
+    ws = copy(merged_ws, tmp_path)
+    out = package(ws, PackageConfig(precision="int4", ep="cuda"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["execution_provider"] == "cuda" and manifest["build"]["builder_input"] == "fp32"
+    config = json.loads((out / "genai_config.json").read_text())
+    assert "cuda" in json.dumps(config["model"]["decoder"]["session_options"]["provider_options"])
+    v = manifest["verification"]
+    assert v["ran_on"] == "cpu (no cuda provider on this machine)" and 0 <= v["token_agreement"] <= 1
+
+
 def test_bad_input(merged_ws, tiny_model, tmp_path):
     ws = copy(merged_ws, tmp_path)
     package(ws, PackageConfig(precision="fp32"))
