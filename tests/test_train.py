@@ -110,8 +110,10 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(exported, tmp_path):
 
 def test_ctrl_c_saves_and_prints_the_resume_command(exported, tmp_path):
     ws = fresh(exported, tmp_path)
+    # As from a terminal: a test run started in the background by a non-interactive shell ignores SIGINT, and
+    # an ignored signal stays ignored in every process it starts; the run must see Ctrl-C as a user's would.
     proc = subprocess.Popen(cli(ws, "--max-steps", "400"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_step(ws, 2, proc)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
