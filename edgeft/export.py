@@ -28,7 +28,6 @@ from edgeft.workspace import Workspace
 
 # Bumped when the artifacts' layout changes (2: frozen base in base.data; 3: logits as second output).
 ARTIFACTS_FORMAT = 3
-STREAM_ABOVE = 4 * 2**30  # fp32 bytes of weights past which export's weights="auto" streams them
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", base_weights.BASE_DATA)
 
 
@@ -79,7 +78,6 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     from peft import PeftModel
 
     from edgeft import onnx_export
-    from edgeft.prepare import load_base
 
     ws = Workspace(ws_path)
     if not ws.root.is_dir():
@@ -93,8 +91,8 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     rss.reset_peak()
     model_dir = Path(prep["config"]["model_dir"])
     trust = prep["config"]["trust_remote_code"]
-    stream = cfg.weights == "stream" or (cfg.weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE)
-    base, shards = lazy.empty_model(model_dir, trust) if stream else (load_base(model_dir, trust), None)
+    base, shards = lazy.base_model(model_dir, trust, cfg.weights)
+    stream = shards is not None
     peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=True)
     quant = quantize.settings(prep["config"])
     wrapper = onnx_export.CausalLMLoss(peft_model)

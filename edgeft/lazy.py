@@ -22,6 +22,7 @@ import torch
 from edgeft import families
 from edgeft.errors import EdgeftError
 
+STREAM_ABOVE = 4 * 2**30  # fp32 bytes of weights past which a stage's weights="auto" streams them
 KEY = "_edgeft_key"  # on a placeholder: its tensor's name in the safetensors files
 PLACEHOLDER = "_edgeft_placeholder"  # on a loaded parameter: the placeholder it replaced
 
@@ -40,11 +41,15 @@ class Shards:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def read(self, key: str) -> torch.Tensor:
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor as stored. Its file is opened for it alone: the file's mapped pages go when it closes."""
         from safetensors import safe_open
 
         with safe_open(str(self.files[key]), "pt") as f:
-            return f.get_tensor(key).float()
+            return f.get_tensor(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.tensor(key).float()
 
 
 def is_placeholder(p: torch.Tensor) -> bool:
@@ -87,6 +92,17 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
         raise EdgeftError(f"{model_dir}: weights missing from its safetensors files: {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''}; download the complete model folder again")
     return model.eval(), shards
+
+
+def base_model(model_dir: Path, trust_remote_code: bool, weights: str) -> tuple[torch.nn.Module, Shards | None]:
+    """The base model as a stage's `weights` option asks for it: "load", transformers' fp32 model, and no
+    shards; "stream", `empty_model` and its shards; "auto", streamed past STREAM_ABOVE bytes of fp32 weights."""
+    from edgeft import plan
+    from edgeft.prepare import load_base
+
+    if weights == "stream" or (weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE):
+        return empty_model(model_dir, trust_remote_code)
+    return load_base(model_dir, trust_remote_code), None
 
 
 def placeholder(shape, key: str | None) -> torch.nn.Parameter:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeft import launcher, lazy, plan, quantize, rss
+from edgeft import launcher, lazy, quantize, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -88,11 +88,12 @@ class _Shards:
     """Safetensors shards written in turn, named and indexed as transformers names them at the end."""
 
     def __init__(self, out: Path):
-        self.out, self.pending, self.files, self.weight_map, self.total = out, {}, [], {}, 0
+        self.out, self.pending, self.pending_bytes, self.files, self.total = out, {}, 0, [], 0
 
     def add(self, key: str, value) -> None:
         self.pending[key] = value.detach().contiguous().clone()
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= SHARD_BYTES:
+        self.pending_bytes += self.pending[key].numel() * self.pending[key].element_size()
+        if self.pending_bytes >= SHARD_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -103,21 +104,21 @@ class _Shards:
         path = self.out / f".shard-{len(self.files)}.safetensors"
         save_file(self.pending, str(path), metadata={"format": "pt"})
         self.files.append((path, list(self.pending)))
-        self.total += sum(t.numel() * t.element_size() for t in self.pending.values())
-        self.pending = {}
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> None:
         import json
 
         self.flush()
-        n = len(self.files)
+        n, weight_map = len(self.files), {}
         for i, (path, keys) in enumerate(self.files, 1):
             name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             path.rename(self.out / name)
-            self.weight_map.update(dict.fromkeys(keys, name))
+            weight_map.update(dict.fromkeys(keys, name))
         if n > 1:
             (self.out / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")
 
 
@@ -180,8 +181,6 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     from transformers import AutoTokenizer
 
     from edgeft import onnx_export
-    from edgeft.export import STREAM_ABOVE
-    from edgeft.prepare import load_base
 
     ws = Workspace(ws_path)
     trained = ws.require("train", f"train it first: `edgeft train {ws.root} --data FILE.jsonl`")
@@ -196,12 +195,12 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     rss.reset_peak()
     model_dir = Path(prep["config"]["model_dir"])
     trust = prep["config"]["trust_remote_code"]
-    stream = cfg.weights == "stream" or (cfg.weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE)
     quant = quantize.settings(prep["config"])
     with tempfile.TemporaryDirectory(dir=ws.root) as work:
         work = Path(work)
         tensors = trained_tensors(ckpt, backend, work)
-        base, shards = lazy.empty_model(model_dir, trust) if stream else (load_base(model_dir, trust), None)
+        base, shards = lazy.base_model(model_dir, trust, cfg.weights)
+        stream = shards is not None
         peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=False)
         if not stream:
             quantize.fake_quantize_(peft_model, quant)  # what was trained against
@@ -224,39 +223,36 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
             peft_logits = _logits(wrapper, batch)
         verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance,
                         "weights": "streamed" if stream else "loaded"}
+
+        def check(name: str, logits: np.ndarray, differs: str, written: str) -> None:
+            """Record the largest logit difference from the PEFT model's, and refuse past the tolerance."""
+            verification[name] = float(np.abs(logits - peft_logits).max())
+            if verification[name] > cfg.tolerance:
+                raise EdgeftError(f"merge verification failed: {differs} by {verification[name]:.2e} "
+                                  f"(> {cfg.tolerance:g}); {written}")
+
         if backend == "ort":
             np.savez(work / "probe.npz", **batch)
             launcher.run("edgeft.trainer.artifacts:verify", {
                 "artifacts": str(ws.root / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
                 "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
-            ort_logits = np.load(work / "ort_logits.npy")
-            verification["peft_vs_ort_eval_max_abs"] = float(np.abs(peft_logits - ort_logits).max())
-            if verification["peft_vs_ort_eval_max_abs"] > cfg.tolerance:
-                raise EdgeftError(f"merge verification failed: PEFT logits differ from the training runtime's by "
-                                  f"{verification['peft_vs_ort_eval_max_abs']:.2e} (> {cfg.tolerance:g}); nothing "
-                                  "was written")
+            check("peft_vs_ort_eval_max_abs", np.load(work / "ort_logits.npy"),
+                  "PEFT logits differ from the training runtime's", "nothing was written")
         with atomic_dir(ws.root / "adapter") as tmp:
             peft_model.save_pretrained(tmp)
-
-        def check(merged_logits: np.ndarray) -> None:
-            verification["merged_vs_peft_max_abs"] = float(np.abs(merged_logits - peft_logits).max())
-            if verification["merged_vs_peft_max_abs"] > cfg.tolerance:
-                raise EdgeftError(f"merge verification failed: the merged model's logits differ from the adapter's "
-                                  f"by {verification['merged_vs_peft_max_abs']:.2e}; the adapter was written, the "
-                                  "merged model was not")
-
         with atomic_dir(ws.root / "merged") as tmp:
             if stream:
                 _write_merged_streamed(peft_model, shards, quant, tmp)
                 config.architectures = [type(base).__name__]  # as save_pretrained records it
                 config.save_pretrained(tmp)
-                merged, merged_shards = lazy.empty_model(tmp, trust)
-                with lazy.streamed(merged, merged_shards):
-                    check(_logits(onnx_export.CausalLMLoss(merged), batch))
+                merged, merged_shards = lazy.empty_model(tmp, trust)  # checked from the files just written
             else:
-                merged = peft_model.merge_and_unload()
-                check(_logits(onnx_export.CausalLMLoss(merged), batch))
+                merged, merged_shards = peft_model.merge_and_unload(), None
                 merged.save_pretrained(tmp)
+            with lazy.streamed(merged, merged_shards) if stream else contextlib.nullcontext():
+                check("merged_vs_peft_max_abs", _logits(onnx_export.CausalLMLoss(merged), batch),
+                      "the merged model's logits differ from the adapter's",
+                      "the adapter was written, the merged model was not")
             AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
             if (model_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
                 shutil.copy(model_dir / "generation_config.json", tmp / "generation_config.json")

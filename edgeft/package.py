@@ -82,6 +82,7 @@ def build(merged: Path, out: Path, cache: Path, precision: str, ep: str, quant: 
     a time (prequantize.py), so that no process holds the fp32 model; the builder quantizes the fp32 folder
     itself where that copy cannot be made (the reason is printed and recorded). GPU builds quantize fp16
     weights, so the builder quantizes those itself too."""
+    why: dict[str, str] = {}
     if precision in ("int4", "int8"):
         reason = (prequantize.unsupported(merged, quant.block_size) if ep == "cpu" else
                   f"a {ep} build quantizes the weights in fp16, as only the builder does")
@@ -94,9 +95,9 @@ def build(merged: Path, out: Path, cache: Path, precision: str, ep: str, quant: 
                 seconds = run_builder(Path(work), out, cache, precision, ep, quant)
             return {"builder_input": "prequantized", "prequantize": info, "builder_seconds": round(seconds, 1)}
         print(f"package: the builder quantizes the fp32 model itself: {reason}")
-        return {"builder_input": "fp32", "why": reason,
-                "builder_seconds": round(run_builder(merged, out, cache, precision, ep, quant), 1)}
-    return {"builder_input": "fp32", "builder_seconds": round(run_builder(merged, out, cache, precision, ep, quant), 1)}
+        why = {"why": reason}
+    seconds = run_builder(merged, out, cache, precision, ep, quant)
+    return {"builder_input": "fp32", **why, "builder_seconds": round(seconds, 1)}
 
 
 def set_cpu_threads(bundle: Path, threads: int) -> int:

@@ -27,7 +27,7 @@ import re
 import shutil
 from pathlib import Path
 
-from edgeft import quantize
+from edgeft import families, quantize
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -39,7 +39,7 @@ def unsupported(folder: Path, block_size: int) -> str | None:
     config = json.loads((folder / "config.json").read_text())
     if "quantization_config" in config:
         return "the model is already quantized"
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in families.weight_files(folder):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 shape = f.get_slice(name).get_shape()
@@ -54,36 +54,29 @@ def write(folder: Path, dst: Path, bits: int, block_size: int, symmetric: bool) 
     """Write the quantized copy of `folder` (a Hugging Face model folder) into `dst`."""
     import numpy as np
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from edgeft import lazy
 
     dst.mkdir(parents=True, exist_ok=True)
     for path in folder.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
             shutil.copy2(path, dst / path.name)
-    files = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), path))
-
-    def read(name: str) -> torch.Tensor:  # a file opened per tensor: its mapped pages go when it closes
-        with safe_open(files[name], framework="pt") as f:
-            return f.get_tensor(name)
-
+    shards = lazy.Shards(folder)
     tensors: dict[str, torch.Tensor] = {}
     quantized = 0
-    for name in files:
+    for name in shards.files:
         if not LINEAR.match(name):
-            tensors[name] = read(name)
+            tensors[name] = shards.tensor(name)
             continue
-        weight = read(name)
+        weight = shards.read(name)
         parts = [(name, weight)]
         if name.endswith(".gate_up_proj.weight"):  # written apart: see the module docstring
             half = weight.shape[0] // 2
             parts = [(name.replace("gate_up_proj", "gate_proj"), weight[:half]),
                      (name.replace("gate_up_proj", "up_proj"), weight[half:])]
         for part, w in parts:
-            codes, scales, zero = quantize.nbits_blocks(w.float().numpy().T, block_size, symmetric, bits)
+            codes, scales, zero = quantize.nbits_blocks(w.numpy().T, block_size, symmetric, bits)
             stem = part[: -len(".weight")]
             tensors[stem + ".qweight"] = torch.from_numpy(codes.reshape(codes.shape[0], -1))
             tensors[stem + ".scales"] = torch.from_numpy(scales)
