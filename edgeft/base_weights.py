@@ -238,7 +238,7 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
     above fp32 (measured: 3.0 vs 2.5 GB on a real-width slice). Here each use gets its own copy, ordered by
     a `one` computed from the consumer's other input (`Size(x) / Size(x)`), so only the weights in use are
     ever dequantized. The copy stays [out, in] and the consumer reads it transposed (MatMul becomes
-    FusedMatMul with transB, which MLAS runs as fast), so no Transpose copy is made either.
+    FusedMatMul with transB, which MLAS runs as fast; Gemm flips its transB), so no Transpose copy is made either.
     Run on the training and eval graphs after generate_artifacts (the gradient graph exists by then, so
     this adds no gradient path). `specs`: export's `quantized_weights`. Returns the number of copies.
     """
@@ -281,8 +281,9 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
 
 
 def _read_transposed(user: onnx.NodeProto, slot: int) -> bool:
-    """Make a MatMul / FusedMatMul read input `slot` transposed; False for any other consumer."""
-    if user.op_type not in ("MatMul", "FusedMatMul") or slot > 1:
+    """Make a MatMul / FusedMatMul / Gemm read input `slot` transposed; False for any other consumer. (The LM
+    head's weight gradient is a Gemm: it runs on the labelled rows, a 2-D tensor.)"""
+    if user.op_type not in ("MatMul", "FusedMatMul", "Gemm") or slot > 1:
         return False
     flag = "transA" if slot == 0 else "transB"
     if user.op_type == "MatMul":

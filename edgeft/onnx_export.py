@@ -20,23 +20,46 @@ OPSET = 17
 IGNORE_INDEX = -100
 
 
+# Causal LMs whose logits are their LM head applied to the decoder's output, nothing more (no scaling or
+# soft-capping): for these the loss runs the head on the labelled positions only.
+HEAD_ON_DECODER = ("Phi3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
 class CausalLMLoss(torch.nn.Module):
     """forward(input_ids, attention_mask, labels) -> (mean next-token cross-entropy over labelled tokens, logits).
 
     The loss comes first: ORT's gradient builder differentiates the first graph output. The logits are the
     second output so that later stages (merge, package) can check their outputs against the training
-    runtime's eval model."""
+    runtime's eval model; with `logits=False` there is no second output.
 
-    def __init__(self, model: torch.nn.Module):
+    The loss runs the LM head on the labelled positions alone: in chat data with the prompt masked that is
+    a third of the tokens or so, and the head is the widest matmul of a small model (Phi-4-mini: 200k
+    vocabulary). The full logits are computed apart, for the second output only; training drops that
+    output (trainer/artifacts.py, torch_engine.py), so a training step never holds logits for the
+    unlabelled positions. The loss equals cross-entropy over all positions with the unlabelled ignored."""
+
+    def __init__(self, model: torch.nn.Module, logits: bool = True):
         super().__init__()
         self.model = model
+        self.logits = logits
+
+    def _causal_lm(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(self, input_ids, attention_mask, labels):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        vocab = logits.shape[-1]
-        shift_logits = logits[:, :-1, :].reshape(-1, vocab).float()
-        shift_labels = labels[:, 1:].reshape(-1)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX), logits
+        target = labels[:, 1:].reshape(-1)
+        lm = self._causal_lm()
+        if type(lm).__name__ not in HEAD_ON_DECODER:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), target,
+                                   ignore_index=IGNORE_INDEX)
+            return (loss, logits) if self.logits else (loss,)
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        head = lm.get_output_embeddings()
+        labelled = torch.nonzero(target != IGNORE_INDEX).squeeze(-1)
+        shifted = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+        loss = F.cross_entropy(head(shifted.index_select(0, labelled)).float(), target.index_select(0, labelled))
+        return (loss, head(hidden)) if self.logits else (loss,)
 
 
 @contextlib.contextmanager

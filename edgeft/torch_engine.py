@@ -25,7 +25,7 @@ class TorchEngine:
         model = torch_base.load(model_dir, adapter_init, cfg.get("base_quant", {"precision": "fp32"}))
         if cfg.get("recompute"):  # one decoder layer's activations at a time, recomputed in the backward pass
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.wrapper = CausalLMLoss(model)
+        self.wrapper = CausalLMLoss(model, logits=False)  # the loss alone: no head over unlabelled positions
         self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
         # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-6,

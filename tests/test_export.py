@@ -24,14 +24,61 @@ def randomize_adapter(ws, seed=1):
     save_file(tensors, path)
 
 
+def full_logits_loss(model, batch):
+    """Mean next-token cross-entropy from the model's own logits over every position, unlabelled ones
+    ignored: the textbook formula, independent of CausalLMLoss."""
+    ids, mask, labels = (torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100), logits
+
+
 def peft_loss(ws, model_dir, batch):
     """The reference: transformers + PEFT as a user runs them, long-rope switching left on."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init")
-    wrapper = CausalLMLoss(model).eval()
+    model = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init").eval()
     with torch.no_grad():
-        return float(wrapper(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels")))[0])
+        return float(full_logits_loss(model, batch)[0])
+
+
+def prompt_masked(batch, prompt=9):
+    """The probe batch with the first `prompt` labels of each row ignored, as chat data masks the prompt."""
+    batch = {k: v.copy() for k, v in batch.items()}
+    batch["labels"][:, :prompt] = -100
+    return batch
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_loss_runs_the_head_on_labelled_positions_only(tiny_model, tmp_path, family):
+    """CausalLMLoss's loss and gradients equal the full-logits formula; its logits equal the model's; and
+    with logits=False no head output is ever as wide as the batch."""
+    from peft import PeftModel
+
+    ws, model_dir = prepared(tiny_model, tmp_path, family)
+    model = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init", is_trainable=True).eval()
+    batch = prompt_masked(probe_batch(model.config.vocab_size))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    reference, reference_logits = full_logits_loss(model, batch)
+    expected = torch.autograd.grad(reference, trainable)
+    widths = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, o: widths.append(o.shape[:-1].numel()))
+    try:
+        loss, = CausalLMLoss(model, logits=False)(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels")))
+    finally:
+        hook.remove()
+    grads = torch.autograd.grad(loss, trainable)
+    assert widths == [labelled] and labelled < batch["input_ids"].size / 2
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        both = CausalLMLoss(model)(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels")))
+    torch.testing.assert_close(both[0], reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(both[1], reference_logits.detach(), rtol=0, atol=0)
 
 
 def ort_loss(ws, batch, tmp_path):
@@ -165,3 +212,26 @@ def test_artifacts_train_only_the_adapter(tiny_model, tmp_path):
     losses = result["losses"]
     assert losses[-1] < losses[0] - 0.05, losses
     assert hashlib.sha256((out / "base.data").read_bytes()).hexdigest() == base_hash
+
+
+def test_training_graph_runs_the_head_on_labelled_rows(tiny_model, tmp_path):
+    """The training graph has no logits output and its LM head reads only the gathered labelled rows; the
+    eval graph keeps the logits. On a prompt-masked batch ONNX Runtime's loss is the full-logits one."""
+    import onnx
+
+    ws, model_dir = prepared(tiny_model, tmp_path, "phi3-mini-4k", lora_dropout=0.0)
+    out = export(ws)
+    training = onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph
+    evaluation = onnx.load(str(out / "eval_model.onnx"), load_external_data=False).graph
+    assert "logits" not in [o.name for o in training.output]
+    assert [o.name for o in evaluation.output][:2] == ["loss", "logits"]
+    producer = {o: n for n in training.node for o in n.output}
+    heads = [n for n in training.node if n.op_type == "MatMul" and "lm_head" in n.name]
+    assert len(heads) == 1, [n.name for n in heads]
+    assert producer[heads[0].input[0]].op_type == "Gather"
+
+    batch = prompt_masked(probe_batch(320, seq_len=16, pad_id=3, seed=5))
+    result = ort_loss(ws, batch, tmp_path)
+    reference = peft_loss(ws, model_dir, batch)
+    for loss in (result["eval_loss"], result["train_loss"]):
+        assert abs(loss - reference) <= TOLERANCE * abs(reference), (loss, reference)

@@ -37,24 +37,47 @@ def generate(args: dict) -> dict:
         ort_format=False, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
     onnx.save(torch_adamw(onnx.load(str(out / "optimizer_model.onnx"))), str(out / "optimizer_model.onnx"))
     recomputed, dequantizers = None, 0
-    if args.get("recompute") or quantized:  # rewrite each graph once: recomputation first, then dequantize_at_use
-        graphs = {name: onnx.load(str(out / name), load_external_data=False)
-                  for name in ("training_model.onnx", "eval_model.onnx")}
-        if args.get("recompute"):
-            forward = tuple(o.name for o in graphs["eval_model.onnx"].graph.output)
-            recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(args["data_inputs"]))
-            events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
-        for name, graph in graphs.items():
-            if quantized:
-                dequantizers += base_weights.dequantize_at_use(graph, quantized)
-            onnx.save(graph, str(out / name))
+    # Rewrite each graph once: the training graph loses its logits output, then recomputation, then dequantize_at_use.
+    graphs = {name: onnx.load(str(out / name), load_external_data=False)
+              for name in ("training_model.onnx", "eval_model.onnx")}
+    dropped = drop_outputs(graphs["training_model.onnx"], {"logits"})
+    events.log(f"training graph: logits output dropped with the {dropped} nodes that only it needed")
+    if args.get("recompute"):
+        kept = {o.name for o in graphs["training_model.onnx"].graph.output}
+        forward = tuple(o.name for o in graphs["eval_model.onnx"].graph.output if o.name in kept)
+        recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(args["data_inputs"]))
+        events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
+    if quantized:
+        dequantizers = sum(base_weights.dequantize_at_use(graph, quantized) for graph in graphs.values())
+    for name, graph in graphs.items():
+        onnx.save(graph, str(out / name))
     if ort_format:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
             convert_onnx_models_to_ort(out / name, output_dir=out, optimization_styles=[OptimizationStyle.Fixed])
     return {"seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1),
-            "dequantizers": dequantizers, "recompute": recomputed}
+            "dequantizers": dequantizers, "dropped_nodes": dropped, "recompute": recomputed}
+
+
+def drop_outputs(model, names: set[str]) -> int:
+    """Remove the graph outputs `names` and every node that only they needed; returns how many nodes went.
+
+    The training graph's logits output (CausalLMLoss's second output, kept in the eval graph for later
+    stages' checks) would otherwise run the LM head on every position of every training step."""
+    graph = model.graph
+    outputs = [o for o in graph.output if o.name not in names]
+    if len(outputs) == len(graph.output):
+        return 0
+    del graph.output[:]
+    graph.output.extend(outputs)
+    nodes = list(graph.node)
+    producer = {o: n for n in nodes for o in n.output if o}
+    needed = recompute.upstream([o.name for o in outputs], producer)
+    kept = [n for n in nodes if id(n) in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(nodes) - len(kept)
 
 
 def verify(args: dict) -> dict:
