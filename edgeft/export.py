@@ -128,6 +128,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant, read)
         shutil.rmtree(traced.parent)  # its weights now live in base.data
         detached = detach.detach_norms(slim, set(trainable))
+        onnx_export.rows_by_gathernd(slim)
         atomic.write_json(tmp / INPUTS_FILE, {"inputs": list(onnx_export.INPUT_NAMES), "detached": detached,
                                               "base_inputs": stored.pop("inputs"),
                                               "quantized_weights": stored.pop("quantized_weights")})

@@ -145,6 +145,40 @@ def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path, weig
     return {} if weights else _declare_parameters(wrapper, path)
 
 
+def rows_by_gathernd(model) -> int:
+    """Make the loss's row selections (Gather on axis 0 with NonZero's indices) GatherND ops; returns how many.
+
+    The two compute the same rows, but ONNX Runtime's gradient of Gather (GatherGrad) is slow on CPU: for
+    the labelled rows of an 8 x 512 batch of a 3072-wide model (1500 of 4096 rows), 495 ms against 51 ms
+    for GatherND's (GatherNDGrad), measured with onnxruntime-training 1.19.2 on the dev machine."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output if o}
+
+    def from_nonzero(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Squeeze", "Transpose", "Reshape", "Cast"):
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "NonZero"
+
+    nodes, changed = [], 0
+    for n in graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Gather" and axis == 0 and from_nonzero(n.input[1]):
+            rows = f"{n.output[0]}/rows"
+            last = helper.make_tensor(f"{rows}/axis", TensorProto.INT64, [1], [-1])
+            nodes += [helper.make_node("Constant", [], [f"{rows}/axis"], value=last, name=f"{n.name}/Axis"),
+                      helper.make_node("Unsqueeze", [n.input[1], f"{rows}/axis"], [rows], name=f"{n.name}/Unsqueeze"),
+                      helper.make_node("GatherND", [n.input[0], rows], list(n.output), name=f"{n.name}/GatherND")]
+            changed += 1
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return changed
+
+
 def _declare_parameters(wrapper: CausalLMLoss, path: Path) -> dict[str, str]:
     """Turn the parameters the tracer left as graph inputs into initializers: placeholders as shapes only,
     the rest with their values. Returns {initializer: safetensors key} for the placeholders."""
