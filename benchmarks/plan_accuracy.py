@@ -147,7 +147,7 @@ def markdown(result: dict) -> str:
              "and median step time (after the first). `fit` rows calibrated `edgeft.plan.CALIBRATION`; `check` rows "
              "did not. Goals: memory within +-15 %, step time within +-30 %.", "",
              "| config | role | backend | hidden x layers, ffn, vocab | batch x seq | predicted peak | measured peak | "
-             "error | predicted step | measured step | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "error | predicted step | measured step | error | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem_ok = abs(r["memory_error"]) <= 0.15
         time_ok = abs(r["time_error"]) <= 0.30
@@ -156,7 +156,7 @@ def markdown(result: dict) -> str:
             f"| {r['batch']} x {r['seq_len']} | {r['predicted_peak_bytes'] / 1e6:.0f} MB | "
             f"{r['measured_peak_bytes'] / 1e6:.0f} MB | {r['memory_error']:+.1%} {'ok' if mem_ok else 'MISS'} | "
             f"{r['predicted_step_s']:.3f} s | {r['measured_step_s']:.3f} s | "
-            f"{r['time_error']:+.1%} {'ok' if time_ok else 'MISS'} |")
+            f"{r['time_error']:+.1%} {'ok' if time_ok else 'MISS'} | {r.get('measured_on', result['date'])} |")
     rows = result["rows"]
     mem_ok = sum(abs(r["memory_error"]) <= 0.15 for r in rows)
     time_ok = sum(abs(r["time_error"]) <= 0.30 for r in rows)
@@ -164,9 +164,12 @@ def markdown(result: dict) -> str:
               "Notes: a quantized base is dequantized at each use, by ORT and by the torch backend "
               "(torch_base.py). What is in flight (`dequant_live`) and the time it takes (`dequant_bytes`) were "
               "fitted on the 4-layer slice of results/quantized_base.md, so the 2-layer int8 rows here check them "
-              "at another depth and precision. Those rows were re-measured on 2026-11-23, after the torch backend "
-              "began holding the base quantized; the other rows are the earlier measurements. Predictions were "
-              "recomputed from the measured rows with the final calibration (`--recompute`)."]
+              "at another depth and precision. Rows are re-measured (`--only`, merged by hand into plan.json) when "
+              "a change moves them: the int8 rows after the torch backend began holding the base quantized, and "
+              "slice-256x1, demo-128x8 and slice-512x2 after the loss began running the LM head on the labelled "
+              "positions only (these runs label every token but the first, so the head does the same work; ORT "
+              "no longer copies the logits to shift them, which took slice-512x2 from 5821 to 4765 MB). "
+              "Predictions were recomputed from the measured rows with the final calibration (`--recompute`)."]
     return "\n".join(lines) + "\n"
 
 
