@@ -278,6 +278,55 @@ def _build_adapters(ws: Workspace, sources: list[Workspace], tmp: Path, cache: P
 SHIPPED_TOLERANCE = 1e-3
 
 
+@dataclass
+class NBitsBlocks:
+    """One MatMulNBits of a bundle as stored: codes [N, blocks, block * bits / 8] (int4: two per byte),
+    scales [N, blocks] and zero points [N, blocks], one per byte (implied: 8 for int4, 128 for int8)."""
+    name: str
+    bits: int
+    block_size: int
+    K: int
+    N: int
+    accuracy_level: int
+    packed: np.ndarray
+    scales: np.ndarray
+    zero: np.ndarray
+
+    def dequantized(self) -> np.ndarray:
+        """The [N, K] fp32 weight the blocks stand for."""
+        codes = quantize.unpack_nibbles(self.packed) if self.bits == 4 else self.packed
+        codes = codes.reshape(self.N, self.scales.shape[1], -1).astype(np.int32)
+        values = (codes - self.zero[..., None].astype(np.int32)) * self.scales[..., None]
+        return values.reshape(self.N, -1)[:, :self.K]
+
+
+def matmul_nbits(bundle: Path) -> list[NBitsBlocks]:
+    """Every MatMulNBits of `bundle`/model.onnx, in graph order, read from its initializers."""
+    import onnx
+
+    from edgeft import base_weights
+
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        n, bits = a["N"], a["bits"]
+        packed = base_weights.initializer_array(inits[node.input[1]], bundle)
+        scales = base_weights.initializer_array(inits[node.input[2]], bundle).reshape(n, -1).astype(np.float32)
+        blocks = scales.shape[1]
+        if len(node.input) > 3 and node.input[3]:
+            zero = base_weights.initializer_array(inits[node.input[3]], bundle).reshape(n, -1)
+            zero = (quantize.unpack_nibbles(zero) if bits == 4 else zero)[:, :blocks]
+        else:
+            zero = np.full((n, blocks), 1 << (bits - 1), np.uint8)
+        out.append(NBitsBlocks(node.name, bits, a["block_size"], a["K"], n, a.get("accuracy_level", 0),
+                               packed.reshape(n, blocks, -1), scales, zero))
+    return out
+
+
 def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], adapter: Path | None,
                        merged_rec: dict, accuracy_level: int, cpu: bool = False) -> dict:
     """Train what you ship: the int4 blocks the workspace trained against must be the bundle's, byte for
@@ -285,8 +334,6 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
     (within SHIPPED_TOLERANCE where MatMulNBits computes in fp32, accuracy level 0/1; at level 4 it rounds
     activations to int8, and the error is reported)."""
     import hashlib
-
-    import onnx
 
     from edgeft import base_weights
 
@@ -298,21 +345,7 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
         return {hashlib.blake2b(b"".join(a[i].tobytes() for a in flat), digest_size=16).digest() for i in range(n)}
 
     trained = {name: rows(*blocks) for name, blocks in base_weights.stored_int4(ws.root / "artifacts").items()}
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    inits = {i.name: i for i in model.graph.initializer}
-
-    def array(name: str) -> np.ndarray:
-        return base_weights.initializer_array(inits[name], bundle)
-
-    shipped = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        packed, scales = array(node.input[1]), array(node.input[2])
-        n, blocks = packed.shape[:2]
-        zero = (quantize.unpack_nibbles(array(node.input[3]))[:, :blocks] if len(node.input) > 3 and node.input[3]
-                else np.full((n, blocks), 8, np.uint8))
-        shipped[node.name] = rows(packed, scales.reshape(n, blocks).astype(np.float32), zero)
+    shipped = {b.name: rows(b.packed, b.scales, b.zero) for b in matmul_nbits(bundle) if b.bits == 4}
     shipped_rows = set().union(*shipped.values()) if shipped else set()
     missing = sorted(name for name, digests in trained.items() if not digests <= shipped_rows)
     result = {"trained_int4_weights": len(trained), "bundle_int4_matmuls": len(shipped),

@@ -64,34 +64,11 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
 
 
 def matmul_nbits(bundle):
-    """name -> (dequantized [N, K] weight, attributes) of every MatMulNBits in a bundle, in graph order."""
-    import numpy as np
-    import onnx
+    """(dequantized [N, K] weight, attributes) of every MatMulNBits in a bundle, in graph order."""
+    from edgeft.package import matmul_nbits as read
 
-    from edgeft import base_weights
-    from edgeft.quantize import unpack_nibbles
-
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    inits = {i.name: i for i in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        a = {x.name: x.i for x in node.attribute}
-        codes = base_weights.initializer_array(inits[node.input[1]], bundle).reshape(a["N"], -1)
-        scales = base_weights.initializer_array(inits[node.input[2]], bundle).reshape(a["N"], -1)
-        blocks = scales.shape[1]
-        if a["bits"] == 4:
-            codes = unpack_nibbles(codes)
-        codes = codes.reshape(a["N"], blocks, -1).astype(np.int32)
-        if len(node.input) > 3 and node.input[3]:
-            zero = base_weights.initializer_array(inits[node.input[3]], bundle).reshape(a["N"], -1)
-            zero = (unpack_nibbles(zero) if a["bits"] == 4 else zero)[:, :blocks]
-        else:
-            zero = np.full((a["N"], blocks), 1 << (a["bits"] - 1))
-        values = ((codes - zero[..., None].astype(np.int32)) * scales[..., None]).reshape(a["N"], -1)[:, :a["K"]]
-        out.append((values, {k: a[k] for k in ("K", "N", "bits", "block_size", "accuracy_level")}))
-    return out
+    return [(b.dequantized(), {"K": b.K, "N": b.N, "bits": b.bits, "block_size": b.block_size,
+                               "accuracy_level": b.accuracy_level}) for b in read(bundle)]
 
 
 @pytest.mark.parametrize("family,precision,symmetric", [
