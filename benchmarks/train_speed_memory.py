@@ -158,8 +158,7 @@ def reference_gemm(shapes: list[tuple[int, int]], tokens: int, repeats: int) -> 
                 seconds += _best(run, operands, repeats)
                 flops += 2.0 * tokens * k * n
         out[name] = flops / seconds / 1e9
-    import numpy
-    out["libraries"] = f"torch {torch.__version__}, numpy {numpy.__version__}"
+    out["libraries"] = f"torch {torch.__version__}, numpy {np.__version__}"
     return out
 
 

@@ -57,7 +57,7 @@ def detach_norms(model: onnx.ModelProto, trainable: set[str]) -> dict[str, str]:
             clone.output[:] = [o + SUFFIX for o in node.output]
             nodes.append(clone)
     del graph.node[:]
-    graph.node.extend(_without_dead(nodes, {o.name for o in graph.output}))
+    graph.node.extend(without_dead(nodes, {o.name for o in graph.output}))
 
     shapes = {i.name: (i.data_type, list(i.dims)) for i in graph.initializer}
     for alias, param in sorted(aliases.items()):
@@ -66,8 +66,9 @@ def detach_norms(model: onnx.ModelProto, trainable: set[str]) -> dict[str, str]:
     return aliases
 
 
-def _without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop nodes none of whose outputs is used (the originals the clones replaced)."""
+def without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop nodes none of whose outputs is used, until none is left (detach: the originals the clones
+    replaced; trainer/artifacts.drop_outputs: what only a dropped graph output needed)."""
     while True:
         used = outputs | {i for n in nodes for i in n.input}
         alive = [n for n in nodes if any(o in used for o in n.output)]

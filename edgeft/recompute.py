@@ -48,7 +48,7 @@ def recompute_layers(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output if o}
     activations = _batch_dependent(nodes, data_inputs)
-    forward_ids = upstream(forward_outputs, producer)
+    forward_ids = _upstream(forward_outputs, producer)
     forward = [n for n in nodes if id(n) in forward_ids]
     backward = [n for n in nodes if id(n) not in forward_ids]
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -70,7 +70,7 @@ def recompute_layers(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
         gradient = _output_gradient(own, members, readers, forward_ids, producer)
         if gradient is None:
             continue
-        before = upstream([gradient], producer)  # reading a copy would close a cycle
+        before = _upstream([gradient], producer)  # reading a copy would close a cycle
         stashed = {}
         for n in backward:
             if id(n) not in before:
@@ -138,7 +138,7 @@ def _output_gradient(own: set[str], members, readers, forward_ids, producer) -> 
     return max(found, key=lambda g: len(_downstream(g, readers)), default=None)
 
 
-def upstream(names, producer) -> set[int]:
+def _upstream(names, producer) -> set[int]:
     """ids of every node that tensors `names` depend on."""
     seen: set[int] = set()
     todo = list(names)
@@ -209,7 +209,7 @@ def held_activations(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
     graph = model.graph
     _sort(graph)
     producer = {o: n for n in graph.node for o in n.output if o}
-    forward = upstream(forward_outputs, producer)
+    forward = _upstream(forward_outputs, producer)
     activations = _batch_dependent(graph.node, data_inputs)
     return {name for n in graph.node if id(n) not in forward for name in n.input
             if name in activations and name in producer and id(producer[name]) in forward}

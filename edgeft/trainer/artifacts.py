@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import base_weights, recompute, rss
+from edgeft import base_weights, detach, recompute, rss
 from edgeft.errors import EdgeftError
 from edgeft.trainer import events
 from edgeft.trainer.ort_engine import torch_adamw
@@ -72,9 +72,7 @@ def drop_outputs(model, names: set[str]) -> int:
     del graph.output[:]
     graph.output.extend(outputs)
     nodes = list(graph.node)
-    producer = {o: n for n in nodes for o in n.output if o}
-    needed = recompute.upstream([o.name for o in outputs], producer)
-    kept = [n for n in nodes if id(n) in needed]
+    kept = detach.without_dead(nodes, {o.name for o in outputs})
     del graph.node[:]
     graph.node.extend(kept)
     return len(nodes) - len(kept)
