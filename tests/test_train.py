@@ -67,9 +67,52 @@ def test_ort_and_torch_agree_over_20_steps(exported, tmp_path):
     assert rec["step"] == 20 and rec["tokens_per_s"] > 0 and rec["peak_rss_mb"] > 0
 
 
+def run_clip(gradients, max_norm):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgeft.trainer.ort_engine import clip_nodes
+
+    nodes, out = clip_nodes("gradients", max_norm)
+    seq = lambda name: helper.make_tensor_sequence_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    graph = helper.make_graph(nodes, "clip", [seq("gradients")], [seq(out)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"gradients": gradients})[0]
+
+
+def test_gradient_clipping_does_not_depend_on_the_order_of_the_tensors():
+    # ONNX Runtime hands the optimizer its gradients in an order that changes between sessions, and its own
+    # clip (InplaceClipGradNorm) adds the squared norms up in that order. Here one tensor's squared norm is 1
+    # and a thousand are below half of float32's step at 1: added after the 1 each one is lost, added before
+    # it they count. So the sum, and its clip coefficient, depend on the order; this clip's must not.
+    rng = np.random.default_rng(0)
+    grads = [np.array([1.0], np.float32)] + [np.array([2.0**-12.5], np.float32) for _ in range(1000)]
+    orders = [np.arange(len(grads)), np.arange(len(grads))[::-1], rng.permutation(len(grads))]
+    coefficients = set()
+    for order in orders:  # as InplaceClipGradNorm computes it
+        total = np.float32(0)
+        for i in order:
+            total += np.float32(grads[i] @ grads[i])
+        coefficients.add(min(np.float32(0.5) / (np.sqrt(total) + np.float32(1e-6)), np.float32(1)))
+    assert len(coefficients) > 1  # the case is order-sensitive
+    clipped = [run_clip([grads[i] for i in order], 0.5) for order in orders]
+    for order, out in zip(orders, clipped, strict=True):
+        for position, i in enumerate(order):
+            np.testing.assert_array_equal(out[position], clipped[0][i])
+    # torch's clip_grad_norm_: g * min(1, max_norm / (norm + 1e-6)); float64 reference, float32 rounding
+    norm = np.sqrt(sum(float(g.astype(np.float64) @ g) for g in grads))
+    for g, c in zip(grads, clipped[0], strict=True):
+        np.testing.assert_allclose(c, g * min(1.0, 0.5 / (norm + 1e-6)), rtol=1e-6)
+    small = [g * np.float32(0.4 / norm) for g in grads]  # total norm 0.4: left as it is
+    for g, c in zip(small, run_clip(small, 0.5), strict=True):
+        np.testing.assert_array_equal(c, g)
+
+
 def cli(ws, *extra):
+    # --max-grad-norm 0.05: clipping active on every step, so an exact resume also needs the clip to be exact
     return [sys.executable, "-m", "edgeft", "train", str(ws), "--data", str(DATA), "--batch-size", "4",
-            "--seq-len", "256", "--lr", "1e-3", "--max-steps", "12", "--save-every", "3", *extra]
+            "--seq-len", "256", "--lr", "1e-3", "--max-steps", "12", "--save-every", "3", "--max-grad-norm", "0.05",
+            *extra]
 
 
 def wait_for_step(ws, step, proc, timeout=120):
