@@ -215,6 +215,8 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         raise EdgeftError(f"{out} holds checkpoints of another run; continue it with --resume, or remove {out} "
                           "to start over")
     out.mkdir(parents=True, exist_ok=True)
+    if swept := checkpoints.sweep(root):
+        print(f"train: removed {len(swept)} unfinished checkpoint folder(s) a stopped run left: {', '.join(swept)}")
     if not resume:
         for stale in (out / "metrics.jsonl", root / "best.json"):
             stale.unlink(missing_ok=True)

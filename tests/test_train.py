@@ -20,6 +20,7 @@ from edgeft.prepare import PrepareConfig, prepare
 from edgeft.tasks.home import DATA_DIR
 from edgeft.torch_engine import ADAPTER
 from edgeft.train import TrainConfig, train
+from edgeft.trainer import checkpoints
 
 DATA = DATA_DIR / "train.jsonl"
 FAST = {"batch_size": 4, "seq_len": 256, "lr": 1e-3}
@@ -141,8 +142,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(exported, tmp_path, back
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
-    states = [json.loads((p / "trainer_state.json").read_text())["position"]["step"]
-              for p in (killed / "train" / "checkpoints").glob("step-*")]
+    states = [checkpoints.read_state(p)["position"]["step"] for p in checkpoints.complete(killed / "train" / "checkpoints")]
     assert max(states) < 12  # it really was cut short
     done = subprocess.run(run(killed, "--resume"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -154,6 +154,23 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(exported, tmp_path, back
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert losses(straight) == losses(killed)
+    # whatever the kill left half-written or half-deleted is gone
+    left = {p.name for p in (killed / "train" / "checkpoints").iterdir()} - {"best.json"}
+    assert left == {p.name for p in checkpoints.complete(killed / "train" / "checkpoints")}
+
+
+def test_a_new_run_sweeps_what_a_killed_one_left(tmp_path):
+    root = tmp_path / "checkpoints"
+    kept = checkpoints.save(root, 3, lambda folder: (folder / "adapter.bin").write_bytes(b"w"), {"position": {}})
+    leftovers = [root / ".step-000006.abc123.tmp", root / ".step-000003.old", root / ".step-000000.deleting",
+                 root / "step-000009"]  # save cut short, replace cut short, prune cut short, and a stray folder
+    for path in leftovers:
+        path.mkdir()
+        (path / "adapter.bin").write_bytes(b"w")
+    assert checkpoints.sweep(root) == sorted(p.name for p in leftovers)
+    assert sorted(root.iterdir()) == [kept] and (kept / "adapter.bin").is_file()
+    checkpoints.prune(root, keep_last=0, best=None)
+    assert list(root.iterdir()) == []
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(exported, tmp_path):

@@ -3,13 +3,15 @@
 WS/train/checkpoints/step-000120/ holds the engine's files (adapter weights and optimizer state) and
 trainer_state.json (step, data position, schedule inputs, config hash). A folder without
 trainer_state.json is not a checkpoint: it is written last, inside the temporary folder, before the
-rename that makes the checkpoint appear.
+rename that makes the checkpoint appear. Pruned checkpoints are renamed out of sight before they are
+deleted, and what a killed run leaves behind is removed before the next run starts (`sweep`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -68,7 +70,31 @@ def prune(root: Path, keep_last: int, best: Path | None) -> None:
     found = complete(root)
     for path in found[:-keep_last] if keep_last > 0 else found:
         if best is None or path.resolve() != Path(best).resolve():
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Out of sight first (one rename), then deleted: a run killed halfway leaves a hidden folder that
+    `sweep` clears, never a step folder missing its trainer state."""
+    hidden = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def sweep(root: Path) -> list[str]:
+    """Remove what a killed run left in `root`: a checkpoint's temporary folder (its save was cut short) or
+    one it was deleting, and any step folder without its trainer state. Before a run starts, none of them
+    is in use; the folders removed, by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.is_dir() and (
+        (p.name.startswith(".step-") and p.name.endswith((".tmp", ".old", ".deleting")))
+        or (p.name.startswith("step-") and not (p / STATE).is_file()))]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(p.name for p in leftovers)
 
 
 def mark_best(root: Path, path: Path) -> None:
