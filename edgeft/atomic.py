@@ -48,7 +48,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
+            old = _outgoing(final)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
@@ -57,3 +57,23 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder so that it goes at once: renamed out of sight, then deleted. A process killed halfway
+    leaves a hidden folder that `leftovers` finds, never a half-deleted one under its own name."""
+    hidden = _outgoing(Path(path))
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def leftovers(folder: Path, prefix: str = "") -> list[Path]:
+    """The hidden folders of this module's that a killed process left in `folder`, for names starting with
+    `prefix`: a temporary whose block never finished (`.NAME.*.tmp`) and one on its way out (`.NAME.old`)."""
+    return [p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith(f".{prefix}")
+            and p.name.endswith((".tmp", ".old"))]
+
+
+def _outgoing(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")

@@ -162,7 +162,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(exported, tmp_path, back
 def test_a_new_run_sweeps_what_a_killed_one_left(tmp_path):
     root = tmp_path / "checkpoints"
     kept = checkpoints.save(root, 3, lambda folder: (folder / "adapter.bin").write_bytes(b"w"), {"position": {}})
-    leftovers = [root / ".step-000006.abc123.tmp", root / ".step-000003.old", root / ".step-000000.deleting",
+    leftovers = [root / ".step-000006.abc123.tmp", root / ".step-000003.old", root / ".step-000000.old",
                  root / "step-000009"]  # save cut short, replace cut short, prune cut short, and a stray folder
     for path in leftovers:
         path.mkdir()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -70,31 +69,21 @@ def prune(root: Path, keep_last: int, best: Path | None) -> None:
     found = complete(root)
     for path in found[:-keep_last] if keep_last > 0 else found:
         if best is None or path.resolve() != Path(best).resolve():
-            _remove(path)
-
-
-def _remove(path: Path) -> None:
-    """Out of sight first (one rename), then deleted: a run killed halfway leaves a hidden folder that
-    `sweep` clears, never a step folder missing its trainer state."""
-    hidden = path.with_name(f".{path.name}.deleting")
-    shutil.rmtree(hidden, ignore_errors=True)
-    os.replace(path, hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
+            atomic.remove_dir(path)
 
 
 def sweep(root: Path) -> list[str]:
     """Remove what a killed run left in `root`: a checkpoint's temporary folder (its save was cut short) or
-    one it was deleting, and any step folder without its trainer state. Before a run starts, none of them
-    is in use; the folders removed, by name."""
+    one on its way out (a replace or prune cut short), and any step folder without its trainer state. Before
+    a run starts, none of them is in use; the folders removed, by name."""
     root = Path(root)
     if not root.is_dir():
         return []
-    leftovers = [p for p in root.iterdir() if p.is_dir() and (
-        (p.name.startswith(".step-") and p.name.endswith((".tmp", ".old", ".deleting")))
-        or (p.name.startswith("step-") and not (p / STATE).is_file()))]
-    for path in leftovers:
+    stray = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not (p / STATE).is_file()]
+    found = atomic.leftovers(root, "step-") + stray
+    for path in found:
         shutil.rmtree(path, ignore_errors=True)
-    return sorted(p.name for p in leftovers)
+    return sorted(p.name for p in found)
 
 
 def mark_best(root: Path, path: Path) -> None:
