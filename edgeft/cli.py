@@ -221,7 +221,8 @@ def cmd_package(args) -> int:
     from edgeft.package import PackageConfig, package
 
     device = devices.load(args.device) if args.device else None
-    options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters", "weights")
+               if getattr(args, k) is not None}
     if args.add_adapters:
         options["add_adapters"] = args.add_adapters
     out = package(Path(args.workspace), schema.parse(PackageConfig, options, "package options"), device)
@@ -379,7 +380,10 @@ COMMANDS: tuple[Command, ...] = (
         arg("--ep", choices=("cpu", "cuda", "dml", "webgpu")), arg("--force", action="store_true", default=None),
         arg("--adapters", action="store_true", default=None,
             help="the base once plus a swappable .onnx_adapter (instead of the merged model)"),
-        arg("--add-adapters", action="append", metavar="WS", help="another workspace's adapter to ship (repeatable)"))),
+        arg("--add-adapters", action="append", metavar="WS", help="another workspace's adapter to ship (repeatable)"),
+        arg("--weights", choices=("auto", "load", "stream"),
+            help="stream: the transformers reference the bundle is verified against holds one decoder layer at a "
+                 "time (default auto: past 4 GiB of fp32 weights)"))),
     Command("eval", cmd_eval, (
         arg("workspace"), arg("--data", required=True, help="test JSONL (chat or prompt/completion)"),
         arg("--shots", type=_int_or, default=3, help="solved examples in the few-shot baseline"),

@@ -60,7 +60,7 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
     """The causal LM of `model_dir` in fp32 with placeholder parameters (buffers, such as rotary tables, are
     real), and the files its weights are read from."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -70,6 +70,8 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
         # from_pretrained ties the embeddings (tie_word_embeddings). Outside the block: inside it, assigning a
         # parameter makes a new meta one, which leaves two.
         model.tie_weights()
+        if (model_dir / "generation_config.json").is_file():  # as from_pretrained reads it (eos ids, for one)
+            model.generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise EdgeftError(f"cannot load the model in {model_dir}: {e}") from None
     shards = Shards(model_dir)
@@ -97,12 +99,18 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
 def base_model(model_dir: Path, trust_remote_code: bool, weights: str) -> tuple[torch.nn.Module, Shards | None]:
     """The base model as a stage's `weights` option asks for it: "load", transformers' fp32 model, and no
     shards; "stream", `empty_model` and its shards; "auto", streamed past STREAM_ABOVE bytes of fp32 weights."""
-    from edgeft import plan
     from edgeft.prepare import load_base
 
-    if weights == "stream" or (weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE):
+    if streams(model_dir, weights):
         return empty_model(model_dir, trust_remote_code)
     return load_base(model_dir, trust_remote_code), None
+
+
+def streams(model_dir: Path, weights: str) -> bool:
+    """Whether `base_model` streams the model of `model_dir` for this `weights` option."""
+    from edgeft import plan
+
+    return weights == "stream" or (weights == "auto" and plan.safetensors_params(model_dir) * 4 > STREAM_ABOVE)
 
 
 def placeholder(shape, key: str | None) -> torch.nn.Parameter:

@@ -10,6 +10,7 @@ largest logit error).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,6 +46,9 @@ class PackageConfig:
     adapters: bool = spec("build the base model once plus a swappable .onnx_adapter per trained adapter", False)
     add_adapters: list[str] = spec("other workspaces (same base, same targets) whose adapters to ship too",
                                    default_factory=list)
+    weights: str = spec("how the transformers reference reads the fp32 weights: 'load' holds the model; 'stream' "
+                        "one decoder layer at a time; 'auto' streams past 4 GiB", "auto",
+                        choices=("auto", "load", "stream"))
 
     def __post_init__(self):
         problems: list[str] = []
@@ -128,13 +132,18 @@ def _prompts(merged: Path, n: int) -> list[list[int]]:
     return [list(map(int, ids)) for ids in out]
 
 
-def reference(merged: Path, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], list[np.ndarray]]:
+def reference(model_dir: Path, prompts: list[list[int]], max_new: int, trust_remote_code: bool = False,
+              weights: str = "auto") -> tuple[list[list[int]], list[np.ndarray]]:
+    """transformers' greedy tokens and last-prompt-position logits in fp32 for each prompt. Past 4 GiB of fp32
+    weights (or `weights="stream"`) the model computes one decoder layer at a time from its files
+    (lazy.streamed), so a Phi-3-mini is checked without holding its 15 GB of fp32 weights."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager", local_files_only=True).eval()
+    from edgeft import lazy
+
+    model, shards = lazy.base_model(model_dir, trust_remote_code, weights)
     tokens, logits = [], []
-    with torch.no_grad():
+    with torch.no_grad(), lazy.streamed(model, shards) if shards else contextlib.nullcontext():
         for ids in prompts:
             x = torch.tensor([ids])
             logits.append(model(x).logits[0, -1].numpy())
@@ -376,7 +385,7 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
 
 
 def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) -> Path:
-    from edgeft import __version__
+    from edgeft import __version__, lazy
 
     ws = Workspace(ws_path)
     merged_rec = _check_merged(ws)
@@ -412,7 +421,8 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
             built = build(merged, tmp, cache, precision, cfg.ep, quant)
             build_s = built["builder_seconds"] + built.get("prequantize", {}).get("seconds", 0.0)
         threads = set_cpu_threads(tmp, device.cpu.cores if device else os.cpu_count() or 1) if cfg.ep == "cpu" else None
-        ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens)
+        trust = ws.stage("prepare")["config"]["trust_remote_code"]
+        ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens, trust, cfg.weights)
         active = adapter_files.get(ws.root.name)
         on_cpu = not provider_here(cfg.ep)  # a bundle for a GPU provider this machine lacks: its graph, on the CPU
         try:
@@ -428,13 +438,14 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
             "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
             "token_agreement": agreement(ref_tokens, got_tokens),
             "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(ref_logits, got_logits, strict=True))),
-            "reference": "transformers greedy generate on WS/merged (fp32)"
+            "reference": f"transformers greedy generate on WS/merged (fp32, "
+                         f"{'streamed' if lazy.streams(merged, cfg.weights) else 'loaded'})"
                          + (f"; bundle with adapter {ws.root.name!r} active" if active else ""),
             "ran_on": f"cpu (no {cfg.ep} provider on this machine)" if on_cpu else cfg.ep,
         }
         if active:
             base_tokens, base_logits = reference(Path(ws.stage("prepare")["config"]["model_dir"]), prompts,
-                                                 cfg.max_new_tokens)
+                                                 cfg.max_new_tokens, trust, cfg.weights)
             plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, cpu=on_cpu)
             verification["no_adapter_vs_base"] = {
                 "token_agreement": agreement(base_tokens, plain_tokens),

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgeft import devices
@@ -197,3 +198,17 @@ def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
     merge(lm)
     with pytest.raises(EdgeftError, match="whole trained modules; an .onnx_adapter holds plain LoRA weights only"):
         package(lm, PackageConfig(adapters=True))
+
+
+def test_the_streamed_reference_gives_the_loaded_models_tokens_and_logits(merged_ws):
+    """package's transformers reference, one decoder layer resident at a time (what a Phi-3-mini past 4 GiB of
+    fp32 weights gets), equals the reference that holds the model: same greedy tokens, same logits."""
+    from edgeft.package import _prompts, reference
+
+    merged = merged_ws / "merged"
+    prompts = _prompts(merged, 2)
+    loaded_tokens, loaded_logits = reference(merged, prompts, 8, weights="load")
+    streamed_tokens, streamed_logits = reference(merged, prompts, 8, weights="stream")
+    assert streamed_tokens == loaded_tokens and all(len(t) == 8 for t in loaded_tokens)
+    for a, b in zip(loaded_logits, streamed_logits, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
