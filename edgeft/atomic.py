@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,10 +42,12 @@ def write_json(final: Path, data: object) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; it replaces `final` only if the block succeeds."""
+    """Yield a temporary sibling folder; it replaces `final` only if the block succeeds. What a killed
+    writer of `final` left is swept first (`sweep`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    sweep(final.parent, final.name)
+    tmp = _temporary(final.parent, final.name)
     try:
         yield tmp
         if final.exists():
@@ -59,20 +62,78 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(folder: Path, name: str) -> Iterator[Path]:
+    """A working folder in `folder` (on the disk its results go to, so that they can be renamed into place),
+    deleted after the block. It is hidden and named for its process, so that the next `scratch_dir` of the
+    same name sweeps it if that process was killed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep(folder, name)
+    tmp = _temporary(folder, name)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_dir(path: Path) -> None:
     """Delete a folder so that it goes at once: renamed out of sight, then deleted. A process killed halfway
-    leaves a hidden folder that `leftovers` finds, never a half-deleted one under its own name."""
-    hidden = _outgoing(Path(path))
+    leaves a hidden temporary that `sweep` and `leftovers` find, never a half-deleted folder under its name."""
+    path = Path(path)
+    hidden = path.with_name(f".{path.name}.{os.getpid()}.removed.tmp")
     shutil.rmtree(hidden, ignore_errors=True)
     os.replace(path, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
 
 
+def sweep(folder: Path, name: str) -> list[str]:
+    """Clear what killed processes left in `folder` while writing `name`: their temporary folders (named for
+    their process id; those of a process still running are left alone), and the previous version of `name`
+    on its way out (`.NAME.old`: deleted if `name` is there, put back if the kill came between the two
+    renames of atomic_dir). Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    temporary = re.compile(rf"\.{re.escape(name)}\.(\d+)\.\w+\.tmp")
+    removed = []
+    for path in folder.iterdir():
+        match = temporary.fullmatch(path.name)
+        if match and path.is_dir() and not _running(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    old, final = _outgoing(folder / name), folder / name
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old.name)
+        else:
+            os.replace(old, final)
+    return sorted(removed)
+
+
 def leftovers(folder: Path, prefix: str = "") -> list[Path]:
     """The hidden folders of this module's that a killed process left in `folder`, for names starting with
-    `prefix`: a temporary whose block never finished (`.NAME.*.tmp`) and one on its way out (`.NAME.old`)."""
+    `prefix`: a temporary (`.NAME.*.tmp`) and one on its way out (`.NAME.old`). Only for a folder no process
+    is writing to: a running process's temporaries are among them."""
     return [p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith(f".{prefix}")
             and p.name.endswith((".tmp", ".old"))]
+
+
+def _temporary(folder: Path, name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder))
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _outgoing(path: Path) -> Path:

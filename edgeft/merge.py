@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from edgeft import launcher, lazy, quantize, rss
-from edgeft.atomic import atomic_dir
+from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
 from edgeft.trainer import checkpoints
@@ -196,8 +195,7 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     model_dir = Path(prep["config"]["model_dir"])
     trust = prep["config"]["trust_remote_code"]
     quant = quantize.settings(prep["config"])
-    with tempfile.TemporaryDirectory(dir=ws.root) as work:
-        work = Path(work)
+    with scratch_dir(ws.root, "merge-work") as work:
         tensors = trained_tensors(ckpt, backend, work)
         base, shards = lazy.base_model(model_dir, trust, cfg.weights)
         stream = shards is not None

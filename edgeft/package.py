@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft import launcher, prequantize, quantize, rss, schema
-from edgeft.atomic import atomic_dir
+from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.devices import Quantization
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -91,12 +90,12 @@ def build(merged: Path, out: Path, cache: Path, precision: str, ep: str, quant: 
         reason = (prequantize.unsupported(merged, quant.block_size) if ep == "cpu" else
                   f"a {ep} build quantizes the weights in fp16, as only the builder does")
         if reason is None:
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prequantized-") as work:
+            with scratch_dir(out.parent, "prequantized") as work:
                 started = time.time()
-                info = prequantize.write(merged, Path(work), 4 if precision == "int4" else 8, quant.block_size,
+                info = prequantize.write(merged, work, 4 if precision == "int4" else 8, quant.block_size,
                                          quant.symmetric)
                 info["seconds"] = round(time.time() - started, 1)
-                seconds = run_builder(Path(work), out, cache, precision, ep, quant)
+                seconds = run_builder(work, out, cache, precision, ep, quant)
             return {"builder_input": "prequantized", "prequantize": info, "builder_seconds": round(seconds, 1)}
         print(f"package: the builder quantizes the fp32 model itself: {reason}")
         why = {"why": reason}
@@ -367,8 +366,8 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
                           "export and train again, or package without --adapters")
     checkpoint = ws.root / "train" / "checkpoints" / merged_rec["checkpoint"] / "ort_checkpoint"
     if adapter is not None and checkpoint.exists():
-        with tempfile.TemporaryDirectory(dir=ws.root) as work:
-            out = Path(work) / "logits.npy"
+        with scratch_dir(ws.root, "package-work") as work:
+            out = work / "logits.npy"
             launcher.run("edgeft.trainer.artifacts:prompt_logits", {
                 "artifacts": str(ws.root / "artifacts"), "prompts": prompts, "out": str(out),
                 "checkpoint": str(checkpoint)},
