@@ -216,7 +216,8 @@ def markdown(r: dict) -> str:
         v, pv, build = m["verification"], p["verification"], p["build"]
         lines += [f"Merge (`edgeft merge`, the base {v['weights']} one decoder layer at a time): PEFT logits vs the "
                   f"training runtime's eval model {v.get('peft_vs_ort_eval_max_abs', float('nan')):.1e}, merged model "
-                  f"vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs, tolerance {v['tolerance']:g}); "
+                  f"vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs; the largest logit is {v['logit_scale']:.3g}, the "
+                  f"tolerance {v['tolerance']:g} of it); "
                   f"{m['seconds']:.0f} s, the merge process peaked at {m['peak_rss_mb'] / 1024:.2f} GiB.", "",
                   f"Package (`edgeft package --device {r['device']}`, {p['precision']}): builder input "
                   f"{build['builder_input']}"

@@ -210,7 +210,8 @@ def cmd_merge(args) -> int:
     v = rec["verification"]
     check = (f"PEFT vs ORT eval logits {v['peft_vs_ort_eval_max_abs']:.1e}, " if "peft_vs_ort_eval_max_abs" in v else "")
     print(f"merged {rec['checkpoint']} (step {rec['step']}): {ws / 'adapter'} and {ws / 'merged'}")
-    print(f"verified: {check}merged vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs)")
+    print(f"verified: {check}merged vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs; the largest logit is "
+          f"{v['logit_scale']:.3g}, tolerance {v['tolerance']:g} of it)")
     print(f"next: `edgeft package {args.workspace}`")
     return 0
 

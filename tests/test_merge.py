@@ -95,8 +95,17 @@ def test_bad_input(tiny_model, tmp_path):
         merge(ws)
     with pytest.raises(EdgeftError, match=r"not one of: best, last, or a kept step \(2, 4\)"):
         merge(ws, MergeConfig(checkpoint="7"))
+    with pytest.raises(EdgeftError, match=r"PEFT logits differ from the training runtime's by \S+, \S+ of the largest "
+                                          r"logit .*tolerance 1e-12\); nothing was written"):
+        merge(ws, MergeConfig(checkpoint="2", tolerance=1e-12))
+    assert not (ws / "adapter").exists() and not (ws / "merged").exists()
     merge(ws, MergeConfig(checkpoint="2"))
-    assert json.loads((ws / "manifest.json").read_text())["stages"]["merge"]["step"] == 2
+    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    v = rec["verification"]
+    assert rec["step"] == 2 and v["logit_scale"] > 0
+    for check in ("peft_vs_ort_eval", "merged_vs_peft"):  # the tolerance is relative to the largest logit
+        assert v[f"{check}_relative"] == pytest.approx(v[f"{check}_max_abs"] / v["logit_scale"])
+        assert v[f"{check}_relative"] <= v["tolerance"]
     other = tmp_path / "other"
     shutil.copytree(ws, other)
     state_file = other / "train" / "checkpoints" / "step-000004" / "trainer_state.json"
