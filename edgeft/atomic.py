@@ -45,10 +45,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; it replaces `final` only if the block succeeds. What a killed
     writer of `final` left is swept first (`sweep`)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sweep(final.parent, final.name)
-    tmp = _temporary(final.parent, final.name)
-    try:
+    with scratch_dir(final.parent, final.name) as tmp:
         yield tmp
         if final.exists():
             old = _outgoing(final)
@@ -58,8 +55,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -70,7 +65,7 @@ def scratch_dir(folder: Path, name: str) -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sweep(folder, name)
-    tmp = _temporary(folder, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder))
     try:
         yield tmp
     finally:
@@ -118,10 +113,6 @@ def leftovers(folder: Path, prefix: str = "") -> list[Path]:
     is writing to: a running process's temporaries are among them."""
     return [p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith(f".{prefix}")
             and p.name.endswith((".tmp", ".old"))]
-
-
-def _temporary(folder: Path, name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder))
 
 
 def _running(pid: int) -> bool:
