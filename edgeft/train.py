@@ -59,9 +59,22 @@ class TrainConfig:
         schema.raise_if(problems, "train options")
 
 
+def options(cfg: TrainConfig) -> dict:
+    """The options a checkpoint is bound to: all but the cadence, which a resumed run may change."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CADENCE}
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CADENCE}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(options(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_options(saved: dict | None, now: dict) -> str:
+    """'lr 0.001 -> 0.0005, max_steps 4 -> 6': what a resume changed, or '' where the checkpoint predates the
+    record of its options."""
+    if not saved:
+        return ""
+    return ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(saved.keys() | now.keys())
+                     if saved.get(k) != now.get(k))
 
 
 class Reporter:
@@ -205,8 +218,12 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
                     ("training options", "config_hash", chash))
         mismatch = [label for label, key, want in expected if resume_state[key] != want]
         if mismatch:
-            raise EdgeftError(f"cannot resume from {resume_path}: its {', '.join(mismatch)} differ from this run's; "
-                              f"resume with the original data and options, or remove {out} to start over")
+            changed = changed_options(resume_state.get("options"), options(cfg)) \
+                if resume_state["config_hash"] != chash else ""
+            raise EdgeftError(f"cannot resume from {resume_path}: its {', '.join(mismatch)} differ from this run's"
+                              f"{f' ({changed})' if changed else ''}; resume with the original data and options "
+                              f"(a changed schedule or step count would not continue the same run), or remove {out} "
+                              "to start over")
     elif previous and previous["config_hash"] == chash and previous["data_key"] == dataset.meta["key"] \
             and previous["identity"] == identity and checkpoints.latest(root):
         print(f"train: finished with these data and options at {previous['finished_at']}; nothing to do")
@@ -223,7 +240,7 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
     args = {
         "config": dataclasses.asdict(cfg) | {"base_quant": quantize.settings(prep["config"]), "recompute": recompute},
         "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
-        "checkpoints": str(root), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
+        "checkpoints": str(root), "config_hash": chash, "options": options(cfg), "data_key": dataset.meta["key"], "identity": identity,
         "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,
         "artifacts": str(ws.root / "artifacts"), "work": str(out / "work"), "device": cfg.ep,
         "model_dir": str(model_dir), "adapter_init": str(ws.root / "adapter_init"),

@@ -208,7 +208,7 @@ def test_bad_input(exported, tiny_model, tmp_path):
     train(ws, DATA, TrainConfig(**FAST, max_steps=2))
     with pytest.raises(EdgeftError, match="holds checkpoints of another run"):
         train(ws, DATA, TrainConfig(**FAST, max_steps=3))
-    with pytest.raises(EdgeftError, match="its training options differ"):
+    with pytest.raises(EdgeftError, match=r"its training options differ from this run's \(lr 0.001 -> 0.0005\)"):
         train(ws, DATA, TrainConfig(**{**FAST, "lr": 5e-4}, max_steps=2), resume=True)
     again = train(ws, DATA, TrainConfig(**FAST, max_steps=2))
     assert again["step"] == 2  # unchanged: nothing to do

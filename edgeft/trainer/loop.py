@@ -74,7 +74,7 @@ def run(engine, args: dict) -> dict:
     total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
     eval_every = cfg["eval_every"] or steps_per_epoch
     pos = Position(**args["resume_state"]["position"]) if args.get("resume_state") else Position()
-    base_state = {k: args[k] for k in ("config_hash", "data_key", "identity")}
+    base_state = {k: args[k] for k in ("config_hash", "options", "data_key", "identity")}
 
     def order(epoch: int) -> list[np.ndarray]:
         return batching.length_grouped(train.lengths, bs, cfg["seed"], epoch)
