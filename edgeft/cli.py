@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import quantize
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, disk_full, disk_full_message
 
 
 def _console():
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Deprecation notices between transformers and PEFT are for their developers, not for edgeft's users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
     try:
         return args.func(args)
     except EdgeftError as e:
@@ -480,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class EdgeftError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
@@ -19,3 +21,18 @@ class ConfigError(EdgeftError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+def disk_full(error: BaseException | str) -> bool:
+    """Whether `error` (or a failed program's output) is a write that ran out of disk space. Libraries with C++
+    writers (ONNX Runtime's checkpoint, safetensors, protobuf) raise another type carrying the OS message."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def disk_full_message(error: BaseException) -> str:
+    where = f" writing {error.filename}" if isinstance(error, OSError) and error.filename else ""
+    return (f"no space left on the device{where} ({error}). Free some space, or put the workspace on a bigger "
+            "disk, and run the command again: the stage wrote into a temporary that was removed, so no output "
+            "was left half-written")

@@ -26,7 +26,7 @@ import numpy as np
 from edgeft import launcher, prequantize, quantize, rss, schema
 from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.devices import Quantization
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, disk_full
 from edgeft.schema import spec
 from edgeft.workspace import Workspace, hash_files, library_versions
 
@@ -76,6 +76,10 @@ def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quan
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
         hint = ("the builder needs a tokenizer in the merged folder and a supported architecture; check "
                 f"{src}/config.json, or try another --precision")
+        if disk_full(proc.stderr + proc.stdout):
+            raise BuilderError(f"no space left on the device of {out.parent} while the GenAI builder wrote the model. "
+                               "Free some space, or put the workspace on a bigger disk, and run the command again: "
+                               "the builder wrote into a temporary that was removed")
         raise BuilderError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n{tail}\nhint: {hint}")
     return time.time() - started
 

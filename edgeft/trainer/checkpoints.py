@@ -9,14 +9,13 @@ deleted, and what a killed run leaves behind is removed before the next run star
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
 
 from edgeft import atomic
 from edgeft.atomic import atomic_dir
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, disk_full
 
 STATE = "trainer_state.json"
 
@@ -49,20 +48,13 @@ def save(root: Path, step: int, write_engine_files, state: dict) -> Path:
             write_engine_files(tmp)
             atomic.write_json(tmp / STATE, state)
     except BaseException as e:
-        if _disk_full(e):
+        if disk_full(e):
             previous = latest(root)
             kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
             raise EdgeftError(f"no space left on the device of {root} while saving the step {step} checkpoint; "
                               f"{kept}. Free some space, then continue with --resume") from None
         raise
     return final
-
-
-def _disk_full(error: BaseException) -> bool:
-    # ORT's C++ checkpoint writer reports ENOSPC as a RuntimeError carrying the OS message.
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(error, (OSError, RuntimeError)) and "No space left on device" in str(error)
 
 
 def prune(root: Path, keep_last: int, best: Path | None) -> None:

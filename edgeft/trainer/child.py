@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, disk_full, disk_full_message
 from edgeft.trainer import events
 
 
@@ -59,6 +59,9 @@ def main() -> int:
         events.emit("error", kind="interrupted", type="KeyboardInterrupt", message="interrupted")
         return 130
     except BaseException as e:  # noqa: BLE001 - reported to the parent with its traceback, then exit 1
+        if disk_full(e):
+            events.emit("error", kind="user", type=type(e).__name__, message=disk_full_message(e))
+            return 2
         events.emit("error", kind="bug", type=type(e).__name__, message=str(e), traceback=traceback.format_exc())
         return 1
 
