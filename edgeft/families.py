@@ -8,6 +8,7 @@ config and is handled by transformers' own modules.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +84,30 @@ def weight_files(model_dir: Path) -> list[Path]:
         raise EdgeftError(f"{model_dir} has PyTorch .bin weights only; edgeft reads safetensors. Convert with "
                           "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`")
     raise EdgeftError(f"{model_dir} has no weights: model.safetensors (or a sharded index) is missing")
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensors of one safetensors file (name: dtype, shape, data_offsets), read from its header alone and
+    checked against the file's size, so that a truncated or corrupt download is named before a stage starts
+    rather than failing halfway through it."""
+    path = Path(path)
+    try:
+        on_disk = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > on_disk - 8:
+                raise ValueError(f"its header length, {length:,} bytes, is more than the file holds")
+            header = json.loads(f.read(length))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes_ok = all(isinstance(v["shape"], list) for v in tensors.values())
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # JSON and Unicode errors are ValueErrors
+        raise EdgeftError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                          "download it again") from None
+    if not shapes_ok or 8 + length + end != on_disk:
+        raise EdgeftError(f"{path} is truncated or corrupt: its header describes {8 + length + end:,} bytes, the file "
+                          f"has {on_disk:,}; download it again")
+    return tensors

@@ -31,12 +31,12 @@ class Shards:
     """The model folder's safetensors files, read one tensor at a time, as fp32."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
         self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for path in families.weight_files(model_dir):
-            with safe_open(str(path), "pt") as f:
-                self.files.update(dict.fromkeys(f.keys(), path))
+            for key, info in families.safetensors_header(path).items():
+                self.files[key] = path
+                self.shapes[key] = tuple(info["shape"])
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -79,7 +79,7 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     made: dict[int, torch.nn.Parameter] = {}
-    missing = []
+    missing, mismatched = [], []
     for module in model.modules():
         for pname, p in module._parameters.items():
             if p is None:
@@ -88,11 +88,17 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
                 key = next((n for n in names[id(p)] if n in shards), None)
                 if key is None:
                     missing.append(names[id(p)][0])
+                elif shards.shapes[key] != tuple(p.shape):
+                    mismatched.append(f"{key} {list(shards.shapes[key])} (config.json gives {list(p.shape)})")
                 made[id(p)] = placeholder(p.shape, key)
             module._parameters[pname] = made[id(p)]
     if missing:
         raise EdgeftError(f"{model_dir}: weights missing from its safetensors files: {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''}; download the complete model folder again")
+    if mismatched:
+        raise EdgeftError(f"{model_dir}: config.json does not describe the weights in its safetensors files: "
+                          f"{'; '.join(mismatched[:3])}{f'; and {len(mismatched) - 3} more' if len(mismatched) > 3 else ''}. "
+                          "Use the config.json that came with these weights")
     return model.eval(), shards
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +62,7 @@ def _shapes(model_dir: str, mtime: float) -> tuple[tuple[str, tuple[int, ...]], 
         return _meta_shapes(path)
     out = []
     for file in families.weight_files(path):
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        out += [(name, tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"]
+        out += [(name, tuple(info["shape"])) for name, info in families.safetensors_header(file).items()]
     return tuple(out)
 
 

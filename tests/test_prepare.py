@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -82,11 +83,27 @@ def edgeft(*argv):
     return subprocess.run([sys.executable, "-m", "edgeft", *argv], capture_output=True, text=True)
 
 
+def _truncate(path, cut: int) -> None:
+    """A download cut short: the last `cut` bytes are missing."""
+    os.truncate(path, path.stat().st_size - cut)
+
+
+def _edit_config(model, **changes) -> None:
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | changes))
+
+
 @pytest.mark.parametrize("setup, argv, message", [
     (lambda d: None, ["{missing}"], "does not exist"),
     (lambda d: (d / "config.json").unlink(), ["{model}"], "config.json is missing"),
     (lambda d: (d / "model.safetensors").unlink(), ["{model}"], "has no weights: model.safetensors"),
     (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), ["{model}"], "PyTorch .bin weights only"),
+    (lambda d: _truncate(d / "model.safetensors", 100), ["{model}"], "model.safetensors is truncated or corrupt"),
+    (lambda d: os.truncate(d / "model.safetensors", 20), ["{model}"],
+     "model.safetensors is not a readable safetensors file"),
+    (lambda d: _edit_config(d, hidden_size=128), ["{model}"],
+     "config.json does not describe the weights in its safetensors files: model.embed_tokens.weight [320, 64] "
+     "(config.json gives [320, 128])"),
     (lambda d: None, ["{model}", "--lora-r", "0"], "lora_r: 0 must be greater than 0"),
     (lambda d: None, ["{model}", "--lora-alpha", "-1"], "lora_alpha: -1.0 must be greater than 0"),
     (lambda d: None, ["{model}", "--train-modules", "head"], "try lm_head or embed_tokens"),
