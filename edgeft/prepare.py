@@ -92,6 +92,18 @@ def input_hashes(model_dir: Path) -> dict[str, str]:
     return hash_files(files, model_dir)
 
 
+def check_tokenizer(model_dir: Path, vocab_size: int | None) -> None:
+    """The tokenizer loads, and every id it makes has a row in the embedding: a tokenizer from another model
+    would otherwise fail only when training reads past the table."""
+    from edgeft.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    if vocab_size and len(tok) > vocab_size:
+        raise EdgeftError(f"the tokenizer of {model_dir} has {len(tok):,} tokens but the model's embedding only "
+                          f"{vocab_size:,} rows (config.json vocab_size): the tokenizer files belong to another model. "
+                          "Use the tokenizer that came with these weights")
+
+
 def load_base(model_dir: Path, trust_remote_code: bool = False, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
@@ -155,6 +167,7 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
         return out
     n_layers = config.get("num_hidden_layers")
     vocab = config.get("vocab_size")
+    check_tokenizer(model_dir, vocab)
     bad_tokens = [i for i in cfg.trainable_token_indices if vocab and i >= vocab]
     if bad_tokens:
         raise EdgeftError(f"trainable_token_indices {bad_tokens} are outside the vocabulary (size {vocab})")

@@ -104,6 +104,9 @@ def _edit_config(model, **changes) -> None:
     (lambda d: _edit_config(d, hidden_size=128), ["{model}"],
      "config.json does not describe the weights in its safetensors files: model.embed_tokens.weight [320, 64] "
      "(config.json gives [320, 128])"),
+    (lambda d: (d / "tokenizer.json").unlink(), ["{model}"], "cannot load the tokenizer of"),
+    (lambda d: _edit_config(d, vocab_size=100), ["{model}"],
+     "has 320 tokens but the model's embedding only 100 rows (config.json vocab_size)"),
     (lambda d: None, ["{model}", "--lora-r", "0"], "lora_r: 0 must be greater than 0"),
     (lambda d: None, ["{model}", "--lora-alpha", "-1"], "lora_alpha: -1.0 must be greater than 0"),
     (lambda d: None, ["{model}", "--train-modules", "head"], "try lm_head or embed_tokens"),

@@ -33,7 +33,8 @@ def load_tokenizer(model_dir: os.PathLike):
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise EdgeftError(f"cannot load the tokenizer of {model_dir}: {e}") from None
+        raise EdgeftError(f"cannot load the tokenizer of {model_dir} (training and packaging need it: copy "
+                          f"tokenizer.json and tokenizer_config.json from the model's download): {e}") from None
     if not getattr(tok, "is_fast", False):
         raise EdgeftError(f"{model_dir}: edgeft needs a fast tokenizer (tokenizer.json) for character offsets")
     return tok
