@@ -243,7 +243,8 @@ def cmd_package(args) -> int:
             line += (f"; with the adapter, vs the training runtime's eval logits: "
                      f"{shipped['adapter_vs_training_runtime_max_logit_error']:.2e}")
         print(line)
-    print(f"next: `edgeft chat {out}`")
+    first = f" --adapter {Path(next(iter(m['adapters'].values()))['file']).stem}" if m.get("adapters") else ""
+    print(f"next: `edgeft chat {out}{first}`")
     return 0
 
 
@@ -303,7 +304,7 @@ def cmd_chat(args) -> int:
     """Stream a reply from a packaged model (interactive without --prompt)."""
     from edgeft.package import chat
 
-    chat(Path(args.bundle), args.prompt, args.max_new_tokens, args.system)
+    chat(Path(args.bundle), args.prompt, args.max_new_tokens, args.system, args.adapter)
     return 0
 
 
@@ -424,7 +425,9 @@ COMMANDS: tuple[Command, ...] = (
                  "is the default)"),
         arg("--json", action="store_true"))),
     Command("chat", cmd_chat, (
-        arg("bundle"), arg("--prompt", help="one prompt; without it, read prompts from stdin"),
+        arg("bundle", help="a bundle folder, or a workspace (its bundle/)"),
+        arg("--adapter", help="a swappable adapter of the bundle to chat with (its name, or an .onnx_adapter file)"),
+        arg("--prompt", help="one prompt; without it, read prompts from stdin"),
         arg("--system", help="system prompt (use the one the model was fine-tuned with)"),
         arg("--max-new-tokens", type=_int_or, default=256))),
     Command("data check", cmd_data_check, (

@@ -501,16 +501,35 @@ generator.set_active_adapter(adapters, "NAME")
 """
 
 
-def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, system: str | None = None) -> None:
-    """Stream replies from a packaged model (one prompt, or an interactive loop)."""
+def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, system: str | None = None,
+         adapter: str | None = None) -> None:
+    """Stream replies from a packaged model (one prompt, or an interactive loop). `bundle` may be a workspace
+    (its bundle/); `adapter` names one of the bundle's `.onnx_adapter` files (a name or a path)."""
     import onnxruntime_genai as og
 
     bundle = Path(bundle)
+    if not (bundle / "genai_config.json").is_file() and (bundle / "bundle" / "genai_config.json").is_file():
+        bundle = bundle / "bundle"
     if not (bundle / "genai_config.json").is_file():
         raise EdgeftError(f"{bundle} is not an ONNX Runtime GenAI bundle (no genai_config.json); "
                           "build one with `edgeft package WS`")
+    shipped = sorted(p.stem for p in (bundle / "adapters").glob("*.onnx_adapter"))
+    adapter_file = None
+    if adapter is not None:
+        adapter_file = Path(adapter) if adapter.endswith(".onnx_adapter") else bundle / "adapters" / f"{adapter}.onnx_adapter"
+        if not adapter_file.is_file():
+            raise EdgeftError(f"no adapter {adapter!r} in {bundle}: "
+                              + (f"it ships {', '.join(shipped)}" if shipped else "it was built without adapters "
+                                 "(`edgeft package WS --adapters`)"))
+    elif shipped:
+        print(f"chat: the base model, no adapter active; this bundle ships {', '.join(shipped)} "
+              f"(--adapter {shipped[0]})", file=sys.stderr)
     model = og.Model(str(bundle))
     tok = og.Tokenizer(model)
+    adapters = None
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), adapter_file.stem)
 
     def reply(text: str) -> None:
         turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -523,6 +542,8 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         gen = og.Generator(model, params)
+        if adapters is not None:
+            gen.set_active_adapter(adapters, adapter_file.stem)
         gen.append_tokens(ids)
         new: list[int] = []
         shown = ""

@@ -177,6 +177,20 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     adapters = og.Adapters(model)
     adapters.load(str(adapter), "ws")
     assert "set_active_adapter" in (out / "README.md").read_text()
+    # `edgeft chat WS --adapter ws` replies as that adapter does, and without --adapter as the base does.
+    tok = og.Tokenizer(model)
+    ids = tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "lock the front door"}]),
+                                             add_generation_prompt=True)).tolist()
+    for extra, active in ((["--adapter", "ws"], adapter), ([], None)):
+        proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(ws), "--prompt", "lock the front door",
+                               "--max-new-tokens", "6", *extra], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        (expected,), _ = genai_generate(out, [ids], 6, active)
+        assert proc.stdout.rstrip("\n") == tok.decode(np.asarray(expected, dtype=np.int32))
+    assert "no adapter active; this bundle ships ws (--adapter ws)" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(out), "--adapter", "other", "--prompt", "x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no adapter 'other' in" in proc.stderr and "it ships ws" in proc.stderr
 
 
 def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
