@@ -146,7 +146,18 @@ def torch_loss(model, items: list[Item], batch: int = 16) -> tuple[float, int]:
 
 # -- onnxruntime-genai ------------------------------------------------------------------------------------
 
-def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: list[int]) -> list[str]:
+def _generator(model, params, adapter: tuple | None):
+    """A generator with `adapter` (og.Adapters, name) active, if given: a base+adapters bundle's fine-tune."""
+    import onnxruntime_genai as og
+
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        gen.set_active_adapter(*adapter)
+    return gen
+
+
+def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: list[int],
+                  adapter: tuple | None = None) -> list[str]:
     import onnxruntime_genai as og
 
     out = []
@@ -154,7 +165,7 @@ def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: lis
         ids = tok(text, add_special_tokens=False)["input_ids"]
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = og.Generator(model, params)
+        gen = _generator(model, params, adapter)
         gen.append_tokens(ids)
         new = []
         while not gen.is_done():
@@ -167,7 +178,7 @@ def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: lis
     return out
 
 
-def genai_loss(model, items: list[Item]) -> tuple[float, int]:
+def genai_loss(model, items: list[Item], adapter: tuple | None = None) -> tuple[float, int]:
     """Teacher-forced NLL through the generator, one token at a time from the first target token."""
     import onnxruntime_genai as og
 
@@ -177,7 +188,7 @@ def genai_loss(model, items: list[Item]) -> tuple[float, int]:
         first = int(targets[0])
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(x.ids) + 1, do_sample=False)
-        gen = og.Generator(model, params)
+        gen = _generator(model, params, adapter)
         gen.append_tokens(x.ids[:first].astype(np.int32))
         for t in range(first, len(x.ids)):
             logits = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)
@@ -282,11 +293,17 @@ def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = Non
         started = time.time()
         log(f"eval: bundle ({len(items)} samples, onnxruntime-genai)")
         model = og.Model(str(bundle))
-        precision = json.loads((bundle / "manifest.json").read_text()).get("precision", "?")
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        name, active = f"bundle {manifest.get('precision', '?')}", None
+        if manifest.get("kind") == "base+adapters":  # the fine-tune is this workspace's adapter, the first shipped
+            adapter, entry = next(iter(manifest["adapters"].items()))
+            adapters = og.Adapters(model)
+            adapters.load(str(bundle / entry["file"]), adapter)
+            name, active = f"{name} + {adapter}.onnx_adapter", (adapters, adapter)
         config_eos = json.loads((bundle / "genai_config.json").read_text())["model"].get("eos_token_id")
-        loss = genai_loss(model, items)
-        answers = genai_answers(model, tok, prompts, max_new_tokens, stop_ids(tok, config_eos))
-        results.append(variant(f"bundle {precision}", "onnxruntime-genai", loss, answers, items, time.time() - started))
+        loss = genai_loss(model, items, active)
+        answers = genai_answers(model, tok, prompts, max_new_tokens, stop_ids(tok, config_eos), active)
+        results.append(variant(name, "onnxruntime-genai", loss, answers, items, time.time() - started))
     elif "bundle" in wanted:
         skipped["bundle"] = f"not packaged yet: `edgeft package {ws.root}`"
     report = {"data": str(Path(data).resolve()), "samples": len(items), "shots": shots, "results": results,

@@ -191,6 +191,16 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(out), "--adapter", "other", "--prompt", "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no adapter 'other' in" in proc.stderr and "it ships ws" in proc.stderr
+    # `edgeft eval` scores the bundle as the fine-tune, with this workspace's adapter active: the merged model's
+    # loss (fp32), not the base's.
+    from edgeft import evaluate
+
+    report = evaluate.run(ws, DATA_DIR / "test.jsonl", limit=4, max_new_tokens=4, only=["base", "merged", "bundle"],
+                          log=lambda *_: None)
+    loss = {r["variant"]: r["loss"] for r in report["results"]}
+    assert set(loss) == {"base", "merged", "bundle fp32 + ws.onnx_adapter"}
+    assert loss["bundle fp32 + ws.onnx_adapter"] == pytest.approx(loss["merged"], rel=1e-4)
+    assert abs(loss["base"] - loss["merged"]) > 1e-2
 
 
 def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
