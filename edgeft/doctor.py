@@ -104,6 +104,22 @@ def check_training_runtime() -> Check:
                  extra={"path": str(path), "providers": info["providers"], "onnx": info["onnx_version"]})
 
 
+def check_cuda_training() -> list[Check]:
+    """Whether `--ep cuda` can run here: only when the CUDA build is installed (it is optional)."""
+    if not runtime.is_installed("cuda"):
+        return []
+    path = runtime.runtime_dir("cuda")
+    if not runtime.stamp("cuda").get("cuda_libraries"):
+        return [Check("training_runtime_cuda", False, runtime.ORT_TRAINING_VERSION,
+                      f"{path} lacks the CUDA 11.8 libraries it links", "run `edgeft runtime install --cuda --force`",
+                      required=False)]
+    problem = runtime.cuda_problem()
+    detail = f"{path} with {len(runtime.library_dirs(path))} CUDA 11.8 library folders; "
+    return [Check("training_runtime_cuda", problem is None, runtime.ORT_TRAINING_VERSION,
+                  detail + (problem or "NVIDIA driver and GPU found"),
+                  "" if problem is None else "--ep cuda needs an NVIDIA GPU and its driver", required=False)]
+
+
 def check_disk(root: Path) -> Check:
     root = root if root.exists() else Path.cwd()
     free_gb = shutil.disk_usage(root).free / 1e9
@@ -125,6 +141,7 @@ def run_checks(artifacts_root: Path = Path("artifacts")) -> list[Check]:
         check_onnxruntime(),
         check_genai(),
         check_training_runtime(),
+        *check_cuda_training(),
         check_disk(artifacts_root),
     ]
 

@@ -39,6 +39,8 @@ def child_env(runtime_path: Path | None) -> dict[str, str]:
     env.pop("EDGEFT_RUNTIME_PATH", None)
     if runtime_path:
         env["EDGEFT_RUNTIME_PATH"] = str(runtime_path)
+        if libraries := [str(d) for d in runtime.library_dirs(runtime_path)]:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -35,8 +35,17 @@ class Variant:
 
 VARIANTS = {
     "cpu": Variant("cpu", "onnxruntime-training-cpu", "9 MB wheel"),
-    "cuda": Variant("cuda", "onnxruntime-training", "841 MB wheel, needs CUDA 12 and cuDNN 9"),
+    "cuda": Variant("cuda", "onnxruntime-training", "about 3 GB with its CUDA 11.8 and cuDNN 8.9 libraries; needs an "
+                                                    "NVIDIA driver for CUDA 11 or later"),
 }
+
+# The CUDA build of onnxruntime-training 1.19.2 links CUDA 11.8 and cuDNN 8 (its provider library needs
+# libcudart.so.11.0, libcublas(Lt).so.11, libcudnn.so.8, libcurand.so.10, libcufft.so.10; its
+# build_and_package_info says cuda_version 11.8), which a CUDA 12 machine lacks. NVIDIA's wheels of those
+# libraries go into the same side directory, and the child process finds them on LD_LIBRARY_PATH. Its kernels
+# are built for sm_60 to sm_90, with PTX for newer GPUs.
+CUDA_LIBRARIES = ("nvidia-cuda-runtime-cu11==11.8.89", "nvidia-cublas-cu11==11.11.3.6", "nvidia-curand-cu11==10.3.0.86",
+                  "nvidia-cufft-cu11==10.9.0.58", "nvidia-cudnn-cu11==8.9.6.50")
 
 
 def root_dir() -> Path:
@@ -62,11 +71,42 @@ def is_installed(variant: str = "cpu") -> bool:
     return stamp(variant) is not None
 
 
+def library_dirs(path: Path) -> list[Path]:
+    """The folders of the CUDA libraries installed with the CUDA build at `path` (none for the CPU build)."""
+    return sorted((Path(path) / "nvidia").glob("*/lib"))
+
+
+def cuda_problem() -> str | None:
+    """Why this machine cannot run the CUDA build, or None. Asked of the NVIDIA driver directly, as the CUDA
+    runtime will: without a driver, ONNX Runtime's CUDA provider aborts the process rather than raising."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver on this machine (libcuda.so.1 not found)"
+    version, count = ctypes.c_int(0), ctypes.c_int(0)
+    if (rc := cuda.cuInit(0)) != 0:
+        return f"the NVIDIA driver did not start (cuInit error {rc}; no GPU, or CUDA_VISIBLE_DEVICES hides them all)"
+    cuda.cuDriverGetVersion(ctypes.byref(version))
+    if version.value < 11000:
+        return f"the NVIDIA driver supports CUDA {version.value // 1000}.{version.value % 1000 // 10}; the build needs 11 or later"
+    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES)"
+    return None
+
+
 def active_variant(ep: str = "cpu") -> str:
-    """The variant a run with execution provider `ep` uses; CUDA needs the CUDA build."""
+    """The variant a run with execution provider `ep` uses; CUDA needs the CUDA build, its libraries and a GPU."""
     if ep == "cuda":
         if not is_installed("cuda"):
             raise EdgeftError("--ep cuda needs the CUDA training build; run `edgeft runtime install --cuda`")
+        if not stamp("cuda").get("cuda_libraries"):
+            raise EdgeftError("the CUDA training build was installed without the CUDA 11.8 libraries it links; run "
+                              "`edgeft runtime install --cuda --force`")
+        if problem := cuda_problem():
+            raise EdgeftError(f"--ep cuda: {problem}. Train on the CPU with --ep cpu, or on a machine with an NVIDIA "
+                              "GPU and its driver")
         return "cuda"
     if is_installed("cpu"):
         return "cpu"
@@ -98,15 +138,17 @@ def install(cuda: bool = False, force: bool = False) -> Path:
     if reason:
         raise EdgeftError(reason)
     packages = [f"{variant.package}=={ORT_TRAINING_VERSION}", f"onnx=={ONNX_VERSION}"]
+    libraries = list(CUDA_LIBRARIES) if cuda else []
     with atomic_dir(target) as tmp:
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--no-deps", "--target", str(tmp), *packages]
+               "--no-deps", "--target", str(tmp), *packages, *libraries]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-            raise EdgeftError(f"installing {' '.join(packages)} failed (pip exit {proc.returncode}):\n{tail}\n"
+            raise EdgeftError(f"installing {' '.join(packages + libraries)} failed (pip exit {proc.returncode}):\n{tail}\n"
                               "check network access to the package index, then run "
                               "`edgeft runtime install` again")
         (tmp / STAMP).write_text(json.dumps(
-            {"variant": variant.name, "packages": packages, "python": platform.python_version()}, indent=2))
+            {"variant": variant.name, "packages": packages, "cuda_libraries": libraries,
+             "python": platform.python_version()}, indent=2))
     return target

@@ -15,7 +15,6 @@ from safetensors.numpy import load_file
 
 from edgeft import launcher
 from edgeft.errors import EdgeftError
-from edgeft.export import export
 from edgeft.prepare import PrepareConfig, prepare
 from edgeft.tasks.home import DATA_DIR
 from edgeft.torch_engine import ADAPTER
@@ -24,14 +23,6 @@ from edgeft.trainer import checkpoints
 
 DATA = DATA_DIR / "train.jsonl"
 FAST = {"batch_size": 4, "seq_len": 256, "lr": 1e-3}
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_model, tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ws") / "ws"
-    prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), ws)
-    export(ws)
-    return ws
 
 
 def fresh(exported, tmp_path, name="ws"):
