@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeft import atomic, base_weights, detach, launcher, lazy, plan, quantize, rss
+from edgeft import atomic, base_weights, detach, launcher, lazy, plan, progress, quantize, rss
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -100,8 +100,12 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     batch = onnx_export.probe_batch(config.vocab_size, cfg.probe_seq_len, pad_id)
     # The reference trains against the same quantized base, loaded whole or one layer at a time.
+    steps = progress.Steps("export", 5)
     t0 = time.time()
-    with lazy.streamed(peft_model, shards, quant) if stream else contextlib.nullcontext():
+    n_layers = len(lazy.decoder_layers(peft_model))
+    with steps.step("PyTorch reference: loss and LoRA gradients" + (", one decoder layer at a time" if stream else ""),
+                    2 * n_layers if stream else None) as tick, \
+            lazy.streamed(peft_model, shards, quant, tick) if stream else contextlib.nullcontext():
         if not stream:
             quantize.fake_quantize_(peft_model, quant)
         reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
@@ -116,7 +120,8 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         traced = work / "traced" / "model.onnx"  # with its weights as files beside it, past 2 GB
         traced.parent.mkdir(parents=True)
         t0 = time.time()
-        keys = onnx_export.export(wrapper, batch, traced, weights=not stream)
+        with steps.step("ONNX trace" + (" (placeholder weights)" if stream else "")):
+            keys = onnx_export.export(wrapper, batch, traced, weights=not stream)
         trace_seconds = time.time() - t0
         torch_peak = rss.peak_mb()
         del wrapper, peft_model, base
@@ -125,7 +130,8 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         t0 = time.time()
         rss.reset_peak()
         read = functools.partial(_from_shards, shards, keys, traced.parent) if stream else None
-        slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant, read)
+        with steps.step(f"frozen weights into {base_weights.BASE_DATA} ({quant['precision']})"):
+            slim, stored = base_weights.externalize(traced, tmp, set(frozen), quant, read)
         shutil.rmtree(traced.parent)  # its weights now live in base.data
         detached = detach.detach_norms(slim, set(trainable))
         onnx_export.rows_by_gathernd(slim)
@@ -136,16 +142,19 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         del slim
         externalize = {"seconds": round(time.time() - t0, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
         log = ws.root / "logs" / "export-runtime.log"
-        generated = launcher.run("edgeft.trainer.artifacts:generate", {
-            "model": str(tmp / "slim_model.onnx"), "out": str(tmp), "requires_grad": trainable,
-            "recompute": recompute, "data_inputs": list(onnx_export.INPUT_NAMES),
-            "nominal_checkpoint": cfg.nominal_checkpoint, "ort_format": cfg.ort_format},
-            on_event=on_event, log_path=log, cwd=tmp)
+        with steps.step("training, eval and optimizer models (generate_artifacts" +
+                        (", recomputation)" if recompute else ")")):
+            generated = launcher.run("edgeft.trainer.artifacts:generate", {
+                "model": str(tmp / "slim_model.onnx"), "out": str(tmp), "requires_grad": trainable,
+                "recompute": recompute, "data_inputs": list(onnx_export.INPUT_NAMES),
+                "nominal_checkpoint": cfg.nominal_checkpoint, "ort_format": cfg.ort_format},
+                on_event=on_event, log_path=log, cwd=tmp)
         (tmp / "slim_model.onnx").unlink()
-        verified = launcher.run("edgeft.trainer.artifacts:verify",
-                                {"artifacts": str(tmp), "batch": str(work / "probe.npz"),
-                                 "grads_out": str(work / "ort_grads.npz")},
-                                on_event=on_event, log_path=log)
+        with steps.step("verify: a training step in ONNX Runtime against the reference"):
+            verified = launcher.run("edgeft.trainer.artifacts:verify",
+                                    {"artifacts": str(tmp), "batch": str(work / "probe.npz"),
+                                     "grads_out": str(work / "ort_grads.npz")},
+                                    on_event=on_event, log_path=log)
         grad_error = onnx_export.gradient_error(torch_grads, dict(np.load(work / "ort_grads.npz")))
         dropout = prep["config"]["lora_dropout"] > 0
         shutil.rmtree(work)

@@ -14,7 +14,7 @@ tracer). Each placeholder remembers its key in the safetensors files, and a stag
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -161,9 +161,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 @contextlib.contextmanager
-def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) -> Iterator[None]:
+def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None,
+             on_layer: Callable[[], None] | None = None) -> Iterator[None]:
     """Within: `model` (placeholders, maybe wrapped by PEFT) computes with its real weights, fake-quantized
     as `quant` says (quantize.fake_quantize_), while holding one decoder layer's weights at a time.
+    `on_layer` is called after each layer's pass (progress.Steps' tick).
 
     Everything outside the decoder layers (embedding, final norm, LM head) is loaded for the whole block.
     Each layer loads its weights when it runs and drops them after; with gradients enabled it runs under
@@ -188,6 +190,8 @@ def streamed(model: torch.nn.Module, shards: Shards, quant: dict | None = None) 
                 return forward(*args, **kwargs)
             finally:
                 unload_(layer)
+                if on_layer is not None:
+                    on_layer()
 
         def checkpointed(*args, **kwargs):
             if torch.is_grad_enabled():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeft import launcher, lazy, quantize, rss
+from edgeft import launcher, lazy, progress, quantize, rss
 from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.errors import EdgeftError
 from edgeft.schema import spec
@@ -218,7 +218,11 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         config = base.config
         batch = onnx_export.probe_batch(config.vocab_size, 24, config.pad_token_id if isinstance(
             config.pad_token_id, int) else 0, seed=11)
-        with lazy.streamed(peft_model, shards, quant) if stream else contextlib.nullcontext():
+        steps = progress.Steps("merge", 4 if backend == "ort" else 3)
+        n_layers = len(lazy.decoder_layers(peft_model))
+        streaming = ", one decoder layer at a time" if stream else ""
+        with steps.step(f"the adapter's logits (PEFT){streaming}", n_layers if stream else None) as tick, \
+                lazy.streamed(peft_model, shards, quant, tick) if stream else contextlib.nullcontext():
             peft_logits = _logits(wrapper, batch)
         scale = float(np.abs(peft_logits).max())
         verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance, "logit_scale": scale,
@@ -237,23 +241,26 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
 
         if backend == "ort":
             np.savez(work / "probe.npz", **batch)
-            launcher.run("edgeft.trainer.artifacts:verify", {
-                "artifacts": str(ws.root / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
-                "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
+            with steps.step("the training runtime's logits (eval model, trained checkpoint)"):
+                launcher.run("edgeft.trainer.artifacts:verify", {
+                    "artifacts": str(ws.root / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
+                    "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
             check("peft_vs_ort_eval", np.load(work / "ort_logits.npy"),
                   "PEFT logits differ from the training runtime's", "nothing was written")
         with atomic_dir(ws.root / "adapter") as tmp:
             peft_model.save_pretrained(tmp)
         with atomic_dir(ws.root / "merged") as tmp:
-            if stream:
-                _write_merged_streamed(peft_model, shards, quant, tmp)
-                config.architectures = [type(base).__name__]  # as save_pretrained records it
-                config.save_pretrained(tmp)
-                merged, merged_shards = lazy.empty_model(tmp, trust)  # checked from the files just written
-            else:
-                merged, merged_shards = peft_model.merge_and_unload(), None
-                merged.save_pretrained(tmp)
-            with lazy.streamed(merged, merged_shards) if stream else contextlib.nullcontext():
+            with steps.step(f"the PEFT adapter and the merged model, written{streaming}"):
+                if stream:
+                    _write_merged_streamed(peft_model, shards, quant, tmp)
+                    config.architectures = [type(base).__name__]  # as save_pretrained records it
+                    config.save_pretrained(tmp)
+                    merged, merged_shards = lazy.empty_model(tmp, trust)  # checked from the files just written
+                else:
+                    merged, merged_shards = peft_model.merge_and_unload(), None
+                    merged.save_pretrained(tmp)
+            with steps.step(f"the merged model's logits{streaming}", n_layers if stream else None) as tick, \
+                    lazy.streamed(merged, merged_shards, on_layer=tick) if stream else contextlib.nullcontext():
                 check("merged_vs_peft", _logits(onnx_export.CausalLMLoss(merged), batch),
                       "the merged model's logits differ from the adapter's",
                       "the adapter was written, the merged model was not")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import launcher, prequantize, quantize, rss, schema
+from edgeft import launcher, prequantize, progress, quantize, rss, schema
 from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.devices import Quantization
 from edgeft.errors import EdgeftError, disk_full
@@ -136,7 +136,7 @@ def _prompts(merged: Path, n: int) -> list[list[int]]:
 
 
 def reference(model_dir: Path, prompts: list[list[int]], max_new: int, trust_remote_code: bool = False,
-              weights: str = "auto") -> tuple[list[list[int]], list[np.ndarray]]:
+              weights: str = "auto", steps: progress.Steps | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
     """transformers' greedy tokens and last-prompt-position logits in fp32 for each prompt. Past 4 GiB of fp32
     weights (or `weights="stream"`) the model computes one decoder layer at a time from its files
     (lazy.streamed), so a Phi-3-mini is checked without holding its 15 GB of fp32 weights."""
@@ -146,7 +146,11 @@ def reference(model_dir: Path, prompts: list[list[int]], max_new: int, trust_rem
 
     model, shards = lazy.base_model(model_dir, trust_remote_code, weights)
     tokens, logits = [], []
-    with torch.no_grad(), lazy.streamed(model, shards) if shards else contextlib.nullcontext():
+    passes = len(prompts) * (1 + max_new) * len(lazy.decoder_layers(model))  # at most: generation may stop early
+    step = steps.step(f"transformers' greedy tokens on {model_dir.name} (fp32"
+                      f"{', one decoder layer at a time' if shards else ''})", passes if shards else None) \
+        if steps else contextlib.nullcontext()
+    with step as tick, torch.no_grad(), lazy.streamed(model, shards, on_layer=tick) if shards else contextlib.nullcontext():
         for ids in prompts:
             x = torch.tensor([ids])
             logits.append(model(x).logits[0, -1].numpy())
@@ -417,19 +421,23 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         cache = ws.root / ".builder-cache"
         prompts = _prompts(merged, cfg.prompts)
         adapter_files: dict[str, Path] = {}
+        steps = progress.Steps("package", 3 + (2 if cfg.adapters else 0) + (1 if ships_trained_base else 0))
         if cfg.adapters:
-            build_s, adapter_files = _build_adapters(ws, sources, tmp, cache, precision, cfg.ep, quant)
+            with steps.step(f"{precision} base with LoRA inputs, and {len(sources)} .onnx_adapter (GenAI builder)"):
+                build_s, adapter_files = _build_adapters(ws, sources, tmp, cache, precision, cfg.ep, quant)
             built = {"builder_input": "fp32 base with the LoRA branches", "builder_seconds": round(build_s, 1)}
         else:
-            built = build(merged, tmp, cache, precision, cfg.ep, quant)
+            with steps.step(f"{precision} model for {cfg.ep} (GenAI builder)"):
+                built = build(merged, tmp, cache, precision, cfg.ep, quant)
             build_s = built["builder_seconds"] + built.get("prequantize", {}).get("seconds", 0.0)
         threads = set_cpu_threads(tmp, device.cpu.cores if device else os.cpu_count() or 1) if cfg.ep == "cpu" else None
         trust = ws.stage("prepare")["config"]["trust_remote_code"]
-        ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens, trust, cfg.weights)
+        ref_tokens, ref_logits = reference(merged, prompts, cfg.max_new_tokens, trust, cfg.weights, steps)
         active = adapter_files.get(ws.root.name)
         on_cpu = not provider_here(cfg.ep)  # a bundle for a GPU provider this machine lacks: its graph, on the CPU
         try:
-            got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active, on_cpu)
+            with steps.step("the bundle's greedy tokens (onnxruntime-genai" + (", adapter active)" if active else ")")):
+                got_tokens, got_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, active, on_cpu)
         except RuntimeError as e:  # onnxruntime-genai refuses the model it was given
             hint = (f"package verifies the bundle by running it: build for --ep {cfg.ep} on a machine where "
                     f"onnxruntime-genai has that provider" if cfg.ep != "cpu" else
@@ -448,14 +456,16 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         }
         if active:
             base_tokens, base_logits = reference(Path(ws.stage("prepare")["config"]["model_dir"]), prompts,
-                                                 cfg.max_new_tokens, trust, cfg.weights)
-            plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, cpu=on_cpu)
+                                                 cfg.max_new_tokens, trust, cfg.weights, steps)
+            with steps.step("the bundle's greedy tokens with no adapter active (the base model)"):
+                plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, cpu=on_cpu)
             verification["no_adapter_vs_base"] = {
                 "token_agreement": agreement(base_tokens, plain_tokens),
                 "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(base_logits, plain_logits,
                                                                                  strict=True)))}
         if ships_trained_base:
-            verification["shipped_base"] = shipped_base_check(ws, tmp, prompts, active, merged_rec,
+            with steps.step("the trained int4 base against the bundle's, byte for byte"):
+                verification["shipped_base"] = shipped_base_check(ws, tmp, prompts, active, merged_rec,
                                                                   quant.accuracy_level, on_cpu)
         if precision == "fp32" and verification["token_agreement"] < 1.0:
             raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from transformers' "

@@ -58,8 +58,10 @@ def test_streamed_reference_equals_the_loaded_model(tiny_model, tmp_path, precis
 
     empty, shards = lazy.empty_model(model_dir)
     streamed = PeftModel.from_pretrained(empty, ws / "adapter_init", is_trainable=True)
-    with lazy.streamed(streamed, shards, quant):
+    passes = []
+    with lazy.streamed(streamed, shards, quant, on_layer=lambda: passes.append(1)):
         streamed_loss, streamed_grads = onnx_export.torch_loss_and_grads(onnx_export.CausalLMLoss(streamed), batch)
+    assert len(passes) == 2 * len(lazy.decoder_layers(streamed))  # forward, then recomputed: export's progress total
     assert streamed_loss == pytest.approx(loss, rel=1e-6)
     assert onnx_export.gradient_error(grads, streamed_grads) < 1e-6
     frozen = [p for n, p in streamed.named_parameters() if not p.requires_grad]
