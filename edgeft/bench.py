@@ -12,6 +12,7 @@ Figures are median / min / max over the runs, each marked pass or fail against t
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -71,23 +72,37 @@ def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int
     ids = _tokens(bundle, data)
     if len(ids) < prompt_tokens:
         ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
-    args = {"bundle": str(bundle), "prompt": ids[:prompt_tokens].tolist(), "new_tokens": new_tokens, "runs": runs}
+    args = {"bundle": str(bundle), "prompt": ids[:prompt_tokens].tolist(), "new_tokens": new_tokens, "runs": runs,
+            "adapter": shipped_adapter(bundle)}
     result = launcher.run("edgeft.bench:genai_child", args, log_path=log_dir / "bench-inference.log",
                           runtime_name="main")
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": args["adapter"],
             "ttft_ms": _stats([1000 * t for t in result["ttft_s"]]),
             "prompt_tokens_per_s": _stats([prompt_tokens / t for t in result["ttft_s"]]),
             "decode_tokens_per_s": _stats([(new_tokens - 1) / t for t in result["decode_s"]]),
             "peak_rss_mb": result["peak_rss_mb"], "bundle": str(bundle)}
 
 
+def shipped_adapter(bundle: Path) -> str | None:
+    """The adapter a base+adapters bundle is benched with, as an app runs its fine-tune: the first one it ships
+    (the packaged workspace's own); None for a merged bundle."""
+    manifest = Path(bundle) / "manifest.json"
+    adapters = json.loads(manifest.read_text()).get("adapters") if manifest.is_file() else None
+    return next(iter(adapters.values()))["file"] if adapters else None
+
+
 def genai_child(args: dict) -> dict:
-    """Runs in its own process so that its peak RSS is the app's: model load, prefill, decode."""
+    """Runs in its own process so that its peak RSS is the app's: model load, prefill, decode (with the bundle's
+    adapter active, if it ships swappable ones)."""
     import onnxruntime_genai as og
 
     from edgeft.trainer import events
 
     model = og.Model(args["bundle"])
+    adapters = None
+    if args.get("adapter"):
+        adapters = og.Adapters(model)
+        adapters.load(str(Path(args["bundle"]) / args["adapter"]), "active")
     prompt = np.asarray(args["prompt"], dtype=np.int32)
     new = int(args["new_tokens"])
     ttft, decode = [], []
@@ -95,6 +110,8 @@ def genai_child(args: dict) -> dict:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
         gen = og.Generator(model, params)
+        if adapters is not None:
+            gen.set_active_adapter(adapters, "active")
         t0 = time.perf_counter()
         gen.append_tokens(prompt)
         gen.generate_next_token()
@@ -160,7 +177,8 @@ def markdown(report: dict) -> str:
                   f"predicted {t['predicted']['step_s']:.3f} s and {t['predicted']['peak_rss_mb']:.0f} MiB peak.", ""]
     if "inference" in report:
         i = report["inference"]
-        lines += [f"Inference: {i['bundle']}, prompt {i['prompt_tokens']} tokens, {i['new_tokens']} new tokens; "
+        active = f" with {i['adapter']} active" if i.get("adapter") else ""
+        lines += [f"Inference: {i['bundle']}{active}, prompt {i['prompt_tokens']} tokens, {i['new_tokens']} new tokens; "
                   f"decode {i['decode_tokens_per_s']['min']:.1f}-{i['decode_tokens_per_s']['max']:.1f} tokens/s, "
                   f"TTFT {i['ttft_ms']['min']:.1f}-{i['ttft_ms']['max']:.1f} ms.", ""]
     lines += ["| figure | value | budget | verdict |", "|---|---|---|---|"]

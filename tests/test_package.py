@@ -201,6 +201,11 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     assert set(loss) == {"base", "merged", "bundle fp32 + ws.onnx_adapter"}
     assert loss["bundle fp32 + ws.onnx_adapter"] == pytest.approx(loss["merged"], rel=1e-4)
     assert abs(loss["base"] - loss["merged"]) > 1e-2
+    # `edgeft bench` times the bundle as the app runs the fine-tune: with that adapter active.
+    from edgeft.bench import bench_inference
+
+    timed = bench_inference(out, 1, 8, 4, None, tmp_path)
+    assert timed["adapter"] == "adapters/ws.onnx_adapter" and timed["decode_tokens_per_s"]["median"] > 0
 
 
 def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
