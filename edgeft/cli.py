@@ -49,9 +49,11 @@ def cmd_runtime_install(args) -> int:
     from edgeft import runtime
 
     variant = "cuda" if args.cuda else "cpu"
-    already = runtime.is_installed(variant) and not args.force
+    already = runtime.is_complete(variant) and not args.force
     path = runtime.install(cuda=args.cuda, force=args.force)
     print(f"training runtime ({variant}) {'already installed' if already else 'installed'}: {path}")
+    if args.cuda and (problem := runtime.cuda_problem()):
+        print(f"note: --ep cuda will not run on this machine: {problem}")
     print("next: `edgeft doctor`")
     return 0
 

@@ -109,9 +109,9 @@ def check_cuda_training() -> list[Check]:
     if not runtime.is_installed("cuda"):
         return []
     path = runtime.runtime_dir("cuda")
-    if not runtime.stamp("cuda").get("cuda_libraries"):
+    if not runtime.is_complete("cuda"):
         return [Check("training_runtime_cuda", False, runtime.ORT_TRAINING_VERSION,
-                      f"{path} lacks the CUDA 11.8 libraries it links", "run `edgeft runtime install --cuda --force`",
+                      f"{path} lacks the CUDA 11.8 libraries it links", "run `edgeft runtime install --cuda`",
                       required=False)]
     problem = runtime.cuda_problem()
     detail = f"{path} with {len(runtime.library_dirs(path))} CUDA 11.8 library folders; "

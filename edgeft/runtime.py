@@ -71,6 +71,11 @@ def is_installed(variant: str = "cpu") -> bool:
     return stamp(variant) is not None
 
 
+def is_complete(variant: str = "cpu") -> bool:
+    """Installed, and for CUDA with the libraries it links (installs before 2026-11-23 lack them)."""
+    return is_installed(variant) and (variant != "cuda" or bool(stamp(variant).get("cuda_libraries")))
+
+
 def library_dirs(path: Path) -> list[Path]:
     """The folders of the CUDA libraries installed with the CUDA build at `path` (none for the CPU build)."""
     return sorted((Path(path) / "nvidia").glob("*/lib"))
@@ -101,9 +106,9 @@ def active_variant(ep: str = "cpu") -> str:
     if ep == "cuda":
         if not is_installed("cuda"):
             raise EdgeftError("--ep cuda needs the CUDA training build; run `edgeft runtime install --cuda`")
-        if not stamp("cuda").get("cuda_libraries"):
+        if not is_complete("cuda"):
             raise EdgeftError("the CUDA training build was installed without the CUDA 11.8 libraries it links; run "
-                              "`edgeft runtime install --cuda --force`")
+                              "`edgeft runtime install --cuda`")
         if problem := cuda_problem():
             raise EdgeftError(f"--ep cuda: {problem}. Train on the CPU with --ep cpu, or on a machine with an NVIDIA "
                               "GPU and its driver")
@@ -132,7 +137,7 @@ def install(cuda: bool = False, force: bool = False) -> Path:
     """Install the training build (and onnx 1.17.0) into its side directory; a no-op when present."""
     variant = VARIANTS["cuda" if cuda else "cpu"]
     target = runtime_dir(variant.name)
-    if is_installed(variant.name) and not force:
+    if is_complete(variant.name) and not force:
         return target
     reason = unsupported_reason()
     if reason:

@@ -15,7 +15,7 @@ import pytest
 from edgeft import launcher, runtime
 from tests.test_train import DATA, FAST, fresh, losses
 
-CUDA_BUILD = runtime.is_installed("cuda") and bool(runtime.stamp("cuda").get("cuda_libraries"))
+CUDA_BUILD = runtime.is_complete("cuda")
 
 
 def test_the_child_finds_the_cuda_libraries_installed_with_the_build(tmp_path):
