@@ -34,19 +34,16 @@ LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 def unsupported(folder: Path, block_size: int) -> str | None:
     """Why this folder cannot take the quantized route (the builder then quantizes the fp32 model), or None."""
-    from safetensors import safe_open
-
     config = json.loads((folder / "config.json").read_text())
     if "quantization_config" in config:
         return "the model is already quantized"
     for path in families.weight_files(folder):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                if name.startswith("model.layers.") and len(shape) == 2 and not LINEAR.match(name):
-                    return f"{name} is a decoder weight the builder's quantized loader does not name"
-                if LINEAR.match(name) and shape[1] % block_size:
-                    return f"{name} has {shape[1]} inputs, not a multiple of the block size {block_size}"
+        for name, info in sorted(families.safetensors_header(path).items()):
+            shape = info["shape"]
+            if name.startswith("model.layers.") and len(shape) == 2 and not LINEAR.match(name):
+                return f"{name} is a decoder weight the builder's quantized loader does not name"
+            if LINEAR.match(name) and shape[1] % block_size:
+                return f"{name} has {shape[1]} inputs, not a multiple of the block size {block_size}"
     return None
 
 
