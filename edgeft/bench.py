@@ -12,7 +12,6 @@ Figures are median / min / max over the runs, each marked pass or fail against t
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -72,8 +71,11 @@ def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int
     ids = _tokens(bundle, data)
     if len(ids) < prompt_tokens:
         ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
+    from edgeft.package import own_adapter
+
+    adapter = own_adapter(bundle)
     args = {"bundle": str(bundle), "prompt": ids[:prompt_tokens].tolist(), "new_tokens": new_tokens, "runs": runs,
-            "adapter": shipped_adapter(bundle)}
+            "adapter": adapter.relative_to(bundle).as_posix() if adapter else None}
     result = launcher.run("edgeft.bench:genai_child", args, log_path=log_dir / "bench-inference.log",
                           runtime_name="main")
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": args["adapter"],
@@ -83,35 +85,23 @@ def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int
             "peak_rss_mb": result["peak_rss_mb"], "bundle": str(bundle)}
 
 
-def shipped_adapter(bundle: Path) -> str | None:
-    """The adapter a base+adapters bundle is benched with, as an app runs its fine-tune: the first one it ships
-    (the packaged workspace's own); None for a merged bundle."""
-    manifest = Path(bundle) / "manifest.json"
-    adapters = json.loads(manifest.read_text()).get("adapters") if manifest.is_file() else None
-    return next(iter(adapters.values()))["file"] if adapters else None
-
-
 def genai_child(args: dict) -> dict:
     """Runs in its own process so that its peak RSS is the app's: model load, prefill, decode (with the bundle's
     adapter active, if it ships swappable ones)."""
     import onnxruntime_genai as og
 
+    from edgeft.package import generator, load_adapter
     from edgeft.trainer import events
 
     model = og.Model(args["bundle"])
-    adapters = None
-    if args.get("adapter"):
-        adapters = og.Adapters(model)
-        adapters.load(str(Path(args["bundle"]) / args["adapter"]), "active")
+    active = load_adapter(model, Path(args["bundle"]) / args["adapter"]) if args.get("adapter") else None
     prompt = np.asarray(args["prompt"], dtype=np.int32)
     new = int(args["new_tokens"])
     ttft, decode = [], []
     for i in range(int(args["runs"]) + 1):  # the first run warms up
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapters is not None:
-            gen.set_active_adapter(adapters, "active")
+        gen = generator(model, params, active)
         t0 = time.perf_counter()
         gen.append_tokens(prompt)
         gen.generate_next_token()

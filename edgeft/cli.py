@@ -222,7 +222,7 @@ def cmd_merge(args) -> int:
 def cmd_package(args) -> int:
     """Build an ONNX Runtime GenAI bundle of the merged model (int4 by default), verified against transformers."""
     from edgeft import devices, schema
-    from edgeft.package import PackageConfig, package
+    from edgeft.package import PackageConfig, own_adapter, package
 
     device = devices.load(args.device) if args.device else None
     options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters", "weights")
@@ -245,8 +245,8 @@ def cmd_package(args) -> int:
             line += (f"; with the adapter, vs the training runtime's eval logits: "
                      f"{shipped['adapter_vs_training_runtime_max_logit_error']:.2e}")
         print(line)
-    first = f" --adapter {Path(next(iter(m['adapters'].values()))['file']).stem}" if m.get("adapters") else ""
-    print(f"next: `edgeft chat {out}{first}`")
+    adapter = own_adapter(out)
+    print(f"next: `edgeft chat {out}{f' --adapter {adapter.stem}' if adapter else ''}`")
     return 0
 
 

@@ -23,6 +23,9 @@ class ConfigError(EdgeftError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
+FREE_SPACE = "Free some space, or put the workspace on a bigger disk, and run the command again"
+
+
 def disk_full(error: BaseException | str) -> bool:
     """Whether `error` (or a failed program's output) is a write that ran out of disk space. Libraries with C++
     writers (ONNX Runtime's checkpoint, safetensors, protobuf) raise another type carrying the OS message."""
@@ -33,6 +36,5 @@ def disk_full(error: BaseException | str) -> bool:
 
 def disk_full_message(error: BaseException) -> str:
     where = f" writing {error.filename}" if isinstance(error, OSError) and error.filename else ""
-    return (f"no space left on the device{where} ({error}). Free some space, or put the workspace on a bigger "
-            "disk, and run the command again: the stage wrote into a temporary that was removed, so no output "
-            "was left half-written")
+    return (f"no space left on the device{where} ({error}). {FREE_SPACE}: the stage wrote into a temporary that "
+            "was removed, so no output was left half-written")

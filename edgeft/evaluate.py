@@ -146,26 +146,18 @@ def torch_loss(model, items: list[Item], batch: int = 16) -> tuple[float, int]:
 
 # -- onnxruntime-genai ------------------------------------------------------------------------------------
 
-def _generator(model, params, adapter: tuple | None):
-    """A generator with `adapter` (og.Adapters, name) active, if given: a base+adapters bundle's fine-tune."""
-    import onnxruntime_genai as og
-
-    gen = og.Generator(model, params)
-    if adapter is not None:
-        gen.set_active_adapter(*adapter)
-    return gen
-
-
 def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: list[int],
                   adapter: tuple | None = None) -> list[str]:
     import onnxruntime_genai as og
+
+    from edgeft.package import generator
 
     out = []
     for text in prompts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = _generator(model, params, adapter)
+        gen = generator(model, params, adapter)
         gen.append_tokens(ids)
         new = []
         while not gen.is_done():
@@ -182,13 +174,15 @@ def genai_loss(model, items: list[Item], adapter: tuple | None = None) -> tuple[
     """Teacher-forced NLL through the generator, one token at a time from the first target token."""
     import onnxruntime_genai as og
 
+    from edgeft.package import generator
+
     nll, count = 0.0, 0
     for x in items:
         targets = np.flatnonzero(x.mask)
         first = int(targets[0])
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(x.ids) + 1, do_sample=False)
-        gen = _generator(model, params, adapter)
+        gen = generator(model, params, adapter)
         gen.append_tokens(x.ids[:first].astype(np.int32))
         for t in range(first, len(x.ids)):
             logits = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)
@@ -290,16 +284,15 @@ def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = Non
     if "bundle" in wanted and (bundle / "genai_config.json").is_file():
         import onnxruntime_genai as og
 
+        from edgeft.package import load_adapter, own_adapter
+
         started = time.time()
         log(f"eval: bundle ({len(items)} samples, onnxruntime-genai)")
         model = og.Model(str(bundle))
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        name, active = f"bundle {manifest.get('precision', '?')}", None
-        if manifest.get("kind") == "base+adapters":  # the fine-tune is this workspace's adapter, the first shipped
-            adapter, entry = next(iter(manifest["adapters"].items()))
-            adapters = og.Adapters(model)
-            adapters.load(str(bundle / entry["file"]), adapter)
-            name, active = f"{name} + {adapter}.onnx_adapter", (adapters, adapter)
+        name = f"bundle {json.loads((bundle / 'manifest.json').read_text()).get('precision', '?')}"
+        active = None
+        if (adapter := own_adapter(bundle)) is not None:  # a base+adapters bundle: its fine-tune is this adapter
+            name, active = f"{name} + {adapter.name}", load_adapter(model, adapter)
         config_eos = json.loads((bundle / "genai_config.json").read_text())["model"].get("eos_token_id")
         loss = genai_loss(model, items, active)
         answers = genai_answers(model, tok, prompts, max_new_tokens, stop_ids(tok, config_eos), active)

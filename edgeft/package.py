@@ -26,7 +26,7 @@ import numpy as np
 from edgeft import launcher, prequantize, progress, quantize, rss, schema
 from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.devices import Quantization
-from edgeft.errors import EdgeftError, disk_full
+from edgeft.errors import FREE_SPACE, EdgeftError, disk_full
 from edgeft.schema import spec
 from edgeft.workspace import Workspace, hash_files, library_versions
 
@@ -78,8 +78,7 @@ def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quan
                 f"{src}/config.json, or try another --precision")
         if disk_full(proc.stderr + proc.stdout):
             raise BuilderError(f"no space left on the device of {out.parent} while the GenAI builder wrote the model. "
-                               "Free some space, or put the workspace on a bigger disk, and run the command again: "
-                               "the builder wrote into a temporary that was removed")
+                               f"{FREE_SPACE}: the builder wrote into a temporary that was removed")
         raise BuilderError(f"the ONNX Runtime GenAI builder failed (exit {proc.returncode}):\n{tail}\nhint: {hint}")
     return time.time() - started
 
@@ -167,6 +166,33 @@ def provider_here(ep: str) -> bool:
     return ep == "cpu" or bool(getattr(og, f"is_{ep}_available", lambda: False)())
 
 
+def own_adapter(bundle: Path) -> Path | None:
+    """The `.onnx_adapter` of the workspace a base+adapters bundle was packaged from (the manifest lists it first);
+    None for a merged bundle. eval and bench run the bundle as the app runs that fine-tune: with it active."""
+    manifest = Path(bundle) / "manifest.json"
+    adapters = json.loads(manifest.read_text()).get("adapters") if manifest.is_file() else None
+    return Path(bundle) / next(iter(adapters.values()))["file"] if adapters else None
+
+
+def load_adapter(model, path: Path) -> tuple:
+    """An `.onnx_adapter` loaded into an og.Model, as (og.Adapters, name) for `generator`."""
+    import onnxruntime_genai as og
+
+    adapters = og.Adapters(model)
+    adapters.load(str(path), path.stem)
+    return adapters, path.stem
+
+
+def generator(model, params, adapter: tuple | None = None):
+    """An og.Generator, with `adapter` (from `load_adapter`) active if given."""
+    import onnxruntime_genai as og
+
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        gen.set_active_adapter(*adapter)
+    return gen
+
+
 def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int,
                    adapter: Path | None = None, cpu: bool = False) -> tuple[list[list[int]], list[np.ndarray]]:
     """Greedy tokens and first-step logits from onnxruntime-genai, with an `.onnx_adapter` active if given;
@@ -177,17 +203,12 @@ def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int,
     if cpu:
         config.clear_providers()
     model = og.Model(config)
-    adapters = None
-    if adapter is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter), adapter.stem)
+    active = load_adapter(model, adapter) if adapter is not None else None
     tokens, logits = [], []
     for ids in prompts:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapters is not None:
-            gen.set_active_adapter(adapters, adapter.stem)
+        gen = generator(model, params, active)
         gen.append_tokens(ids)
         logits.append(np.asarray(gen.get_logits()).reshape(-1))
         out = []
@@ -536,10 +557,7 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
               f"(--adapter {shipped[0]})", file=sys.stderr)
     model = og.Model(str(bundle))
     tok = og.Tokenizer(model)
-    adapters = None
-    if adapter_file is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter_file), adapter_file.stem)
+    active = load_adapter(model, adapter_file) if adapter_file is not None else None
 
     def reply(text: str) -> None:
         turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -551,9 +569,7 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
         ids = tok.encode(rendered)
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapters is not None:
-            gen.set_active_adapter(adapters, adapter_file.stem)
+        gen = generator(model, params, active)
         gen.append_tokens(ids)
         new: list[int] = []
         shown = ""
