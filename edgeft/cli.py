@@ -7,6 +7,7 @@ User errors (EdgeftError) print `error: ...` and exit 2 without a traceback; bug
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -187,7 +188,7 @@ def cmd_train(args) -> int:
     from edgeft.train import TrainConfig, train
 
     device = devices.load(args.device) if args.device else None
-    names = [f.name for f in __import__("dataclasses").fields(TrainConfig)]
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
     options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     cfg = schema.parse(TrainConfig, options, "train options")
     result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
@@ -439,7 +440,7 @@ COMMANDS: tuple[Command, ...] = (
         arg("--train-on-prompt", action="store_true", help="count every token as trained"),
         arg("--json", action="store_true"))),
     Command("runtime install", cmd_runtime_install, (
-        arg("--cuda", action="store_true", help="the CUDA training build (841 MB) instead of the CPU one"),
+        arg("--cuda", action="store_true", help="the CUDA training build with its CUDA 11.8 / cuDNN 8 libraries (about 2.9 GB) instead of the CPU one"),
         arg("--force", action="store_true", help="reinstall even if present"))),
     Command("runtime path", cmd_runtime_path, (arg("--cuda", action="store_true"),)),
     Command("devices list", cmd_devices_list),
