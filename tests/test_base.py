@@ -26,10 +26,28 @@ def test_committed_base_is_small_and_loads_as_a_phi3_folder():
     assert info["exact_match"]["home_schema_test"] <= 0.05  # and has never answered in the home schema
 
 
-def test_the_script_reproduces_the_committed_base_bit_for_bit():
-    """The first fingerprint step of the recorded recipe gives the recorded weights (sha256 of every tensor)."""
-    recorded, reproduced = base.check(base.BASE_DIR, steps=base.FINGERPRINT_STEPS[0])
-    assert reproduced == recorded
+def test_the_script_reproduces_the_committed_base():
+    """The first fingerprint step of the recorded recipe gives the recorded weights: bit for bit (sha256 of
+    every tensor) on the kernels the base was built with, within the tolerance on other CPUs."""
+    r = base.check(base.BASE_DIR, steps=base.FINGERPRINT_STEPS[0])
+    assert r.bit_for_bit or r.distance <= base.REPRODUCTION_TOLERANCE, (r.recorded, r.reproduced, r.distance)
+
+
+def test_the_sketch_tells_a_changed_recipe_from_other_rounding():
+    """The sketch is blind to rounding-sized changes and sees a change of 1e-3 of one tensor's norm."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    before = base.weights_sketch(model)
+    assert base.sketch_distance(before, base.weights_sketch(model)) == 0
+    weight = model[0].weight
+    with torch.no_grad():
+        noise = torch.randn_like(weight)
+        weight += noise * (1e-7 * weight.norm() / noise.norm())
+        assert base.sketch_distance(before, base.weights_sketch(model)) < base.REPRODUCTION_TOLERANCE
+        weight += noise * (1e-3 * weight.norm() / noise.norm())
+        assert base.sketch_distance(before, base.weights_sketch(model)) > 5 * base.REPRODUCTION_TOLERANCE
 
 
 @pytest.mark.slow

@@ -10,8 +10,13 @@ never sees as answers, so it starts near 0 % exact match.
     python -m edgeft.tasks.base check DIR        # re-run the recipe's first steps, compare fingerprints
 
 The committed model (`edgeft/tasks/home_base/`) was written by `build` with the defaults; its
-`edgeft_base.json` records the recipe, the sha256 of the weights at fingerprint steps, and the final
-scores. Training is deterministic on CPU for a fixed thread count (recorded too).
+`edgeft_base.json` records the recipe, the sha256 of the weights at fingerprint steps, a sketch of the
+weights at the first one, and the final scores. Training is deterministic on CPU for a fixed thread count
+(recorded too) and a fixed set of kernels. Another CPU's kernels round differently: the base was built on an
+Intel machine, and an AMD EPYC gives other bits after 50 steps. On one machine, torch's AVX2 kernels against
+its AVX-512 ones moved each tensor by at most 6e-7 of its norm in 50 steps (1.2e-6 in the sketch). So `check`
+passes on bit-for-bit equal weights, or on a sketch within REPRODUCTION_TOLERANCE of the recorded one (recorded
+on that AMD EPYC, 2026-11-23, by re-running the recipe's first 50 steps).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from edgeft.tasks import home
 
 BASE_DIR = Path(__file__).parent / "home_base"
 FINGERPRINT_STEPS = (50, 500)
+SKETCH_PROJECTIONS = 8
+# Of each tensor's norm: about 100x the rounding measured between kernels; 1e-3 of one tensor's norm gives 2e-3.
+REPRODUCTION_TOLERANCE = 1e-4
 
 # Phi-3-mini's chat template, in behaviour: no generation markers, EOS after the last turn.
 PHI3_TEMPLATE = (
@@ -180,6 +188,28 @@ def weights_sha(model) -> str:
     return h.hexdigest()
 
 
+def weights_sketch(model) -> dict[str, list[float]]:
+    """Per tensor: its norm, then its projections on SKETCH_PROJECTIONS random directions seeded by its name
+    (standard normal entries, so a change d of the weights moves a projection by about |d|)."""
+    import numpy as np
+
+    out = {}
+    for name, t in sorted(model.state_dict().items()):
+        x = t.detach().double().numpy().ravel()
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
+        directions = rng.standard_normal((SKETCH_PROJECTIONS, x.size))
+        out[name] = [float(np.linalg.norm(x)), *(float(v) for v in directions @ x)]
+    return out
+
+
+def sketch_distance(recorded: dict[str, list[float]], reproduced: dict[str, list[float]]) -> float:
+    """The largest difference of a norm or projection, relative to the tensor's recorded norm."""
+    if recorded.keys() != reproduced.keys():
+        return float("inf")
+    return max(max(abs(a - b) for a, b in zip(rec, rep, strict=True)) / rec[0]
+               for rec, rep in ((recorded[k], reproduced[k]) for k in recorded))
+
+
 def batches(recipe: Recipe, tok):
     """Endless, seeded stream of (input_ids, labels) batches of freshly generated samples."""
     import numpy as np
@@ -210,7 +240,8 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 
 def pretrain(recipe: Recipe, stop_after: int | None = None, log=print):
-    """Train from scratch; returns (tokenizer, model, fingerprints {step: sha256}, final loss)."""
+    """Train from scratch; returns (tokenizer, model, fingerprints {step: sha256}, final loss). The sketch of
+    the weights at the first fingerprint step is fingerprints["sketch"]."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -238,6 +269,8 @@ def pretrain(recipe: Recipe, stop_after: int | None = None, log=print):
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         if step + 1 in FINGERPRINT_STEPS:
             fingerprints[step + 1] = weights_sha(model)
+            if step + 1 == FINGERPRINT_STEPS[0]:
+                fingerprints["sketch"] = weights_sketch(model)
         if (step + 1) % 100 == 0 or step + 1 == last:
             elapsed = time.perf_counter() - start
             log(f"step {step + 1}/{recipe.steps}  loss {smoothed:.4f}  lr {lr_at(step, recipe):.2e}  "
@@ -278,7 +311,9 @@ def build(out: Path, recipe: Recipe, log=print) -> dict:
     tok, model, fingerprints, loss = pretrain(recipe, log=log)
     generic, target = evaluate(model, tok, "generic"), evaluate(model, tok, "home")
     log(f"generic schema exact match {generic['exact_match']:.1%}; home schema {target['exact_match']:.1%}")
+    sketch = fingerprints.pop("sketch", None)
     info = {"recipe": asdict(recipe), "fingerprints": {str(k): v for k, v in fingerprints.items()},
+            "sketch": {"step": FINGERPRINT_STEPS[0], "tensors": sketch},
             "final_weights_sha256": weights_sha(model), "final_loss": round(loss, 4),
             "exact_match": {"generic_schema": generic["exact_match"], "home_schema_test": target["exact_match"]},
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -289,13 +324,30 @@ def build(out: Path, recipe: Recipe, log=print) -> dict:
     return info
 
 
-def check(model_dir: Path, steps: int = FINGERPRINT_STEPS[0]) -> tuple[str, str]:
-    """Re-run the recorded recipe for `steps` steps; (recorded, reproduced) weight fingerprints."""
+@dataclass(frozen=True)
+class Reproduction:
+    recorded: str  # sha256 of the weights
+    reproduced: str
+    distance: float | None  # sketch_distance; None where no sketch was recorded for these steps
+
+    @property
+    def bit_for_bit(self) -> bool:
+        return self.recorded == self.reproduced
+
+    @property
+    def ok(self) -> bool:
+        return self.bit_for_bit or (self.distance is not None and self.distance <= REPRODUCTION_TOLERANCE)
+
+
+def check(model_dir: Path, steps: int = FINGERPRINT_STEPS[0]) -> Reproduction:
+    """Re-run the recorded recipe for `steps` steps and compare the weights with the recorded ones."""
     info = json.loads((Path(model_dir) / "edgeft_base.json").read_text())
     recipe = Recipe(**info["recipe"])
     _, model, fingerprints, _ = pretrain(recipe, stop_after=steps, log=lambda *_: None)
     reproduced = fingerprints.get(steps) or weights_sha(model)
-    return info["fingerprints"].get(str(steps)) or info["final_weights_sha256"], reproduced
+    sketch = info.get("sketch") or {}
+    distance = sketch_distance(sketch["tensors"], weights_sketch(model)) if sketch.get("step") == steps else None
+    return Reproduction(info["fingerprints"].get(str(steps)) or info["final_weights_sha256"], reproduced, distance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,9 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         info = build(args.out, Recipe(steps=args.steps, seed=args.seed))
         print(json.dumps(info, indent=2))
         return 0
-    recorded, reproduced = check(args.model_dir, args.steps)
-    print(f"recorded   {recorded}\nreproduced {reproduced}")
-    return 0 if recorded == reproduced else 1
+    r = check(args.model_dir, args.steps)
+    print(f"recorded   {r.recorded}\nreproduced {r.reproduced}")
+    if r.bit_for_bit:
+        print("bit for bit")
+    elif r.distance is not None:
+        print(f"other bits (this CPU's kernels round differently); sketch within {r.distance:.1e} of each tensor's "
+              f"norm (tolerance {REPRODUCTION_TOLERANCE:g})")
+    return 0 if r.ok else 1
 
 
 if __name__ == "__main__":
