@@ -1,6 +1,7 @@
 """Training speed and memory: ONNX Runtime vs PyTorch eager (PEFT), side by side in one process tree.
 
     python benchmarks/train_speed_memory.py [--only tiny|slice] [--steps N] [--rounds N] [--out benchmarks/results]
+                                            [--profile NAME --name train]   # this machine's profile; results file
 
 For each model (the tiny Phi-3 and a real-width Phi-3-mini slice: hidden 3072, ffn 8192, vocab 32064,
 32 heads, 2 layers), one prepared + exported workspace is copied twice and trained with the same data,
@@ -8,7 +9,10 @@ options and steps by `edgeft train --backend ort` and `--backend torch`. Each ba
 subprocess, so its peak RSS (VmHWM) is its own; the backends alternate for --rounds rounds and the fastest
 round of each is reported (this 2-core VM is shared and its speed drifts by 20 % between minutes).
 Tokens/s is taken over the steps after the first (warm),
-MFU is model FLOPs (4N + 2T per token) against the measured peak of the dev profile.
+MFU is model FLOPs (4N + 2T per token) against the measured peak of this machine's profile (--profile).
+The ratio depends on the CPU as much as on the runtimes: ORT's GEMM is MLAS on every CPU, PyTorch's is
+MKL, which runs its best kernels on Intel CPUs only. Results: train.md (Intel Xeon, dev-2core-avx512),
+train-epyc.md (AMD EPYC, dev-2core-epyc).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def train(kind: str, backend: str, base: Path, ws: Path, steps: int, flops_per_t
             "final_loss": prog[-1]["loss"], "step_tokens": [r["tokens"] for r in prog]}
 
 
-def measure(kind: str, steps: int, rounds: int, root: Path) -> dict:
+def measure(kind: str, steps: int, rounds: int, root: Path, profile: str) -> dict:
     from benchmarks.export_memory import build
     from edgeft import devices, plan
 
@@ -72,7 +76,7 @@ def measure(kind: str, steps: int, rounds: int, root: Path) -> dict:
     edgeft("export", str(base))
     params = json.loads((base / "manifest.json").read_text())["stages"]["prepare"]["params"]
     flops_per_token = plan.training_flops_per_token(plan.matmul_params(model), params["trainable"])
-    peak = devices.load(PROFILE).cpu.peak_fp32_gflops.value
+    peak = devices.load(profile).cpu.peak_fp32_gflops.value
     row = {"model": kind, "layers": s["layers"], "base_params": params["base"], "trainable_params": params["trainable"],
            "batch": s["batch"], "seq_len": s["seq"], "steps": steps, "rounds": rounds}
     runs = {"ort": [], "torch": []}
@@ -176,7 +180,8 @@ def gemm(model_dir: Path, tokens: int, repeats: int = 7) -> dict:
 
 def markdown(result: dict) -> str:
     lines = ["# Training: ONNX Runtime vs PyTorch eager", "",
-             f"Measured {result['date']} on {result['machine']} ({result['profile']}: measured peak "
+             f"Measured {result['date']} on {result['machine']}{', ' + result['cpu'] if result.get('cpu') else ''} "
+             f"({result['profile']}: measured peak "
              f"{result['peak_gflops']:g} GFLOP/s) by `python benchmarks/train_speed_memory.py`. Same workspace, data, "
              "options and steps for both; each backend in its own subprocess, the two alternating for "
              f"{result['rows'][0].get('rounds', 1)} rounds, the fastest round reported (all rounds: train.json) and the "
@@ -196,25 +201,30 @@ def markdown(result: dict) -> str:
               "as model FLOPs do."]
     for r in result["rows"]:
         if g := r.get("gemm"):
-            lines += ["", f"Why ORT is slower on the {r['model']}: a training step there is almost all fp32 GEMM "
-                      "(ONNX Runtime's profile: 88 % of kernel time in MatMul / FusedMatMul), and ONNX Runtime's "
-                      "MLAS GEMM is slower than the BLAS PyTorch uses on this CPU. Measured in this run at the "
-                      f"slice's matmul shapes (forward and backward of the frozen base and the head, {g['tokens']} "
-                      "tokens, as a step runs them):", "",
+            slower = g["ort"] < g["torch"]
+            lines += ["", (f"Why ORT is slower on the {r['model']}: " if r["speed_ratio"] < 1 and slower else
+                           f"The GEMM under the {r['model']}: ") +
+                      "a training step there is almost all fp32 GEMM (ONNX Runtime's profile: 88 % of kernel time in "
+                      "MatMul / FusedMatMul), so the ratio follows ONNX Runtime's MLAS GEMM against the BLAS PyTorch "
+                      "uses, on this CPU. Measured in this run at the slice's matmul shapes (forward and backward of "
+                      f"the frozen base and the head, {g['tokens']} tokens, as a step runs them):", "",
                       "| library | GFLOP/s |", "|---|---|",
                       f"| ONNX Runtime (MLAS) | {g['ort']:.0f} |", f"| PyTorch | {g['torch']:.0f} |",
                       f"| numpy (OpenBLAS) | {g['numpy']:.0f} |", "",
                       f"ORT / torch: {g['ort'] / g['torch']:.2f}x ({g['libraries']}). The profile's peak measurement: "
-                      f"{result.get('peak_ref', '')}.", "",
-                      "Where MLAS loses the time (`perf record` on one MatMul of the training runtime, 153 x 3072 "
-                      "by 3072 x 16384, 2026-11-23): 69 % of its samples are in MLAS's AVX-512 kernel (zmm FMAs, so "
-                      "the kernel choice is not the problem) and 29 % in copying the weight into packed panels. "
-                      "That copy is a pass over the whole weight at memory speed, run before the kernel rather "
-                      "than overlapped with it, and at a step's ~150 rows it is not amortized. Prepacking the "
-                      "frozen weights once removes it but keeps a packed copy per consumer (about 2x the frozen "
-                      "base), against the 1.2x memory goal; computing the backward as W @ dY^T, so the weight is "
-                      "read in place as the A operand, measured no faster."]
+                      f"{result.get('peak_ref', '')}."]
+            if slower:
+                lines += ["", PERF_NOTE]
     return "\n".join(lines) + "\n"
+
+
+PERF_NOTE = ("Where MLAS loses the time on the Intel Xeon (`perf record` on one MatMul of the training runtime, "
+             "153 x 3072 by 3072 x 16384, 2026-11-23): 69 % of its samples are in MLAS's AVX-512 kernel (zmm FMAs, "
+             "so the kernel choice is not the problem) and 29 % in copying the weight into packed panels. That copy "
+             "is a pass over the whole weight at memory speed, run before the kernel rather than overlapped with "
+             "it, and at a step's ~150 rows it is not amortized. Prepacking the frozen weights once removes it but "
+             "keeps a packed copy per consumer (about 2x the frozen base), against the 1.2x memory goal; computing "
+             "the backward as W @ dY^T, so the weight is read in place as the A operand, measured no faster.")
 
 
 def main() -> None:
@@ -223,6 +233,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3, help="runs per backend, alternating; the fastest is reported")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--profile", default=PROFILE, help="this machine's device profile (its measured peak gives MFU)")
+    ap.add_argument("--name", default="train", help="results file name (NAME.md, NAME.json)")
     args = ap.parse_args()
     from edgeft import devices
 
@@ -230,12 +242,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
         for kind in SETTINGS:
             if args.only in (None, kind):
-                rows.append(measure(kind, args.steps, args.rounds, Path(tmp)))
+                rows.append(measure(kind, args.steps, args.rounds, Path(tmp), args.profile))
                 print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "profile": PROFILE,
-              "peak_gflops": devices.load(PROFILE).cpu.peak_fp32_gflops.value,
-              "peak_ref": devices.load(PROFILE).cpu.peak_fp32_gflops.ref, "rows": rows}
-    report.save(args.out, "train", result, markdown)
+    profile = devices.load(args.profile)
+    result = {"machine": platform.node(), "cpu": profile.cpu.model, "date": time.strftime("%Y-%m-%d"),
+              "profile": args.profile, "peak_gflops": profile.cpu.peak_fp32_gflops.value,
+              "peak_ref": profile.cpu.peak_fp32_gflops.ref, "rows": rows}
+    report.save(args.out, args.name, result, markdown)
 
 
 if __name__ == "__main__":
