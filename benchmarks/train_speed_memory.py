@@ -11,8 +11,8 @@ round of each is reported (this 2-core VM is shared and its speed drifts by 20 %
 Tokens/s is taken over the steps after the first (warm),
 MFU is model FLOPs (4N + 2T per token) against the measured peak of this machine's profile (--profile).
 The ratio depends on the CPU as much as on the runtimes: ORT's GEMM is MLAS on every CPU, PyTorch's is
-MKL, which runs its best kernels on Intel CPUs only. Results: train.md (Intel Xeon, dev-2core-avx512),
-train-epyc.md (AMD EPYC, dev-2core-epyc).
+Intel's MKL, and which is faster differs by CPU. Results: train.md (Intel Xeon, dev-2core-avx512),
+train-epyc.md (AMD EPYC, dev-2core-epyc: `--profile dev-2core-epyc --name train-epyc`).
 """
 
 from __future__ import annotations
