@@ -65,9 +65,10 @@ def train(kind: str, backend: str, base: Path, ws: Path, steps: int, flops_per_t
             "final_loss": prog[-1]["loss"], "step_tokens": [r["tokens"] for r in prog]}
 
 
-def measure(kind: str, steps: int, rounds: int, root: Path, profile: str) -> dict:
+def measure(kind: str, steps: int, rounds: int, root: Path, peak: float) -> dict:
+    """`peak`: this machine's measured fp32 GFLOP/s, for MFU."""
     from benchmarks.export_memory import build
-    from edgeft import devices, plan
+    from edgeft import plan
 
     s = SETTINGS[kind]
     model = build(kind, root / f"{kind}-model", s["layers"])
@@ -76,7 +77,6 @@ def measure(kind: str, steps: int, rounds: int, root: Path, profile: str) -> dic
     edgeft("export", str(base))
     params = json.loads((base / "manifest.json").read_text())["stages"]["prepare"]["params"]
     flops_per_token = plan.training_flops_per_token(plan.matmul_params(model), params["trainable"])
-    peak = devices.load(profile).cpu.peak_fp32_gflops.value
     row = {"model": kind, "layers": s["layers"], "base_params": params["base"], "trainable_params": params["trainable"],
            "batch": s["batch"], "seq_len": s["seq"], "steps": steps, "rounds": rounds}
     runs = {"ort": [], "torch": []}
@@ -238,13 +238,13 @@ def main() -> None:
     args = ap.parse_args()
     from edgeft import devices
 
+    profile = devices.load(args.profile)
     rows = []
     with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
         for kind in SETTINGS:
             if args.only in (None, kind):
-                rows.append(measure(kind, args.steps, args.rounds, Path(tmp), args.profile))
+                rows.append(measure(kind, args.steps, args.rounds, Path(tmp), profile.cpu.peak_fp32_gflops.value))
                 print(json.dumps(rows[-1]), flush=True)
-    profile = devices.load(args.profile)
     result = {"machine": platform.node(), "cpu": profile.cpu.model, "date": time.strftime("%Y-%m-%d"),
               "profile": args.profile, "peak_gflops": profile.cpu.peak_fp32_gflops.value,
               "peak_ref": profile.cpu.peak_fp32_gflops.ref, "rows": rows}

@@ -440,7 +440,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--train-on-prompt", action="store_true", help="count every token as trained"),
         arg("--json", action="store_true"))),
     Command("runtime install", cmd_runtime_install, (
-        arg("--cuda", action="store_true", help="the CUDA training build with its CUDA 11.8 / cuDNN 8 libraries (about 2.9 GB) instead of the CPU one"),
+        arg("--cuda", action="store_true",
+            help="the CUDA training build with its CUDA 11.8 / cuDNN 8 libraries (about 2.9 GB) instead of the CPU one"),
         arg("--force", action="store_true", help="reinstall even if present"))),
     Command("runtime path", cmd_runtime_path, (arg("--cuda", action="store_true"),)),
     Command("devices list", cmd_devices_list),

@@ -30,7 +30,7 @@ def test_the_script_reproduces_the_committed_base():
     """The first fingerprint step of the recorded recipe gives the recorded weights: bit for bit (sha256 of
     every tensor) on the kernels the base was built with, within the tolerance on other CPUs."""
     r = base.check(base.BASE_DIR, steps=base.FINGERPRINT_STEPS[0])
-    assert r.bit_for_bit or r.distance <= base.REPRODUCTION_TOLERANCE, (r.recorded, r.reproduced, r.distance)
+    assert r.ok, (r.recorded, r.reproduced, r.distance)
 
 
 def test_the_sketch_tells_a_changed_recipe_from_other_rounding():
@@ -56,7 +56,7 @@ def test_the_script_reproduces_the_whole_committed_base():
     steps by an amount not measured, so the rebuilt model must do what the committed one does: the same
     final loss within 10 % and the generic schema's exact match within 3 points."""
     info = committed()
-    tok, model, _, loss = base.pretrain(base.Recipe(**info["recipe"]), log=lambda *_: None)
+    tok, model, _, _, loss = base.pretrain(base.Recipe(**info["recipe"]), log=lambda *_: None)
     if base.weights_sha(model) == info["final_weights_sha256"]:
         return
     assert abs(loss - info["final_loss"]) <= 0.1 * info["final_loss"], (loss, info["final_loss"])

@@ -240,8 +240,8 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 
 def pretrain(recipe: Recipe, stop_after: int | None = None, log=print):
-    """Train from scratch; returns (tokenizer, model, fingerprints {step: sha256}, final loss). The sketch of
-    the weights at the first fingerprint step is fingerprints["sketch"]."""
+    """Train from scratch; returns (tokenizer, model, fingerprints {step: sha256}, the weights_sketch at the
+    first fingerprint step or None, final loss)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -253,7 +253,7 @@ def pretrain(recipe: Recipe, stop_after: int | None = None, log=print):
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
-    fingerprints, smoothed, start = {}, None, time.perf_counter()
+    fingerprints, sketch, smoothed, start = {}, None, None, time.perf_counter()
     stream = batches(recipe, tok)
     last = min(recipe.steps, stop_after or recipe.steps)
     model.train()
@@ -270,13 +270,13 @@ def pretrain(recipe: Recipe, stop_after: int | None = None, log=print):
         if step + 1 in FINGERPRINT_STEPS:
             fingerprints[step + 1] = weights_sha(model)
             if step + 1 == FINGERPRINT_STEPS[0]:
-                fingerprints["sketch"] = weights_sketch(model)
+                sketch = weights_sketch(model)
         if (step + 1) % 100 == 0 or step + 1 == last:
             elapsed = time.perf_counter() - start
             log(f"step {step + 1}/{recipe.steps}  loss {smoothed:.4f}  lr {lr_at(step, recipe):.2e}  "
                 f"{elapsed:.0f}s elapsed, ETA {elapsed / (step + 1) * (last - step - 1):.0f}s")
     model.eval()
-    return tok, model, fingerprints, smoothed
+    return tok, model, fingerprints, sketch, smoothed
 
 
 def greedy_answers(model, tok, rows: list[dict], max_new_tokens: int = 64, batch: int = 32) -> list[str]:
@@ -308,10 +308,9 @@ def evaluate(model, tok, schema: str, n: int = 150, seed: int = 1) -> dict:
 def build(out: Path, recipe: Recipe, log=print) -> dict:
     from edgeft import atomic
 
-    tok, model, fingerprints, loss = pretrain(recipe, log=log)
+    tok, model, fingerprints, sketch, loss = pretrain(recipe, log=log)
     generic, target = evaluate(model, tok, "generic"), evaluate(model, tok, "home")
     log(f"generic schema exact match {generic['exact_match']:.1%}; home schema {target['exact_match']:.1%}")
-    sketch = fingerprints.pop("sketch", None)
     info = {"recipe": asdict(recipe), "fingerprints": {str(k): v for k, v in fingerprints.items()},
             "sketch": {"step": FINGERPRINT_STEPS[0], "tensors": sketch},
             "final_weights_sha256": weights_sha(model), "final_loss": round(loss, 4),
@@ -343,10 +342,10 @@ def check(model_dir: Path, steps: int = FINGERPRINT_STEPS[0]) -> Reproduction:
     """Re-run the recorded recipe for `steps` steps and compare the weights with the recorded ones."""
     info = json.loads((Path(model_dir) / "edgeft_base.json").read_text())
     recipe = Recipe(**info["recipe"])
-    _, model, fingerprints, _ = pretrain(recipe, stop_after=steps, log=lambda *_: None)
+    _, model, fingerprints, sketch, _ = pretrain(recipe, stop_after=steps, log=lambda *_: None)
     reproduced = fingerprints.get(steps) or weights_sha(model)
-    sketch = info.get("sketch") or {}
-    distance = sketch_distance(sketch["tensors"], weights_sketch(model)) if sketch.get("step") == steps else None
+    recorded = info.get("sketch") or {}
+    distance = sketch_distance(recorded["tensors"], sketch) if sketch and recorded.get("step") == steps else None
     return Reproduction(info["fingerprints"].get(str(steps)) or info["final_weights_sha256"], reproduced, distance)
 
 
