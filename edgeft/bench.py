@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,17 @@ import numpy as np
 from edgeft import atomic, launcher, plan, plots, quantize, rss
 from edgeft.devices import Profile
 from edgeft.errors import EdgeftError
+from edgeft.schema import spec
 from edgeft.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    runs: int = spec("timed runs per figure (after one warm-up)", 5, min=1, max=1000)
+    seq_len: int = spec("training bench: tokens per sequence", 256, min=8)
+    batch_size: int = spec("training bench: sequences per batch", 1, min=1)
+    prompt_tokens: int = spec("inference bench: prompt length in tokens", 128, min=1)
+    new_tokens: int = spec("inference bench: tokens generated per run (decode speed needs at least 2)", 64, min=2)
 
 
 def _stats(values: list[float]) -> dict:
@@ -34,9 +45,17 @@ def _tokens(model_dir: Path, data: Path | None) -> np.ndarray:
     from edgeft.tasks.home import DATA_DIR
 
     tok = load_tokenizer(model_dir)
-    lines = Path(data or DATA_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
-    ids = tok(lines, add_special_tokens=False)["input_ids"]
-    return np.asarray([i for row in ids for i in row], dtype=np.int32)
+    path = Path(data or DATA_DIR / "train.jsonl")
+    if not path.is_file():
+        raise EdgeftError(f"--data {path} is not a file; pass a text or JSONL file to fill the batches and prompts")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[:400]
+    except UnicodeDecodeError:
+        raise EdgeftError(f"--data {path} is not UTF-8 text (a binary file?); pass a text or JSONL file") from None
+    ids = np.asarray([i for row in tok(lines, add_special_tokens=False)["input_ids"] for i in row], dtype=np.int32)
+    if not len(ids):
+        raise EdgeftError(f"--data {path} holds no text to fill the batches and prompts with")
+    return ids
 
 
 def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: int, batch_size: int,
@@ -44,7 +63,13 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
     prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     model_dir = Path(prep["config"]["model_dir"])
     if backend == "ort":
-        ws.require("export", f"the ort backend benches exported artifacts; run `edgeft export {ws.root}`")
+        from edgeft.export import check_artifacts
+
+        check_artifacts(ws, ws.require("export", f"the ort backend benches exported artifacts; run "
+                                                 f"`edgeft export {ws.root}`"))
+    if seq_len > prep["max_seq_len"]:
+        raise EdgeftError(f"--seq-len {seq_len} exceeds {prep['max_seq_len']}, the longest sequence this model was "
+                          f"exported for; use <= {prep['max_seq_len']}")
     predicted = plan.for_target(ws.root, profile, seq_len, batch_size, backend=backend)
     tokens_path = work / "tokens.npy"
     np.save(tokens_path, _tokens(model_dir, data))
@@ -90,10 +115,10 @@ def genai_child(args: dict) -> dict:
     adapter active, if it ships swappable ones)."""
     import onnxruntime_genai as og
 
-    from edgeft.package import generator, load_adapter
+    from edgeft.package import generator, load_adapter, open_model
     from edgeft.trainer import events
 
-    model = og.Model(args["bundle"])
+    model = open_model(Path(args["bundle"]))
     active = load_adapter(model, Path(args["bundle"]) / args["adapter"]) if args.get("adapter") else None
     prompt = np.asarray(args["prompt"], dtype=np.int32)
     new = int(args["new_tokens"])
@@ -204,18 +229,28 @@ def chart(report: dict, out: Path) -> Path:
     return plots.save(fig, out)
 
 
-def run(target: Path, profile: Profile | None, runs: int = 5, seq_len: int = 256, batch_size: int = 1,
-        prompt_tokens: int = 128, new_tokens: int = 64, backend: str | None = None, data: Path | None = None,
-        out: Path | None = None, what: tuple[str, ...] = ("training", "inference")) -> dict:
-    import platform
-
+def run(target: Path, profile: Profile | None, cfg: BenchConfig = BenchConfig(), backend: str | None = None,
+        data: Path | None = None, out: Path | None = None, what: tuple[str, ...] = ("training", "inference")) -> dict:
+    """Bench a workspace (holding its lock: the report goes into it) or a bundle; the report."""
     target = Path(target).absolute()
     if not target.exists():
         raise EdgeftError(f"{target} does not exist; pass a workspace or a bundle folder")
-    is_bundle = (target / "genai_config.json").is_file()
-    ws = None if is_bundle else Workspace(target)
-    if ws is not None and not (ws.root / "manifest.json").is_file():
+    if (target / "genai_config.json").is_file():
+        return _run(target, None, profile, cfg, backend, data, out, what)
+    ws = Workspace(target)
+    if not (ws.root / "manifest.json").is_file():
         raise EdgeftError(f"{target} is neither a workspace (no manifest.json) nor a bundle (no genai_config.json)")
+    with ws.lock("bench"):
+        return _run(target, ws, profile, cfg, backend, data, out, what)
+
+
+def _run(target: Path, ws: Workspace | None, profile: Profile | None, cfg: BenchConfig, backend: str | None,
+         data: Path | None, out: Path | None, what: tuple[str, ...]) -> dict:
+    import platform
+
+    runs, seq_len, batch_size = cfg.runs, cfg.seq_len, cfg.batch_size
+    prompt_tokens, new_tokens = cfg.prompt_tokens, cfg.new_tokens
+    is_bundle = ws is None
     backend = backend or (profile.execution_providers.training_backend if profile else "ort")
     report: dict = {"device": profile.name if profile else None, "machine": platform.node(),
                     "date": time.strftime("%Y-%m-%d"), "runs": runs, "target": str(target)}

@@ -15,8 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import quantize
-from edgeft.errors import EdgeftError, disk_full, disk_full_message
+from edgeft import errors, quantize
+from edgeft.errors import EdgeftError, Terminated, command, storage_problem, terminate_like_interrupt
+
+
+def _parse(cls, args: argparse.Namespace, source: str, **given):
+    """The command's options as the config dataclass `cls` (through schema.parse, the one place numbers are
+    checked): every field the command line sets, plus `given`."""
+    from edgeft import schema
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+               if f.name not in given and getattr(args, f.name, None) is not None}
+    return schema.parse(cls, options | {k: v for k, v in given.items() if v is not None}, source)
 
 
 def _console():
@@ -116,22 +126,31 @@ def cmd_devices_probe(args) -> int:
     from edgeft import probe
 
     out = Path(args.out)
+    if out.is_dir():
+        raise EdgeftError(f"--out {out} is a folder; pass the profile file to write, e.g. {out / 'this-box.yaml'}")
     if out.suffix not in (".yaml", ".yml"):
         raise EdgeftError(f"--out {out}: a profile file must end in .yaml")
     if out.exists() and not args.force:
         raise EdgeftError(f"{out} exists; pass --force to overwrite it")
+    if not out.absolute().parent.is_dir():
+        raise EdgeftError(f"--out {out}: the folder {out.absolute().parent} does not exist; create it first")
     profile = probe.probe(args.name or out.stem)
     if profile.name != out.stem:
         raise EdgeftError(f"--name {profile.name!r} must equal the file name {out.stem!r}")
     probe.write(profile, out)
     print(f"measured: {profile.cpu.cores} cores, {profile.cpu.peak_fp32_gflops.value:g} GFLOP/s fp32 MatMul, "
           f"{profile.memory.bandwidth_gbs.value:g} GB/s, {profile.memory.total_gb.value:g} GB")
-    print(f"wrote {out}\nnext: `edgeft devices show {out}`")
+    print(f"wrote {out}\nnext: `{command('edgeft', 'devices', 'show', out)}`")
     return 0
 
 
 def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _ints(text: str | None) -> list[int | str] | None:
+    """Comma-separated integers; what is not one stays a string, for the schema to name it."""
+    return [int(t) if t.lstrip("-").isdigit() else t for t in _csv(text) or []] or None
 
 
 def cmd_prepare(args) -> int:
@@ -143,31 +162,34 @@ def cmd_prepare(args) -> int:
     options = {"model_dir": args.model_dir, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
                "lora_dropout": args.lora_dropout, "targets": _csv(args.targets), "dora": args.dora,
                "train_modules": _csv(args.train_modules) or [], "seed": args.seed,
-               "trainable_token_indices": [int(i) for i in _csv(args.trainable_tokens) or []],
+               "trainable_token_indices": _ints(args.trainable_tokens) or [],
                "trust_remote_code": args.trust_remote_code, "base_precision": args.base_precision}
     cfg = schema.parse(PrepareConfig, {k: v for k, v in options.items() if v is not None}, "prepare options")
+    from edgeft.workspace import Workspace
+
     out = prepare(cfg, Path(args.out), device)
-    p = json.loads((out / "manifest.json").read_text())["stages"]["prepare"]["params"]
+    p = Workspace(out).stage("prepare")["params"]
     print(f"prepared {out}: {p['trainable']:,} trainable of {p['total']:,} parameters "
           f"({100 * p['trainable'] / p['total']:.3f} %)")
-    print(f"next: `edgeft export {out}`")
+    print(f"next: `{command('edgeft', 'export', out)}`")
     return 0
 
 
 def cmd_export(args) -> int:
     """Export a prepared workspace to ONNX Runtime training artifacts and verify them against PyTorch."""
     from edgeft.export import ExportConfig, export
+    from edgeft.workspace import Workspace
 
     cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format,
                        recompute=args.recompute, weights=args.weights)
-    out = export(Path(args.workspace), cfg)
-    rec = json.loads((Path(args.workspace) / "manifest.json").read_text())["stages"]["export"]
+    out = export(Path(args.workspace), cfg, force=args.force)
+    rec = Workspace(args.workspace).stage("export")
     v, m = rec["verification"], rec["memory_mb"]
     print(f"exported {out}: {', '.join(rec['outputs'])}")
     print(f"verified: ORT loss {v['ort_eval_loss']:.6f} vs PyTorch {v['torch_loss']:.6f} "
           f"(relative {v['relative_difference']:.1e}); {rec['timing_s']['total']:.1f} s, peak RSS "
           f"{max(m['torch_export_peak_rss'], m['generate_artifacts_peak_rss']):.0f} MB")
-    print(f"next: `edgeft train {args.workspace} --data FILE.jsonl`")
+    print(f"next: `{command('edgeft', 'train', args.workspace, '--data', 'FILE.jsonl')}`")
     return 0
 
 
@@ -175,48 +197,49 @@ def cmd_data_check(args) -> int:
     """Check a training file: format errors with line numbers, token statistics, duplicates, time per epoch."""
     from edgeft import devices
     from edgeft.data import check
+    from edgeft.data.dataset import DataConfig
 
+    cfg = _parse(DataConfig, args, "data check options")
     profile = devices.load(args.device) if args.device else None
-    report = check.check(Path(args.file), Path(args.model), args.seq_len, profile, args.train_on_prompt)
+    report = check.check(Path(args.file), Path(args.model), cfg.seq_len, profile, cfg.train_on_prompt)
     print(json.dumps(report, indent=2) if args.json else check.render(report))
     return 0 if report["clean"] else 1
 
 
 def cmd_train(args) -> int:
     """Fine-tune a workspace's adapter on JSONL data with ONNX Runtime training (or --backend torch)."""
-    from edgeft import devices, schema
+    from edgeft import devices
     from edgeft.train import TrainConfig, train
 
+    cfg = _parse(TrainConfig, args, "train options")
     device = devices.load(args.device) if args.device else None
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    cfg = schema.parse(TrainConfig, options, "train options")
     result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
     if result.get("interrupted"):
         print(f"interrupted at step {result['step']}/{result['total_steps']}; checkpoint {result['checkpoint']}")
         print(f"resume: `{result['resume_command']}` (with the same options)")
-        return 130
+        return 143 if errors.terminated else 130
     best = result.get("best_eval_loss")
     print(f"trained {result['step']} steps" + (f", best eval loss {best:.4f}" if best is not None else "")
           + (f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") else "")
           + f", peak RSS {result['peak_rss_mb']:.0f} MB")
     print(f"metrics: {result['metrics']}  plot: {result['plot']}")
-    print(f"next: `edgeft merge {args.workspace}`")
+    print(f"next: `{command('edgeft', 'merge', args.workspace)}`")
     return 0
 
 
 def cmd_merge(args) -> int:
     """Write the trained adapter in PEFT format and the merged model, both checked against training."""
     from edgeft.merge import MergeConfig, merge
+    from edgeft.workspace import Workspace
 
     ws = merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint, weights=args.weights))
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    rec = Workspace(ws).stage("merge")
     v = rec["verification"]
     check = (f"PEFT vs ORT eval logits {v['peft_vs_ort_eval_max_abs']:.1e}, " if "peft_vs_ort_eval_max_abs" in v else "")
     print(f"merged {rec['checkpoint']} (step {rec['step']}): {ws / 'adapter'} and {ws / 'merged'}")
     print(f"verified: {check}merged vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs; the largest logit is "
           f"{v['logit_scale']:.3g}, tolerance {v['tolerance']:g} of it)")
-    print(f"next: `edgeft package {args.workspace}`")
+    print(f"next: `{command('edgeft', 'package', args.workspace)}`")
     return 0
 
 
@@ -231,7 +254,7 @@ def cmd_package(args) -> int:
     if args.add_adapters:
         options["add_adapters"] = args.add_adapters
     out = package(Path(args.workspace), schema.parse(PackageConfig, options, "package options"), device)
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())  # written just now by package
     v = m["verification"]
     print(f"packaged {out} ({m['precision']}, {m['execution_provider']}, {m['bytes'] / 2**20:.1f} MB)")
     print(f"verified against transformers: greedy token agreement {v['token_agreement']:.0%} on {v['prompts']} prompts, "
@@ -247,7 +270,7 @@ def cmd_package(args) -> int:
                      f"{shipped['adapter_vs_training_runtime_max_logit_error']:.2e}")
         print(line)
     adapter = own_adapter(out)
-    print(f"next: `edgeft chat {out}{f' --adapter {adapter.stem}' if adapter else ''}`")
+    print(f"next: `{command('edgeft', 'chat', out, *(('--adapter', adapter.stem) if adapter else ()))}`")
     return 0
 
 
@@ -255,8 +278,9 @@ def cmd_eval(args) -> int:
     """Quality side by side: base (zero- and few-shot), adapter, merged model and packaged bundle."""
     from edgeft import evaluate
 
-    report = evaluate.run(Path(args.workspace), Path(args.data), args.shots, Path(args.shots_from) if args.shots_from
-                          else None, args.limit, args.max_new_tokens, _csv(args.only))
+    cfg = _parse(evaluate.EvalConfig, args, "eval options", variants=_csv(args.only))
+    report = evaluate.run(Path(args.workspace), Path(args.data), cfg, Path(args.shots_from) if args.shots_from
+                          else None)
     print(evaluate.markdown(report))
     print(f"report: {Path(args.workspace) / 'eval' / 'report.md'}  chart: {Path(args.workspace) / 'eval' / 'report.png'}")
     return 0
@@ -266,9 +290,9 @@ def cmd_bench(args) -> int:
     """Measure training and inference speed and memory with the real runtimes, judged against the budgets."""
     from edgeft import bench, devices
 
+    cfg = _parse(bench.BenchConfig, args, "bench options")
     profile = devices.load(args.device) if args.device else None
-    report = bench.run(Path(args.target), profile, args.runs, args.seq_len, args.batch_size, args.prompt_tokens,
-                       args.new_tokens, args.backend, Path(args.data) if args.data else None,
+    report = bench.run(Path(args.target), profile, cfg, args.backend, Path(args.data) if args.data else None,
                        Path(args.out) if args.out else None)
     print(json.dumps(report, indent=2) if args.json else bench.markdown(report))
     return 0
@@ -296,18 +320,23 @@ def cmd_plan(args) -> int:
     """Predict peak memory and step time of a LoRA run on a device profile, before anything heavy runs."""
     from edgeft import devices, plan
 
+    o = _parse(plan.PlanOptions, args, "plan options", targets=_csv(args.targets),
+               train_modules=_csv(args.train_modules))
     profile = devices.load(args.device)
-    p = plan.for_target(Path(args.target), profile, args.seq_len, args.batch_size, args.lora_r, _csv(args.targets),
-                        args.backend, _csv(args.train_modules), args.base_precision, args.recompute)
+    target = Path(args.target)
+    if not target.is_dir():
+        raise EdgeftError(f"{target} is not a folder; pass a Hugging Face model folder or a prepared workspace")
+    p = plan.for_target(target, profile, o.seq_len, o.batch_size, o.lora_r, o.targets, o.backend, o.train_modules,
+                        o.base_precision, o.recompute)
     print(json.dumps(plan.to_dict(p, profile), indent=2) if args.json else plan.render(p, profile))
     return 0 if p.fits else 1
 
 
 def cmd_chat(args) -> int:
     """Stream a reply from a packaged model (interactive without --prompt)."""
-    from edgeft.package import chat
+    from edgeft.package import ChatConfig, chat
 
-    chat(Path(args.bundle), args.prompt, args.max_new_tokens, args.system, args.adapter)
+    chat(Path(args.bundle), args.prompt, _parse(ChatConfig, args, "chat options"))
     return 0
 
 
@@ -357,7 +386,8 @@ COMMANDS: tuple[Command, ...] = (
             help="recompute each layer's activations in the backward pass instead of holding them: "
                  "a fraction of the activation memory for about a third more compute per step (default: as "
                  "prepare's --device plan chose)"),
-        arg("--no-recompute", dest="recompute", action="store_false", help="hold the activations"))),
+        arg("--no-recompute", dest="recompute", action="store_false", help="hold the activations"),
+        arg("--force", action="store_true", help="export again even if unchanged (rebuilds damaged artifacts)"))),
     Command("train", cmd_train, (
         arg("workspace"), arg("--data", required=True, help="training JSONL"),
         arg("--eval-data", help="validation JSONL (default: --val-fraction of --data)"),
@@ -392,17 +422,20 @@ COMMANDS: tuple[Command, ...] = (
                  "time (default auto: past 4 GiB of fp32 weights)"))),
     Command("eval", cmd_eval, (
         arg("workspace"), arg("--data", required=True, help="test JSONL (chat or prompt/completion)"),
-        arg("--shots", type=_int_or, default=3, help="solved examples in the few-shot baseline"),
+        arg("--shots", type=_int_or, help="solved examples in the few-shot baseline (default 3)"),
         arg("--shots-from", help="file to take them from (default: the training data)"),
         arg("--limit", type=_int_or, help="evaluate the first N records only"),
-        arg("--max-new-tokens", type=_int_or, default=64),
+        arg("--max-new-tokens", type=_int_or, help="tokens generated per answer (default 64)"),
         arg("--only", help="comma-separated variants: base,base few-shot,adapter,merged,bundle"))),
     Command("bench", cmd_bench, (
         arg("target", help="a workspace (training, and its bundle if packaged) or a bundle folder"),
         arg("--device", help="device profile whose budgets judge the figures"),
-        arg("--runs", type=_int_or, default=5), arg("--seq-len", type=_int_or, default=256),
-        arg("--batch-size", type=_int_or, default=1), arg("--prompt-tokens", type=_int_or, default=128),
-        arg("--new-tokens", type=_int_or, default=64), arg("--backend", choices=("ort", "torch")),
+        arg("--runs", type=_int_or, help="timed runs per figure (default 5)"),
+        arg("--seq-len", type=_int_or, help="training bench: tokens per sequence (default 256)"),
+        arg("--batch-size", type=_int_or, help="training bench: sequences per batch (default 1)"),
+        arg("--prompt-tokens", type=_int_or, help="inference bench: prompt length (default 128)"),
+        arg("--new-tokens", type=_int_or, help="inference bench: tokens generated (default 64)"),
+        arg("--backend", choices=("ort", "torch")),
         arg("--data", help="text for the batches and prompts (default: the sample task)"),
         arg("--out", help="report folder (default: WS/bench, or BUNDLE-bench beside a bundle)"),
         arg("--json", action="store_true"))),
@@ -416,7 +449,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("plan", cmd_plan, (
         arg("target", help="Hugging Face model folder or a prepared workspace"),
         arg("--device", required=True, help="device profile name or file"),
-        arg("--seq-len", type=_int_or, default=512), arg("--batch-size", type=_int_or, default=1),
+        arg("--seq-len", type=_int_or, help="tokens per sequence (default 512)"),
+        arg("--batch-size", type=_int_or, help="sequences per micro-batch (default 1)"),
         arg("--lora-r", type=_int_or), arg("--targets", help="comma-separated module names"),
         arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
         arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
@@ -432,12 +466,13 @@ COMMANDS: tuple[Command, ...] = (
         arg("--adapter", help="a swappable adapter of the bundle to chat with (its name, or an .onnx_adapter file)"),
         arg("--prompt", help="one prompt; without it, read prompts from stdin"),
         arg("--system", help="system prompt (use the one the model was fine-tuned with)"),
-        arg("--max-new-tokens", type=_int_or, default=256))),
+        arg("--max-new-tokens", type=_int_or, help="longest reply (default 256, capped at the model's context)"))),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),
-        arg("--seq-len", type=_int_or, default=512), arg("--device", help="device profile for the time estimate"),
-        arg("--train-on-prompt", action="store_true", help="count every token as trained"),
+        arg("--seq-len", type=_int_or, help="longest sample in tokens (default 512)"),
+        arg("--device", help="device profile for the time estimate"),
+        arg("--train-on-prompt", action="store_true", default=None, help="count every token as trained"),
         arg("--json", action="store_true"))),
     Command("runtime install", cmd_runtime_install, (
         arg("--cuda", action="store_true",
@@ -461,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeft {__version__}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for command in COMMANDS:
-        words = command.name.split()
+    for cmd in COMMANDS:
+        words = cmd.name.split()
         parent = top
         for i, word in enumerate(words[:-1]):
             key = " ".join(words[: i + 1])
@@ -470,11 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
                 group = parent.add_parser(word, help=f"{key} commands")
                 groups[key] = group.add_subparsers(dest=f"sub_{i}", metavar="SUBCOMMAND", required=True)
             parent = groups[key]
-        doc = (command.run.__doc__ or "").strip()
+        doc = (cmd.run.__doc__ or "").strip()
         p = parent.add_parser(words[-1], help=doc.splitlines()[0] if doc else None, description=doc)
-        for flags, kwargs in command.arguments:
+        for flags, kwargs in cmd.arguments:
             p.add_argument(*flags, **kwargs)
-        p.set_defaults(func=command.run)
+        p.set_defaults(func=cmd.run)
     return parser
 
 
@@ -482,18 +517,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Deprecation notices between transformers and PEFT are for their developers, not for edgeft's users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
+    if argv is None:  # the command itself, not a call from Python: SIGTERM stops it as Ctrl-C does
+        terminate_like_interrupt()
     try:
         return args.func(args)
     except EdgeftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as e:
-        if not disk_full(e):
+        if (problem := storage_problem(e)) is None:
             raise
-        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
 

@@ -151,10 +151,7 @@ def load_file(path: Path) -> Profile:
     path = Path(path)
     if not path.is_file():
         raise EdgeftError(f"device profile {path} does not exist or is not a file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise EdgeftError(f"device profile {path} is not valid YAML: {e}") from None
+    data = schema.load_yaml(path, "device profile")
     profile = schema.parse(Profile, data, f"device profile {path}")
     if profile.name != path.stem:
         raise ConfigError(f"device profile {path}",

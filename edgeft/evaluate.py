@@ -13,7 +13,6 @@ onnxruntime-genai, the way an app runs it. Writes `WS/eval/report.{md,json}` and
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -21,12 +20,24 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic, plots
+from edgeft import atomic, plots, state
 from edgeft.data import formats
 from edgeft.data.tokenize import encode, load_tokenizer
 from edgeft.errors import EdgeftError
+from edgeft.schema import spec
 from edgeft.tasks import home
 from edgeft.workspace import Workspace
+
+VARIANTS = ("base", "base few-shot", "adapter", "merged", "bundle")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    shots: int = spec("solved examples in the few-shot baseline", 3, min=0, max=64)
+    limit: int | None = spec("evaluate the first N test records only", None, min=1)
+    max_new_tokens: int = spec("tokens generated per answer", 64, min=1)
+    variants: list[str] | None = spec(f"which variants to evaluate: {', '.join(VARIANTS)} (default: all the "
+                                      "workspace has)", None, choices=VARIANTS)
 
 
 @dataclass
@@ -212,18 +223,29 @@ def variant(name: str, runner: str, loss: tuple[float, int], answers: list[str],
             "examples": [{"expected": x.answer, "got": a} for x, a in list(zip(items, answers, strict=True))[:3]]}
 
 
-def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = None, limit: int | None = None,
-        max_new_tokens: int = 64, only: list[str] | None = None, log=print) -> dict:
+def run(ws_path: Path, data: Path, cfg: EvalConfig = EvalConfig(), shots_from: Path | None = None, log=print) -> dict:
+    """Evaluate every variant the workspace has on `data` (holding the workspace's lock: the report is written
+    into it); the report."""
+    ws = Workspace(ws_path)
+    ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    data = formats.check_path(Path(data), "--data")
+    if shots_from is not None:
+        shots_from = formats.check_path(Path(shots_from), "--shots-from")
+    with ws.lock("eval"):
+        return _run(ws, data, cfg, shots_from, log)
+
+
+def _run(ws: Workspace, data: Path, cfg: EvalConfig, shots_from: Path | None, log) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    ws = Workspace(ws_path)
-    prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    shots, limit, max_new_tokens, only = cfg.shots, cfg.limit, cfg.max_new_tokens, cfg.variants
+    prep = ws.stage("prepare")
     model_dir = Path(prep["config"]["model_dir"])
     tok = load_tokenizer(model_dir)
     items = load_items(tok, Path(data), limit)
     prompts = [render_prompt(tok, x.prompt) for x in items]
-    wanted = set(only or ("base", "base few-shot", "adapter", "merged", "bundle"))
+    wanted = set(only or VARIANTS)
     results, skipped = [], {}
 
     def hf(name: str, load) -> None:
@@ -282,18 +304,21 @@ def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = Non
         skipped["adapter"] = skipped["merged"] = f"not merged yet: `edgeft merge {ws.root}`"
     bundle = ws.root / "bundle"
     if "bundle" in wanted and (bundle / "genai_config.json").is_file():
-        import onnxruntime_genai as og
 
-        from edgeft.package import load_adapter, own_adapter
+        from edgeft.package import REBUILD, load_adapter, open_model, own_adapter
 
         started = time.time()
         log(f"eval: bundle ({len(items)} samples, onnxruntime-genai)")
-        model = og.Model(str(bundle))
-        name = f"bundle {json.loads((bundle / 'manifest.json').read_text()).get('precision', '?')}"
+        model = open_model(bundle)
+        manifest = bundle / "manifest.json"
+        precision = state.read_json(manifest, "the bundle's manifest", REBUILD).get("precision", "?") \
+            if manifest.is_file() else "?"
+        name = f"bundle {precision}"
         active = None
         if (adapter := own_adapter(bundle)) is not None:  # a base+adapters bundle: its fine-tune is this adapter
             name, active = f"{name} + {adapter.name}", load_adapter(model, adapter)
-        config_eos = json.loads((bundle / "genai_config.json").read_text())["model"].get("eos_token_id")
+        config_eos = state.read_json(bundle / "genai_config.json", "the bundle's genai_config.json", REBUILD,
+                                     keys=("model",))["model"].get("eos_token_id")
         loss = genai_loss(model, items, active)
         answers = genai_answers(model, tok, prompts, max_new_tokens, stop_ids(tok, config_eos), active)
         results.append(variant(name, "onnxruntime-genai", loss, answers, items, time.time() - started))
@@ -302,10 +327,10 @@ def run(ws_path: Path, data: Path, shots: int = 3, shots_from: Path | None = Non
     report = {"data": str(Path(data).resolve()), "samples": len(items), "shots": shots, "results": results,
               "skipped": skipped}
     out = ws.root / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "report.json", report)
-    atomic.write_text(out / "report.md", markdown(report))
-    chart(report, out / "report.png")
+    with atomic.atomic_dir(out) as tmp:  # the three files of one report, or the previous report: never a mix
+        atomic.write_json(tmp / "report.json", report)
+        atomic.write_text(tmp / "report.md", markdown(report))
+        chart(report, tmp / "report.png")
     ws.record("eval", {"data": report["data"], "samples": len(items),
                        "results": {r["variant"]: {k: r[k] for k in ("loss", "exact_match")} for r in results},
                        "report": str(out / "report.md")})

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeft import atomic, base_weights, detach, launcher, lazy, plan, progress, quantize, rss
+from edgeft import atomic, base_weights, compare, detach, launcher, lazy, plan, progress, quantize, rss
 from edgeft.atomic import atomic_dir
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, command
 from edgeft.schema import spec
 from edgeft.trainer.session import INPUTS_FILE
 from edgeft.workspace import Workspace
@@ -53,7 +53,19 @@ class VerificationError(EdgeftError):
     """The exported artifacts do not reproduce the PyTorch model."""
 
 
+def check_artifacts(ws: Workspace, record: dict) -> None:
+    """Refuse artifacts that are not what export wrote (a file damaged, deleted or edited since), naming the file
+    and the command that rebuilds them. Records from before content hashes were kept are checked for presence."""
+    fix = f"`{command('edgeft', 'export', ws.root, '--force')}` rebuilds them"
+    if "files" in record:
+        ws.check_files(record["files"], "the training artifacts", fix)
+    elif missing := [f for f in ARTIFACT_FILES if not (ws.root / "artifacts" / f).exists()]:
+        raise EdgeftError(f"the training artifacts in {ws.root} are incomplete: artifacts/{missing[0]} is missing; {fix}")
+
+
 def _unchanged(ws: Workspace, cfg: ExportConfig) -> dict | None:
+    """The export record, if the artifacts it describes are the ones this export would write; an error if they
+    were written for these options and inputs but changed since."""
     record = ws.stage("export")
     prep = ws.stage("prepare")
     if not record or record.get("config") != dataclasses.asdict(cfg):
@@ -62,8 +74,7 @@ def _unchanged(ws: Workspace, cfg: ExportConfig) -> dict | None:
         return None
     if record.get("prepared_at") != prep["finished_at"]:
         return None
-    if not all((ws.root / "artifacts" / f).exists() for f in ARTIFACT_FILES):
-        return None
+    check_artifacts(ws, record)
     return record
 
 
@@ -74,17 +85,24 @@ def _from_shards(shards: lazy.Shards, keys: dict[str, str], traced_dir: Path, in
     return base_weights.initializer_array(init, traced_dir)
 
 
-def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> Path:
+def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None, force: bool = False) -> Path:
+    """Write and verify `WS/artifacts/`; nothing to do when the artifacts of these options are intact, unless
+    `force` (which also rebuilds damaged ones)."""
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    with ws.lock("export"):
+        return _export(ws, cfg, on_event, force)
+
+
+def _export(ws: Workspace, cfg: ExportConfig, on_event, force: bool) -> Path:
     from peft import PeftModel
 
     from edgeft import onnx_export
 
-    ws = Workspace(ws_path)
-    if not ws.root.is_dir():
-        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     out = ws.root / "artifacts"
-    if (previous := _unchanged(ws, cfg)) is not None:
+    if not force and (previous := _unchanged(ws, cfg)) is not None:
         print(f"export: workspace unchanged since {previous['finished_at']}; nothing to do")
         return out
     started = time.time()
@@ -110,6 +128,10 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
             quantize.fake_quantize_(peft_model, quant)
         reference, torch_grads = onnx_export.torch_loss_and_grads(wrapper, batch)
     reference_seconds = time.time() - t0
+    if not compare.finite(reference):
+        raise VerificationError(
+            f"export verification failed: PyTorch's loss on the probe batch is {reference} (not finite): the weights "
+            f"in {model_dir} hold NaN or infinite values; nothing was written. Use an intact checkpoint")
     trainable, frozen = onnx_export.parameter_names(wrapper)
     recompute = cfg.recompute if cfg.recompute is not None else plan.prepared_recompute(prep)
     n_trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
@@ -158,16 +180,17 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
         grad_error = onnx_export.gradient_error(torch_grads, dict(np.load(work / "ort_grads.npz")))
         dropout = prep["config"]["lora_dropout"] > 0
         shutil.rmtree(work)
-        rel = abs(verified["eval_loss"] - reference) / max(abs(reference), 1e-12)
-        if rel > cfg.tolerance:
+        rel = compare.max_abs_diff(verified["eval_loss"], reference) / max(abs(reference), 1e-12)
+        if not compare.within(rel, cfg.tolerance):
             raise VerificationError(
                 f"export verification failed: ONNX Runtime loss {verified['eval_loss']:.6f} vs PyTorch "
-                f"{reference:.6f} (relative difference {rel:.2e} > {cfg.tolerance:g}); nothing was written. "
-                "Report this with the model's config.json")
-        if not dropout and grad_error > cfg.grad_tolerance:
+                f"{reference:.6f} (relative difference {compare.describe(rel)}, tolerance {cfg.tolerance:g}); nothing "
+                "was written. Report this with the model's config.json")
+        if not dropout and not compare.within(grad_error, cfg.grad_tolerance):
             raise VerificationError(
-                f"export verification failed: ONNX Runtime gradients differ from PyTorch's by {grad_error:.2e} "
-                f"(relative, > {cfg.grad_tolerance:g}); nothing was written. Report this with the model's config.json")
+                f"export verification failed: ONNX Runtime gradients differ from PyTorch's by "
+                f"{compare.describe(grad_error)} (relative, tolerance {cfg.grad_tolerance:g}); nothing was written. "
+                "Report this with the model's config.json")
         if sorted(verified["trainable"]) != sorted(trainable) or verified["trainable_count"] != n_trainable:
             raise VerificationError(
                 f"export verification failed: the checkpoint trains {verified['trainable_count']} values in "
@@ -176,7 +199,7 @@ def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None) -> 
     ws.drop("train", "merge", "package")
     ws.record("export", {
         "config": dataclasses.asdict(cfg), "format": ARTIFACTS_FORMAT, "prepared_at": prep["finished_at"],
-        "outputs": sorted(p.name for p in out.iterdir()),
+        "outputs": sorted(p.name for p in out.iterdir()), "files": ws.hashes.folder(out, ws.root),
         "trainable_tensors": len(trainable), "trainable_params": n_trainable, "frozen_tensors": len(frozen),
         "base_weights": {"file": base_weights.BASE_DATA, **stored},
         "max_seq_len": prep["max_seq_len"], "opset": onnx_export.OPSET,

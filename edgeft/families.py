@@ -51,14 +51,21 @@ def read_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise EdgeftError(f"{model_dir} is not a Hugging Face model folder: config.json is missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EdgeftError(f"{path} is not valid JSON: {e}") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise EdgeftError(f"{path} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(config, dict):
+        raise EdgeftError(f"{path} holds a JSON {type(config).__name__}, not the object of a model's settings; use "
+                          "the config.json that came with the model")
+    return config
 
 
 def detect(config: dict, model_dir: Path | str = "model") -> Family:
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise EdgeftError(f"config.json of {model_dir}: 'architectures' must be a list of class names such as "
+                          f"[\"Phi3ForCausalLM\"], not {str(archs)[:60]}; use the config.json that came with the model")
     for family in FAMILIES:
         if family.architecture in archs or (not archs and model_type == family.model_type):
             return family

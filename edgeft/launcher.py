@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgeft import runtime
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, Terminated
 
 EventHandler = Callable[[dict], None]
 
@@ -87,17 +88,24 @@ def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: Even
             elif on_event is not None:
                 on_event(event)
 
+        interrupted: KeyboardInterrupt | None = None
         with os.fdopen(read_fd, "r", encoding="utf-8") as events:
             try:
                 for line in events:
                     handle(line)
-            except KeyboardInterrupt:
-                # The child got the same SIGINT (same process group) and is saving what it must: keep
-                # listening until it exits, so its final report (where it saved) reaches the user.
+            except KeyboardInterrupt as e:
+                # Ctrl-C reached the child too (same process group); SIGTERM reached this process only, so it is
+                # passed on. The child stops where it can save: keep listening until it exits, so its final report
+                # (where it saved) reaches the user.
+                interrupted = e
+                if isinstance(e, Terminated):
+                    proc.send_signal(signal.SIGTERM)
                 for line in events:
                     handle(line)
             code = proc.wait()
     result, error = outcome["result"], outcome["error"]
+    if interrupted is not None and result is None:
+        raise interrupted  # whatever the child made of the signal (libraries turn it into other errors)
     if error is not None:
         if error.get("kind") == "user":
             raise EdgeftError(error["message"])

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeft import launcher, lazy, progress, quantize, rss
+from edgeft import compare, launcher, lazy, progress, quantize, rss
 from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.errors import EdgeftError
+from edgeft.export import check_artifacts
 from edgeft.schema import spec
 from edgeft.trainer import checkpoints
-from edgeft.workspace import Workspace, hash_files
+from edgeft.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,16 @@ def _write_merged_streamed(peft_model, shards: lazy.Shards, quant: dict, out: Pa
 
 
 def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
+    """Write `WS/adapter/` and `WS/merged/` from a training checkpoint, both verified (holding the workspace's
+    lock); returns the workspace."""
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist")
+    with ws.lock("merge"):
+        return _merge(ws, cfg)
+
+
+def _merge(ws: Workspace, cfg: MergeConfig) -> Path:
     import contextlib
 
     from peft import PeftModel
@@ -182,12 +193,14 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
 
     from edgeft import onnx_export
 
-    ws = Workspace(ws_path)
     trained = ws.require("train", f"train it first: `edgeft train {ws.root} --data FILE.jsonl`")
     prep = ws.stage("prepare")
     backend = trained["config"]["backend"]
     ckpt = resolve(ws.root / "train" / "checkpoints", cfg.checkpoint)
     state = checkpoints.read_state(ckpt)
+    checkpoints.verify(ckpt, ws.hashes)
+    if backend == "ort":
+        check_artifacts(ws, ws.require("export", f"export it first: `edgeft export {ws.root}`"))
     if state["identity"] != trained["identity"] or state["config_hash"] != trained["config_hash"]:
         raise EdgeftError(f"checkpoint {ckpt.name} was written by another training run than the one the manifest "
                           f"records; train again, or merge a checkpoint of the recorded run")
@@ -209,6 +222,10 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         if unknown:
             raise EdgeftError(f"checkpoint {ckpt} holds tensors this workspace's adapter lacks ({unknown[:3]}); "
                               "it belongs to another model or adapter configuration")
+        if bad := sorted(name for name, value in tensors.items() if not compare.finite(value)):
+            raise EdgeftError(f"checkpoint {ckpt.name} holds NaN or infinite values ({len(bad)} tensors, first "
+                              f"{bad[0]}): the run diverged before it was saved. Merge an earlier checkpoint "
+                              "(--checkpoint STEP), or train again with a lower --lr")
         with torch.no_grad():
             for name, value in tensors.items():
                 if tuple(params[name].shape) != value.shape:
@@ -224,6 +241,10 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         with steps.step(f"the adapter's logits (PEFT){streaming}", n_layers if stream else None) as tick, \
                 lazy.streamed(peft_model, shards, quant, tick) if stream else contextlib.nullcontext():
             peft_logits = _logits(wrapper, batch)
+        if not compare.finite(peft_logits):
+            raise EdgeftError(f"merge verification failed: the adapter's logits are not finite (NaN or infinity) at "
+                              f"{ckpt.name}; the base weights in {model_dir} or the checkpoint hold non-finite values. "
+                              "Nothing was written")
         scale = float(np.abs(peft_logits).max())
         verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance, "logit_scale": scale,
                         "weights": "streamed" if stream else "loaded"}
@@ -232,12 +253,13 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
             """Record the largest logit difference from the PEFT model's, absolute and relative to the largest
             PEFT logit, and refuse past the tolerance (relative: float32 rounding grows with the logits' scale,
             which a real checkpoint's are many times a random one's)."""
-            diff = float(np.abs(logits - peft_logits).max())
+            diff = compare.max_abs_diff(logits, peft_logits)
             verification[f"{name}_max_abs"] = diff
             verification[f"{name}_relative"] = rel = diff / max(scale, float(np.finfo(np.float32).tiny))
-            if rel > cfg.tolerance:
-                raise EdgeftError(f"merge verification failed: {differs} by {diff:.2e}, {rel:.1e} of the largest "
-                                  f"logit ({scale:.3g}; tolerance {cfg.tolerance:g}); {written}")
+            if not compare.within(rel, cfg.tolerance):
+                raise EdgeftError(f"merge verification failed: {differs} by {compare.describe(diff)}, "
+                                  f"{compare.describe(rel)} of the largest logit ({scale:.3g}; tolerance "
+                                  f"{cfg.tolerance:g}); {written}")
 
         if backend == "ort":
             np.savez(work / "probe.npz", **batch)
@@ -267,8 +289,7 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
             AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
             if (model_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
                 shutil.copy(model_dir / "generation_config.json", tmp / "generation_config.json")
-    outputs = {name: hash_files([p for p in (ws.root / name).rglob("*") if p.is_file()], ws.root)
-               for name in ("adapter", "merged")}
+    outputs = {name: ws.hashes.folder(ws.root / name, ws.root) for name in ("adapter", "merged")}
     ws.drop("package")
     ws.record("merge", {
         "config": dataclasses.asdict(cfg), "checkpoint": ckpt.name, "step": state["position"]["step"],

@@ -7,6 +7,7 @@ folding, TrainingMode.TRAINING, traced with a padded batch so the masking branch
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,7 +125,8 @@ def gradient_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray
         raise KeyError(f"gradients differ in which tensors they cover: {missing[:5]}")
     diff = sum(float(np.sum((other[n].reshape(reference[n].shape) - reference[n]) ** 2)) for n in reference)
     norm = sum(float(np.sum(reference[n] ** 2)) for n in reference)
-    return (diff / max(norm, 1e-30)) ** 0.5
+    error = (diff / max(norm, 1e-30)) ** 0.5
+    return error if math.isfinite(error) and math.isfinite(norm) else math.inf
 
 
 def export(wrapper: CausalLMLoss, batch: dict[str, np.ndarray], path: Path, weights: bool = True) -> dict[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import launcher, prequantize, progress, quantize, rss, schema
+from edgeft import compare, fingerprint, launcher, prequantize, progress, quantize, rss, schema, state
 from edgeft.atomic import atomic_dir, scratch_dir
 from edgeft.devices import Quantization
-from edgeft.errors import FREE_SPACE, EdgeftError, disk_full
+from edgeft.errors import FREE_SPACE, EdgeftError, command, disk_full
 from edgeft.schema import spec
-from edgeft.workspace import Workspace, hash_files, library_versions
+from edgeft.workspace import Workspace, library_versions
 
 BUILDER_EPS = ("cpu", "cuda", "dml", "webgpu")
 BUILDER_PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -170,8 +171,40 @@ def own_adapter(bundle: Path) -> Path | None:
     """The `.onnx_adapter` of the workspace a base+adapters bundle was packaged from (the manifest lists it first);
     None for a merged bundle. eval and bench run the bundle as the app runs that fine-tune: with it active."""
     manifest = Path(bundle) / "manifest.json"
-    adapters = json.loads(manifest.read_text()).get("adapters") if manifest.is_file() else None
-    return Path(bundle) / next(iter(adapters.values()))["file"] if adapters else None
+    adapters = state.read_json(manifest, "the bundle's manifest", REBUILD).get("adapters") if manifest.is_file() else None
+    if not adapters:
+        return None
+    try:
+        return Path(bundle) / str(next(iter(adapters.values()))["file"])
+    except (AttributeError, TypeError, KeyError):
+        raise EdgeftError(f"the bundle's manifest {manifest} is damaged (its adapters are not described); "
+                          f"{REBUILD}") from None
+
+
+REBUILD = "rebuild the bundle with `edgeft package WS --force`"
+
+
+def open_model(bundle: Path):
+    """An og.Model of a bundle; a bundle that onnxruntime-genai cannot load (a damaged genai_config.json, cut-short
+    weights) is a user error that names it."""
+    import onnxruntime_genai as og
+
+    bundle = Path(bundle)
+    config = bundle / "genai_config.json"
+    state.read_json(config, "the bundle's genai_config.json", REBUILD, keys=("model",))
+    try:
+        return og.Model(str(bundle))
+    except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError (or OrtException) with its reason
+        raise EdgeftError(f"onnxruntime-genai cannot load the bundle {bundle}: {str(e)[:300]}; the bundle is damaged "
+                          f"or incomplete: {REBUILD}") from None
+
+
+def context_length(bundle: Path) -> int | None:
+    """The longest sequence (prompt and reply) the bundle's model takes, from its genai_config.json."""
+    config = state.read_json(Path(bundle) / "genai_config.json", "the bundle's genai_config.json", REBUILD,
+                             keys=("model",))
+    length = config["model"].get("context_length") if isinstance(config["model"], dict) else None
+    return int(length) if isinstance(length, int) and length > 0 else None
 
 
 def load_adapter(model, path: Path) -> tuple:
@@ -179,7 +212,11 @@ def load_adapter(model, path: Path) -> tuple:
     import onnxruntime_genai as og
 
     adapters = og.Adapters(model)
-    adapters.load(str(path), path.stem)
+    try:
+        adapters.load(str(path), path.stem)
+    except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError with its reason
+        raise EdgeftError(f"onnxruntime-genai cannot load the adapter {path}: {str(e)[:300]}; it is damaged or was "
+                          f"built for another base model: {REBUILD}") from None
     return adapters, path.stem
 
 
@@ -217,6 +254,11 @@ def genai_generate(model_dir: Path, prompts: list[list[int]], max_new: int,
             out.append(int(gen.get_next_tokens()[0]))
         tokens.append(out)
     return tokens, logits
+
+
+def max_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """The largest absolute logit difference over the prompts; infinite if either side is not finite."""
+    return max(compare.max_abs_diff(a, b) for a, b in zip(reference, got, strict=True))
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -258,11 +300,11 @@ def _check_merged(ws: Workspace) -> dict:
     merged_rec = ws.require("merge", f"merge it first: `edgeft merge {ws.root}`")
     merged = ws.root / "merged"
     recorded = merged_rec["outputs"]["merged"]
-    actual = hash_files([p for p in merged.rglob("*") if p.is_file()], ws.root) if merged.is_dir() else {}
+    actual = ws.hashes.folder(merged, ws.root) if merged.is_dir() else {}
     if actual != recorded:
         changed = sorted(set(recorded) ^ set(actual) | {k for k in recorded if actual.get(k) != recorded[k]})
         raise EdgeftError(f"{merged} no longer matches what merge wrote ({', '.join(changed[:3])}); run "
-                          f"`edgeft merge {ws.root}` again")
+                          f"`{command('edgeft', 'merge', ws.root)}` again")
     return merged_rec
 
 
@@ -403,19 +445,27 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
                 log_path=ws.root / "logs" / "package-runtime.log")
             ort_logits = np.load(out)
         _, got = genai_generate(bundle, prompts, 1, adapter, cpu)
-        error = float(max(np.abs(a - b).max() for a, b in zip(ort_logits, got, strict=True)))
+        error = max_error(ort_logits, got)
         result["adapter_vs_training_runtime_max_logit_error"] = error
-        if accuracy_level in (0, 1) and error > SHIPPED_TOLERANCE:
+        if not compare.within(error, SHIPPED_TOLERANCE if accuracy_level in (0, 1) else math.inf):
             raise EdgeftError(f"package verification failed: the int4 base with the trained adapter differs from the "
-                              f"training runtime's eval logits by {error:.2e} (> {SHIPPED_TOLERANCE:g}) with fp32 "
-                              "compute; nothing was written")
+                              f"training runtime's eval logits by {compare.describe(error)} (tolerance "
+                              f"{SHIPPED_TOLERANCE:g} with fp32 compute); nothing was written")
     return result
 
 
 def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) -> Path:
+    """Build, verify and describe `WS/bundle/` (holding the workspace's lock); returns the bundle."""
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist")
+    with ws.lock("package"):
+        return _package(ws, cfg, device)
+
+
+def _package(ws: Workspace, cfg: PackageConfig, device) -> Path:
     from edgeft import __version__, lazy
 
-    ws = Workspace(ws_path)
     merged_rec = _check_merged(ws)
     merged = ws.root / "merged"
     sources = _adapter_sources(ws, cfg) if cfg.adapters else []
@@ -469,7 +519,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
         verification = {
             "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
             "token_agreement": agreement(ref_tokens, got_tokens),
-            "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(ref_logits, got_logits, strict=True))),
+            "max_logit_error": max_error(ref_logits, got_logits),
             "reference": f"transformers greedy generate on WS/merged (fp32, "
                          f"{'streamed' if lazy.streams(merged, cfg.weights) else 'loaded'})"
                          + (f"; bundle with adapter {ws.root.name!r} active" if active else ""),
@@ -482,12 +532,16 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                 plain_tokens, plain_logits = genai_generate(tmp, prompts, cfg.max_new_tokens, cpu=on_cpu)
             verification["no_adapter_vs_base"] = {
                 "token_agreement": agreement(base_tokens, plain_tokens),
-                "max_logit_error": float(max(np.abs(a - b).max() for a, b in zip(base_logits, plain_logits,
-                                                                                 strict=True)))}
+                "max_logit_error": max_error(base_logits, plain_logits)}
         if ships_trained_base:
             with steps.step("the trained int4 base against the bundle's, byte for byte"):
                 verification["shipped_base"] = shipped_base_check(ws, tmp, prompts, active, merged_rec,
                                                                   quant.accuracy_level, on_cpu)
+        if not compare.finite(ref_logits) or not compare.finite(got_logits):
+            side = "transformers' on the merged model" if not compare.finite(ref_logits) else "the bundle's"
+            raise EdgeftError(f"package verification failed: {side} logits are not finite (NaN or infinity): the "
+                              f"merged model holds non-finite weights; nothing was written. Merge a checkpoint "
+                              f"from before the run diverged (`edgeft merge {ws.root} --checkpoint STEP`)")
         if precision == "fp32" and verification["token_agreement"] < 1.0:
             raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from transformers' "
                               f"(agreement {verification['token_agreement']:.1%}); nothing was written")
@@ -505,7 +559,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                                 "adapter_sha256": src.stage("merge")["outputs"]["adapter"]}
                          for (name, path), src in zip(adapter_files.items(), sources, strict=True)},
             "verification": verification, "versions": library_versions(),
-            "files": hash_files([tmp / "README.md", *files.values()], tmp),
+            "files": fingerprint.Hashes().files([tmp / "README.md", *files.values()], tmp),
             "bytes": sum(p.stat().st_size for p in files.values()),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -532,10 +586,32 @@ generator.set_active_adapter(adapters, "NAME")
 """
 
 
-def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, system: str | None = None,
-         adapter: str | None = None) -> None:
+@dataclass(frozen=True)
+class ChatConfig:
+    max_new_tokens: int = spec("longest reply in tokens (capped at what the model's context leaves)", 256, min=1)
+    system: str | None = spec("system prompt (use the one the model was fine-tuned with)", None)
+    adapter: str | None = spec("a swappable adapter of the bundle to chat with (its name, or an .onnx_adapter file)",
+                               None)
+
+
+def _reply_length(prompt_tokens: int, wanted: int, context: int | None, warned: set) -> int:
+    """The generator's max_length for a prompt: prompt plus `wanted` new tokens, capped at the context (said once);
+    a prompt that fills the context is refused."""
+    if context is None:
+        return prompt_tokens + wanted
+    if prompt_tokens >= context:
+        raise EdgeftError(f"the prompt is {prompt_tokens} tokens and the model's context is {context}: nothing is "
+                          "left for a reply; shorten the prompt (or the system prompt)")
+    if prompt_tokens + wanted > context and "cap" not in warned:
+        warned.add("cap")
+        print(f"chat: replies are capped at {context - prompt_tokens} tokens: the model's context is {context} tokens "
+              f"(--max-new-tokens {wanted})", file=sys.stderr)
+    return min(prompt_tokens + wanted, context)
+
+
+def chat(bundle: Path, prompt: str | None = None, cfg: ChatConfig = ChatConfig()) -> None:
     """Stream replies from a packaged model (one prompt, or an interactive loop). `bundle` may be a workspace
-    (its bundle/); `adapter` names one of the bundle's `.onnx_adapter` files (a name or a path)."""
+    (its bundle/); `cfg.adapter` names one of the bundle's `.onnx_adapter` files (a name or a path)."""
     import onnxruntime_genai as og
 
     bundle = Path(bundle)
@@ -546,7 +622,7 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
                           "build one with `edgeft package WS`")
     shipped = sorted(p.stem for p in (bundle / "adapters").glob("*.onnx_adapter"))
     adapter_file = None
-    if adapter is not None:
+    if (adapter := cfg.adapter) is not None:
         adapter_file = Path(adapter) if adapter.endswith(".onnx_adapter") else bundle / "adapters" / f"{adapter}.onnx_adapter"
         if not adapter_file.is_file():
             raise EdgeftError(f"no adapter {adapter!r} in {bundle}: "
@@ -555,12 +631,14 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
     elif shipped:
         print(f"chat: the base model, no adapter active; this bundle ships {', '.join(shipped)} "
               f"(--adapter {shipped[0]})", file=sys.stderr)
-    model = og.Model(str(bundle))
+    context = context_length(bundle)
+    model = open_model(bundle)
     tok = og.Tokenizer(model)
     active = load_adapter(model, adapter_file) if adapter_file is not None else None
+    warned: set = set()
 
     def reply(text: str) -> None:
-        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        turns = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": text}]
         messages = json.dumps(turns)
         try:
             rendered = tok.apply_chat_template(messages, add_generation_prompt=True)
@@ -568,7 +646,8 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
             rendered = text
         ids = tok.encode(rendered)
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        params.set_search_options(max_length=_reply_length(len(ids), cfg.max_new_tokens, context, warned),
+                                  do_sample=False)
         gen = generator(model, params, active)
         gen.append_tokens(ids)
         new: list[int] = []
@@ -590,5 +669,10 @@ def chat(bundle: Path, prompt: str | None = None, max_new_tokens: int = 256, sys
             text = input("> ")
         except EOFError:
             return
+        except UnicodeDecodeError:
+            raise EdgeftError("standard input is not UTF-8 text; type or pipe UTF-8 prompts") from None
         if text.strip():
-            reply(text)
+            try:
+                reply(text)
+            except EdgeftError as e:  # this prompt only: the session goes on
+                print(f"error: {e}", file=sys.stderr)

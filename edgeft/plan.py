@@ -21,6 +21,7 @@ from pathlib import Path
 from edgeft import families
 from edgeft.devices import Profile
 from edgeft.errors import EdgeftError
+from edgeft.schema import spec
 
 # Fitted to measured peak RSS and step time (benchmarks/plan_accuracy.py, results/plan.md) on the `fit`
 # configurations; the `check` ones were not used. Saved activations per token:
@@ -153,6 +154,21 @@ def trainable_params(model_dir: Path, targets: list[str], lora_r: int, train_mod
     n = sum(lora_r * (rows + cols) + (rows if dora else 0) for module, (rows, cols) in shapes.items()
             if module.rsplit(".", 1)[-1] in targets and ".layers." in module)
     return n + sum(leaves[m][0] * leaves[m][1] for m in train_modules if m in leaves)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What `edgeft plan` is asked for; what is left out comes from the workspace, or from what `prepare --device`
+    would pick for a model folder."""
+
+    seq_len: int = spec("tokens per sequence", 512, min=1)
+    batch_size: int = spec("sequences per micro-batch", 1, min=1)
+    lora_r: int | None = spec("LoRA rank", None, gt=0)
+    targets: list[str] | None = spec("module names to adapt", None)
+    train_modules: list[str] | None = spec("whole modules trained too, e.g. lm_head", None)
+    backend: str | None = spec("training backend (default: the profile's)", None, choices=("ort", "torch"))
+    base_precision: str | None = spec("frozen base precision", None, choices=("fp32", "int8", "int4"))
+    recompute: bool | None = spec("activations recomputed in the backward pass", None)
 
 
 @dataclass(frozen=True)
@@ -364,6 +380,19 @@ def prepared_recompute(prep: dict) -> bool:
     return bool((prep.get("plan") or {}).get("recompute"))
 
 
+def _check_modules(model_dir: Path, targets: list[str] | None, train_modules: list[str] | None) -> None:
+    """Refuse module names the model does not have: a plan for them would count nothing and say it fits."""
+    shapes = linear_shapes(model_dir)
+    leaves = {module.rsplit(".", 1)[-1] for module in shapes}
+    layer_leaves = {module.rsplit(".", 1)[-1] for module in shapes if ".layers." in module}
+    if unknown := [t for t in targets or () if t not in layer_leaves]:
+        raise EdgeftError(f"--targets {','.join(unknown)}: not a Linear layer of the decoder layers in {model_dir}; "
+                          f"they have {', '.join(sorted(layer_leaves))}")
+    if unknown := [m for m in train_modules or () if m not in leaves | {"lm_head"}]:
+        raise EdgeftError(f"--train-modules {','.join(unknown)}: not a module of {model_dir}; try lm_head or "
+                          "embed_tokens")
+
+
 def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
                train_modules: list[str] | None = None, base_precision: str | None = None,
@@ -374,7 +403,9 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
     target = Path(target)
     trainable = None
     if (target / "manifest.json").is_file() and not (target / "config.json").is_file():
-        stages = json.loads((target / "manifest.json").read_text()).get("stages", {})
+        from edgeft.workspace import Workspace
+
+        stages = Workspace(target).manifest()["stages"]
         prep = stages.get("prepare")
         if not prep:
             raise EdgeftError(f"workspace {target} is not prepared; run `edgeft prepare MODEL_DIR --out {target}`")
@@ -390,6 +421,7 @@ def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_
             recompute = recomputed(stages)
     else:
         model_dir = target
+    _check_modules(model_dir, targets, train_modules)
     if backend is None:
         backend = profile.execution_providers.training_backend if profile else "ort"
     run = Run(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r or 16, targets=tuple(targets or ()),

@@ -14,8 +14,9 @@ from pathlib import Path
 from edgeft import families, lazy, quantize, schema
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError
+from edgeft.lock import LOCK
 from edgeft.schema import spec
-from edgeft.workspace import Workspace, hash_files
+from edgeft.workspace import Workspace
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -81,15 +82,15 @@ def max_train_seq_len(config: dict) -> int:
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise EdgeftError(f"--out {out} is a file; pass a folder for the workspace")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / "manifest.json").is_file():
         raise EdgeftError(f"--out {out} exists and holds other files; pass a new or empty folder "
                           "(or an existing edgeft workspace)")
 
 
-def input_hashes(model_dir: Path) -> dict[str, str]:
+def input_files(model_dir: Path) -> list[Path]:
+    """The files of a model folder that a workspace is prepared from: config, weights, tokenizer."""
     files = [model_dir / "config.json", *families.weight_files(model_dir)]
-    files += [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
-    return hash_files(files, model_dir)
+    return files + [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
 
 
 def check_tokenizer(model_dir: Path, vocab_size: int | None) -> None:
@@ -132,14 +133,21 @@ def dora_magnitudes_(peft_model, shards: lazy.Shards) -> None:
 
 
 def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
-    """Validate the model folder and options, initialise the adapter, record the workspace."""
+    """Validate the model folder and options, initialise the adapter, record the workspace `out`."""
+    out = Path(out)
+    check_out_dir(out)
+    with Workspace(out).lock("prepare") as ws:
+        _prepare(cfg, ws, device)
+    return out
+
+
+def _prepare(cfg: PrepareConfig, ws: Workspace, device) -> None:
     import torch
     from peft import get_peft_model
 
     started = time.time()
+    out = ws.root
     model_dir = Path(cfg.model_dir).resolve()
-    out = Path(out)
-    check_out_dir(out)
     config = families.read_config(model_dir)
     family = families.detect(config, model_dir)
     chosen, picked = None, cfg.base_precision is None
@@ -158,13 +166,12 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     if device is not None and cfg.base_precision == "int4":  # train against the blocks this profile's bundle ships
         cfg = dataclasses.replace(cfg, int4_block_size=device.quantization.block_size,
                                   int4_symmetric=device.quantization.symmetric)
-    hashes = input_hashes(model_dir)
-    ws = Workspace(out)
+    hashes = ws.hashes.files(input_files(model_dir), model_dir)
     record_cfg = dataclasses.asdict(cfg) | {"model_dir": str(model_dir)}
     previous = ws.stage("prepare")
     if previous and previous["config"] == record_cfg and previous["inputs"] == hashes:
         print(f"prepare: inputs and options unchanged since {previous['finished_at']}; nothing to do")
-        return out
+        return
     n_layers = config.get("num_hidden_layers")
     vocab = config.get("vocab_size")
     check_tokenizer(model_dir, vocab)
@@ -186,6 +193,12 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
     if missing:
         raise EdgeftError(f"target modules {missing} not found in {model_dir.name}; Linear layers there: "
                           f"{', '.join(linears)}")
+    smallest = min(min(m.in_features, m.out_features) for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    if cfg.lora_r > smallest:
+        raise EdgeftError(f"--lora-r {cfg.lora_r} is above {smallest}, the smallest dimension of the targeted layers: "
+                          f"a rank past it adds parameters and memory but no capacity; use --lora-r {smallest} or less "
+                          "(8 to 64 is usual)")
     modules = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in cfg.train_modules if m not in modules]
     if missing:
@@ -219,4 +232,3 @@ def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
             "seq_len": chosen.run.seq_len, "peak_bytes": round(chosen.memory.total), "fits": chosen.fits},
         "seconds": round(time.time() - started, 2),
     })
-    return out

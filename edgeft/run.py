@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from pathlib import Path
 import yaml
 
 from edgeft import quantize, schema
+from edgeft.bench import BenchConfig
 from edgeft.errors import EdgeftError
+from edgeft.evaluate import EvalConfig
 from edgeft.package import BUILDER_EPS, BUILDER_PRECISIONS
 from edgeft.schema import spec
 from edgeft.train import TrainConfig
@@ -33,6 +36,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 SHIPPED = {"home_base": PACKAGE_ROOT / "tasks" / "home_base", "home_data": PACKAGE_ROOT / "tasks" / "home_data",
            "recipes": PACKAGE_ROOT / "recipes"}
 STAGES = ("prepare", "export", "train", "merge", "package", "eval", "bench")
+NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -67,23 +71,6 @@ class PackageSection:
 
 
 @dataclass(frozen=True)
-class EvalSection:
-    shots: int = spec("solved examples in the few-shot baseline", 3, min=0)
-    limit: int | None = spec("evaluate the first N test records only", None, min=1)
-    max_new_tokens: int = spec("tokens generated per answer", 64, min=1)
-    variants: list[str] | None = spec("subset of base, base few-shot, adapter, merged, bundle", None)
-
-
-@dataclass(frozen=True)
-class BenchSection:
-    runs: int = spec("timed runs per figure", 5, min=1)
-    seq_len: int = spec("training bench sequence length", 256, min=8)
-    batch_size: int = spec("training bench batch", 1, min=1)
-    prompt_tokens: int = spec("inference bench prompt length", 128, min=1)
-    new_tokens: int = spec("inference bench generated tokens", 64, min=2)
-
-
-@dataclass(frozen=True)
 class Recipe:
     name: str = spec("run name")
     model: ModelSection = spec("the base model")
@@ -93,14 +80,15 @@ class Recipe:
     lora: LoraSection = spec("adapter settings", default_factory=LoraSection)
     train: TrainConfig = spec("training options (as `edgeft train`)", default_factory=TrainConfig)
     package: PackageSection = spec("packaging options", default_factory=PackageSection)
-    eval: EvalSection = spec("evaluation options", default_factory=EvalSection)
-    bench: BenchSection = spec("bench options", default_factory=BenchSection)
-    stages: list[str] = spec("stages to run, in pipeline order", default_factory=lambda: list(STAGES))
+    eval: EvalConfig = spec("evaluation options (as `edgeft eval`)", default_factory=EvalConfig)
+    bench: BenchConfig = spec("bench options (as `edgeft bench`)", default_factory=BenchConfig)
+    stages: list[str] = spec("stages to run, in pipeline order", default_factory=lambda: list(STAGES), choices=STAGES)
 
     def __post_init__(self):
         problems: list[str] = []
-        unknown = [s for s in self.stages if s not in STAGES]
-        schema.check(problems, not unknown, f"stages: unknown {unknown}; accepted: {', '.join(STAGES)}")
+        schema.check(problems, bool(NAME.fullmatch(self.name)) and self.name not in (".", ".."),
+                     f"name: {schema.short(self.name)} is not a plain name: the default workspace is "
+                     "artifacts/<name>, so use letters, digits, '.', '_' and '-' only (or set workspace: to a folder)")
         schema.raise_if(problems, "recipe")
 
 
@@ -128,13 +116,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load(path: Path, overrides: list[str] = ()) -> tuple[Recipe, Path]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EdgeftError(f"recipe {path} does not exist; example recipes live in recipes/ "
                           "(`edgeft run recipes/home-demo.yaml`)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise EdgeftError(f"recipe {path} is not valid YAML: {e}") from None
+    data = schema.load_yaml(path, "recipe") or {}
     if not isinstance(data, dict):
         raise EdgeftError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
     return schema.parse(Recipe, apply_overrides(data, list(overrides)), f"recipe {path}"), path.parent.resolve()
@@ -161,17 +146,34 @@ def _key(*parts) -> str:
 
 
 def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> dict:
-    from edgeft import bench, devices, evaluate, export, merge, package, prepare, train
+    """Run the recipe's stages in its workspace, holding the workspace's lock throughout; skips each stage whose
+    options, inputs (by content) and upstream stages are unchanged, unless it is in `force`."""
+    from edgeft import devices
 
+    if unknown := [name for name in force if name not in STAGES]:
+        raise EdgeftError(f"--force {','.join(unknown)}: no such stage; the stages are {', '.join(STAGES)}")
     device = devices.load(resolve(recipe.device, base) if recipe.device and recipe.device.endswith(".yaml")
                           else recipe.device) if recipe.device else None
+    root = Path(recipe.workspace).expanduser() if recipe.workspace else Path("artifacts") / recipe.name
+    root = root if root.is_absolute() else (Path.cwd() / root)
+    ws = Workspace(root)
+    with ws.lock("run"):
+        return _run(recipe, base, ws, device, log, force)
+
+
+def _run(recipe: Recipe, base: Path, ws: Workspace, device, log, force: tuple[str, ...]) -> dict:
+    from edgeft import bench, evaluate, export, merge, package, prepare, train
+
+    root = ws.root
     model_dir = resolve(recipe.model.path, base)
     train_data = resolve(recipe.data.train, base)
     eval_data = resolve(recipe.data.eval, base)
     test_data = resolve(recipe.data.test, base) or eval_data
-    root = Path(recipe.workspace).expanduser() if recipe.workspace else Path("artifacts") / recipe.name
-    root = root if root.is_absolute() else (Path.cwd() / root)
-    ws = Workspace(root)
+
+    def content(path: Path | None) -> str | None:
+        """What a stage key holds of an input file: its content, so that a file edited in place reruns the stage."""
+        return ws.hashes.of(path) if path is not None and path.is_file() else None
+
     done = ws.stage("run") or {"keys": {}}
     keys: dict[str, str] = dict(done["keys"])
     timings: dict[str, float] = {}
@@ -198,7 +200,8 @@ def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> d
                                      lora_dropout=lora.dropout, targets=lora.targets, dora=lora.dora,
                                      train_modules=list(lora.train_modules), seed=lora.seed,
                                      base_precision=recipe.model.base_precision)
-    stage("prepare", dataclasses.asdict(prep_cfg), lambda: prepare.prepare(prep_cfg, root, device))
+    model_files = ws.hashes.files(prepare.input_files(model_dir), model_dir) if model_dir.is_dir() else None
+    stage("prepare", [dataclasses.asdict(prep_cfg), model_files], lambda: prepare.prepare(prep_cfg, root, device))
     stage("export", {}, lambda: export.export(root))
 
     def do_train():
@@ -215,16 +218,13 @@ def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> d
         if result.get("interrupted"):
             raise EdgeftError(f"training was interrupted at step {result['step']}; run the recipe again to resume")
 
-    stage("train", [dataclasses.asdict(recipe.train), str(train_data), str(eval_data)], do_train)
+    stage("train", [dataclasses.asdict(recipe.train), content(train_data), content(eval_data)], do_train)
     stage("merge", "best", lambda: merge.merge(root, merge.MergeConfig()))
     pkg_cfg = package.PackageConfig(precision=recipe.package.precision, ep=recipe.package.ep, force=True)
     stage("package", dataclasses.asdict(pkg_cfg), lambda: package.package(root, pkg_cfg, device))
-    ev = recipe.eval
-    stage("eval", [dataclasses.asdict(ev), str(test_data)],
-          lambda: evaluate.run(root, test_data, ev.shots, train_data, ev.limit, ev.max_new_tokens, ev.variants,
-                               log=log) if test_data else log("[eval] no data.test or data.eval; skipped"))
-    b = recipe.bench
-    stage("bench", [dataclasses.asdict(b), getattr(device, "name", None)],
-          lambda: bench.run(root, device, b.runs, b.seq_len, b.batch_size, b.prompt_tokens, b.new_tokens,
-                            data=train_data))
+    stage("eval", [dataclasses.asdict(recipe.eval), content(test_data), content(train_data)],
+          lambda: evaluate.run(root, test_data, recipe.eval, train_data, log=log) if test_data
+          else log("[eval] no data.test or data.eval; skipped"))
+    stage("bench", [dataclasses.asdict(recipe.bench), getattr(device, "name", None), content(train_data)],
+          lambda: bench.run(root, device, recipe.bench, data=train_data))
     return {"workspace": root, "timings": timings, "manifest": ws.manifest()}

@@ -48,6 +48,15 @@ class TorchEngine:
         loss.backward()
         return float(loss.detach())
 
+    def grad_norm(self) -> float:
+        """L2 norm of the accumulated gradients (before clipping)."""
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.params.values() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def finite(self) -> bool:
+        """Whether every trained value is finite (checked before a checkpoint is written)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.params.values())
+
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import atomic, devices, launcher, plan, plots, quantize, runtime, schema
+from edgeft import atomic, devices, launcher, plan, plots, quantize, runtime, schema, state
+from edgeft.data import formats
 from edgeft.data.dataset import DataConfig, build
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, command
+from edgeft.export import check_artifacts
 from edgeft.schema import spec
 from edgeft.trainer import checkpoints
 from edgeft.trainer.batching import Split
@@ -25,6 +27,7 @@ from edgeft.trainer.schedule import SCHEDULES
 from edgeft.workspace import Workspace
 
 CADENCE = ("eval_every", "save_every", "keep_last")  # may change between a run and its resume
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ class TrainConfig:
     weight_decay: float = spec("AdamW weight decay", 0.0, min=0)
     batch_size: int = spec("samples per micro-batch", 4, min=1)
     grad_accum: int = spec("micro-batches per optimizer step", 1, min=1)
-    seq_len: int = spec("longest sample in tokens", 512, min=8)
+    seq_len: int | None = spec(f"longest sample in tokens (default: {DEFAULT_SEQ_LEN}, or the model's longest if "
+                                "shorter)", None, min=8)
     truncation: str = spec("over-long samples: drop or right (keep the start)", "drop", choices=("drop", "right"))
     train_on_prompt: bool = spec("train on every token, not only the answers", False)
     val_fraction: float = spec("validation share when no --eval-data is given", 0.1, min=0, max=0.5)
@@ -90,11 +94,12 @@ class Reporter:
         self.file = open(metrics_path, "a", encoding="utf-8")
 
     def _trim(self, resume_step: int) -> None:
+        """Keep what the run being resumed logged up to its checkpoint; a line its kill cut short goes too."""
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        atomic.write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+        rows, _ = state.read_jsonl(self.metrics_path)
+        keep = [row for row in rows if row.get("step", 0) <= resume_step]
+        atomic.write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
@@ -120,7 +125,8 @@ class Reporter:
                 self.progress.start()
                 self.task = self.progress.add_task("", total=self.total, completed=event["resumed_from"])
         elif kind == "progress":
-            text = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s  "
+            text = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  grad norm {event.get('grad_norm', 0):.3g}  "
+                    f"{event['tokens_per_s']:.0f} tok/s  "
                     f"rss {event['rss_mb']:.0f} MB (peak {event['peak_rss_mb']:.0f})")
             if self.progress:
                 self.progress.update(self.task, completed=event["step"], description=text)
@@ -139,9 +145,9 @@ class Reporter:
 
 def plot(metrics_path: Path, out: Path) -> Path:
     plt = plots.pyplot()
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    prog = [r for r in rows if r["event"] == "progress"]
-    evals = [r for r in rows if r["event"] == "eval"]
+    rows, _ = state.read_jsonl(metrics_path)
+    prog = [r for r in rows if r.get("event") == "progress"]
+    evals = [r for r in rows if r.get("event") == "eval"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
     ax1.plot([r["step"] for r in prog], [r["loss"] for r in prog], lw=1, label="train loss")
     if evals:
@@ -175,23 +181,49 @@ def _recompute(ws: Workspace, cfg: TrainConfig) -> bool:
     return default if cfg.recompute is None else cfg.recompute
 
 
-def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
-          device=None, resume: bool = False) -> dict:
-    ws = Workspace(ws_path)
-    if not ws.root.is_dir():
-        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}`")
-    identity = _identity(ws, cfg.backend)
-    prep = ws.stage("prepare")
-    max_len = prep["max_seq_len"]
+def resume_command(ws: Workspace, data: Path) -> str:
+    return command("edgeft", "train", ws.root, "--data", data, "--resume")
+
+
+def default_seq_len(cfg: TrainConfig, max_len: int) -> TrainConfig:
+    """The options with seq_len set: as given (refused past what the model takes), else DEFAULT_SEQ_LEN or the
+    model's longest sequence if that is shorter (said once)."""
+    if cfg.seq_len is None:
+        if max_len < DEFAULT_SEQ_LEN:
+            print(f"train: --seq-len {max_len}, the longest sequence this model takes (the default is "
+                  f"{DEFAULT_SEQ_LEN})")
+        return dataclasses.replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, max_len))
     if cfg.seq_len > max_len:
         raise EdgeftError(f"--seq-len {cfg.seq_len} exceeds {max_len}, the longest sequence this model was exported "
                           f"for (long-context rope is exported up to original_max_position_embeddings); use <= {max_len}")
+    return cfg
+
+
+def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
+          device=None, resume: bool = False) -> dict:
+    """Train the workspace's adapter on `data` (holding the workspace's lock); the train record, or, when
+    interrupted, where it stopped and how to resume."""
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}`")
+    data = formats.check_path(Path(data), "--data")
+    eval_data = formats.check_path(Path(eval_data), "--eval-data") if eval_data else None
+    with ws.lock("train"):
+        return _train(ws, data, cfg, eval_data, device, resume)
+
+
+def _train(ws: Workspace, data: Path, cfg: TrainConfig, eval_data: Path | None, device, resume: bool) -> dict:
+    identity = _identity(ws, cfg.backend)
+    prep = ws.stage("prepare")
+    cfg = default_seq_len(cfg, prep["max_seq_len"])
     if cfg.backend == "ort" and runtime.unsupported_reason():
         raise EdgeftError(runtime.unsupported_reason())
+    if cfg.backend == "ort":
+        check_artifacts(ws, ws.stage("export"))
     model_dir = Path(prep["config"]["model_dir"])
-    dataset = build(Path(data), model_dir, ws.root / "data",
+    dataset = build(data, model_dir, ws.root / "data",
                     DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed),
-                    Path(eval_data) if eval_data else None)
+                    eval_data, ws.hashes)
     if device is None and prep.get("device"):
         try:
             device = devices.load(prep["device"])
@@ -214,6 +246,7 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         if resume_path is None:
             raise EdgeftError(f"nothing to resume: {root} has no complete checkpoint; run without --resume")
         resume_state = checkpoints.read_state(resume_path)
+        checkpoints.verify(resume_path, ws.hashes)
         expected = (("model or export", "identity", identity), ("data", "data_key", dataset.meta["key"]),
                     ("training options", "config_hash", chash))
         mismatch = [label for label, key, want in expected if resume_state[key] != want]
@@ -251,14 +284,15 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
     try:
         result = launcher.run(entry, args, ep=cfg.ep, on_event=reporter, log_path=ws.root / "logs" / "train.log",
                               runtime_name="training" if cfg.backend == "ort" else "main")
-    except KeyboardInterrupt:
-        raise EdgeftError(f"interrupted; continue with `edgeft train {ws.root} --data {data} --resume` "
-                          "(the same options)") from None
+    except KeyboardInterrupt:  # before the loop could save: continue from the last checkpoint, if there is one
+        if checkpoints.latest(root):
+            print(f"interrupted; continue with `{resume_command(ws, data)}` (with the same options)", file=sys.stderr)
+        raise
     finally:
         reporter.close()
     png = plot(out / "metrics.jsonl", out / "metrics.png")
     if result["interrupted"]:
-        result["resume_command"] = f"edgeft train {ws.root} --data {data} --resume"
+        result["resume_command"] = resume_command(ws, data)
         return result
     record = {
         "config": dataclasses.asdict(cfg), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,

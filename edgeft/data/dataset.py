@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic
+from edgeft import atomic, fingerprint, state
 from edgeft.data import formats, tokenize
 from edgeft.data.tokenize import Encoded
 from edgeft.errors import EdgeftError
@@ -46,20 +46,34 @@ class Dataset:
         return self.root / f"{name}.npz"
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def cache_key(data: Path, eval_data: Path | None, model_dir: Path, cfg: DataConfig) -> str:
+def cache_key(data: Path, eval_data: Path | None, model_dir: Path, cfg: DataConfig,
+              hashes: fingerprint.Hashes | None = None) -> str:
+    sha = (hashes or fingerprint.Hashes()).of
     h = hashlib.sha256()
     h.update(json.dumps({"v": FORMAT_VERSION, "cfg": dataclasses.asdict(cfg)}, sort_keys=True).encode())
-    h.update(_sha(data).encode())
+    h.update(sha(data).encode())
     if eval_data:
-        h.update(_sha(eval_data).encode())
+        h.update(sha(eval_data).encode())
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).is_file():
-            h.update(name.encode() + _sha(Path(model_dir) / name).encode())
+            h.update(name.encode() + sha(Path(model_dir) / name).encode())
     return h.hexdigest()[:20]
+
+
+def _cached(root: Path, hashes: fingerprint.Hashes) -> Dataset | None:
+    """The tokenized data in `root` if they are intact. A cache: a damaged one is said and rebuilt."""
+    if not root.exists():
+        return None
+    try:
+        meta = state.read_json(root / "meta.json", "the tokenized data's description", "rebuilding it",
+                               keys=("key", "pad_token_id", "files"))
+        if changed := hashes.changed(meta["files"], root):
+            raise EdgeftError(f"the tokenized data in {root} are damaged ({fingerprint.describe(changed, root)}); "
+                              "rebuilding them")
+    except EdgeftError as e:
+        print(f"train: {e}")
+        return None
+    return Dataset(root, meta)
 
 
 def read_clean(path: Path) -> formats.ReadResult:
@@ -91,12 +105,15 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataConfig(),
-          eval_data: Path | None = None) -> Dataset:
+          eval_data: Path | None = None, hashes: fingerprint.Hashes | None = None) -> Dataset:
     """Tokenize `data` (and `eval_data`, else a `val_fraction` split) into out_root/<key>/, or reuse it."""
-    key = cache_key(data, eval_data, model_dir, cfg)
+    hashes = hashes or fingerprint.Hashes()
+    data = formats.check_path(data)
+    eval_data = formats.check_path(eval_data, "eval data file") if eval_data else None
+    key = cache_key(data, eval_data, model_dir, cfg, hashes)
     root = Path(out_root) / key
-    if (root / "meta.json").is_file():
-        return Dataset(root, json.loads((root / "meta.json").read_text()))
+    if (cached := _cached(root, hashes)) is not None:
+        return cached
     tok = tokenize.load_tokenizer(model_dir)
     train_read = read_clean(data)
     train, problems, stats = tokenize.encode_all(tok, train_read.records, cfg.seq_len, cfg.truncation,
@@ -129,6 +146,7 @@ def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataCon
     with atomic.atomic_dir(root) as tmp:
         for name, samples in (("train", train), ("val", val)):
             np.savez(tmp / f"{name}.npz", **to_arrays(samples))
+        meta["files"] = {f"{name}.npz": fingerprint.sha256_file(tmp / f"{name}.npz") for name in ("train", "val")}
         atomic.write_json(tmp / "meta.json", meta)
     return Dataset(root, meta)
 

@@ -120,15 +120,21 @@ CHECKS = {
 }
 
 
-def _open_checked(path: Path) -> bytes:
+def check_path(path: Path, what: str = "data file") -> Path:
+    """`path` if it can be a data file (it exists, is a file, ends in .jsonl or .json); `what` names it in messages
+    (the option it came from)."""
     path = Path(path)
     if not path.exists():
-        raise EdgeftError(f"data file {path} does not exist")
+        raise EdgeftError(f"{what} {path} does not exist; pass a .jsonl (or .json) file of training records")
     if path.is_dir():
-        raise EdgeftError(f"{path} is a directory; pass a .jsonl or .json file")
+        raise EdgeftError(f"{what} {path} is a directory; pass a .jsonl or .json file")
     if path.suffix not in (".jsonl", ".json"):
-        raise EdgeftError(f"{path}: expected a .jsonl or .json file, got '{path.suffix or 'no extension'}'")
-    raw = path.read_bytes()
+        raise EdgeftError(f"{what} {path}: expected a .jsonl or .json file, got '{path.suffix or 'no extension'}'")
+    return path
+
+
+def _open_checked(path: Path) -> bytes:
+    raw = check_path(path).read_bytes()
     if not raw.strip():
         raise EdgeftError(f"{path} is empty; it needs one JSON object per line")
     return raw
@@ -150,6 +156,8 @@ def _objects(text: str, path: Path, result: ReadResult) -> list[tuple[int, objec
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise EdgeftError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise EdgeftError(f"{path}: nested too deeply to be a data file (records are a few levels deep)") from None
         if not isinstance(data, list):
             raise EdgeftError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
         return [(i + 1, obj) for i, obj in enumerate(data)]  # "line" = position in the list
@@ -165,6 +173,8 @@ def _objects(text: str, path: Path, result: ReadResult) -> list[tuple[int, objec
             out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             result.problems.append(Problem(n, "not_json", f"not valid JSON: {e.msg} (column {e.colno})"))
+        except RecursionError:
+            result.problems.append(Problem(n, "too_deep", "nested too deeply to be a record"))
     return out
 
 

@@ -9,13 +9,13 @@ deleted, and what a killed run leaves behind is removed before the next run star
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from edgeft import atomic
+from edgeft import atomic, fingerprint, state
 from edgeft.atomic import atomic_dir
 from edgeft.errors import EdgeftError, disk_full
+from edgeft.fingerprint import sha256_file
 
 STATE = "trainer_state.json"
 
@@ -37,16 +37,28 @@ def latest(root: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((Path(path) / STATE).read_text())
+    path = Path(path)
+    return state.read_json(path / STATE, "the checkpoint state", f"remove {path} to use the checkpoint before it, "
+                           "or remove the whole run to start over", keys=("position", "config_hash", "identity"))
 
 
-def save(root: Path, step: int, write_engine_files, state: dict) -> Path:
+def verify(path: Path, hashes) -> None:
+    """Refuse a checkpoint whose files are not what was saved (`hashes`: a fingerprint.Hashes), naming them."""
+    path = Path(path)
+    recorded = read_state(path).get("files", {})  # checkpoints saved before file hashes were recorded: not checked
+    if changed := hashes.changed(recorded, path):
+        raise EdgeftError(f"checkpoint {path} is damaged: {fingerprint.describe(changed, path)} differ from what was "
+                          f"saved. Remove {path} to use the checkpoint before it, or remove the run to start over")
+
+
+def save(root: Path, step: int, write_engine_files, trainer_state: dict) -> Path:
     """Write a checkpoint atomically: engine files, then the state, in a temp folder renamed into place."""
     final = step_dir(root, step)
     try:
         with atomic_dir(final) as tmp:
             write_engine_files(tmp)
-            atomic.write_json(tmp / STATE, state)
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic.write_json(tmp / STATE, {**trainer_state, "files": files})
     except BaseException as e:
         if disk_full(e):
             previous = latest(root)
@@ -86,5 +98,10 @@ def best(root: Path) -> Path | None:
     pointer = Path(root) / "best.json"
     if not pointer.is_file():
         return None
-    path = Path(root) / json.loads(pointer.read_text())["path"]
+    name = state.read_json(pointer, "the best-checkpoint pointer", "delete it (the run then has no best checkpoint: "
+                           "merge with --checkpoint last or a step)", keys=("path",))["path"]
+    path = Path(root) / str(name)
+    if not str(name).startswith("step-") or path.parent != Path(root):
+        raise EdgeftError(f"the best-checkpoint pointer {pointer} is damaged (it points at {str(name)[:80]!r}); "
+                          "delete it, and merge with --checkpoint last or a step")
     return path if (path / STATE).is_file() else None

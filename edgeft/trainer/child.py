@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from edgeft.errors import EdgeftError, disk_full, disk_full_message
+from edgeft.errors import EdgeftError, storage_problem, terminate_like_interrupt
 from edgeft.trainer import events
 
 
@@ -42,6 +42,7 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     _die_with_parent()
+    terminate_like_interrupt()  # `kill` on the training runtime saves a checkpoint as Ctrl-C does
     events.open_channel()
     try:
         entry = sys.argv[1]
@@ -59,8 +60,8 @@ def main() -> int:
         events.emit("error", kind="interrupted", type="KeyboardInterrupt", message="interrupted")
         return 130
     except BaseException as e:  # noqa: BLE001 - reported to the parent with its traceback, then exit 1
-        if disk_full(e):
-            events.emit("error", kind="user", type=type(e).__name__, message=disk_full_message(e))
+        if (problem := storage_problem(e)) is not None:
+            events.emit("error", kind="user", type=type(e).__name__, message=problem)
             return 2
         events.emit("error", kind="bug", type=type(e).__name__, message=str(e), traceback=traceback.format_exc())
         return 1

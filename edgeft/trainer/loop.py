@@ -2,11 +2,17 @@
 
 It sees the model only through an engine:
     forward_backward(batch) -> float    loss of one micro-batch; gradients accumulate
+    grad_norm() -> float                L2 norm of the accumulated gradients, before clipping
     step(lr) -> None                    one optimizer update, then gradients reset
+    finite() -> bool                    whether every trained value is finite
     eval_loss(batch) -> float           mean loss over the batch's target tokens, no gradients
     save(folder) -> None                adapter weights and optimizer state
 Gradients are summed over the micro-batches of a step (each micro-batch loss is its own token mean);
 AdamW is scale-invariant, and --max-grad-norm clips that sum, in both backends alike.
+
+A loss, gradient norm or validation loss that is not finite stops the run with a user error before the
+update it would poison, and no checkpoint is written from a diverged state: the last one saved stays the
+run's last good state.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft import rss
+from edgeft.errors import EdgeftError
 from edgeft.trainer import batching, checkpoints, events
 from edgeft.trainer.schedule import learning_rate
 
@@ -39,11 +46,11 @@ def _sigint_deferred():
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _targets(batch: dict) -> int:
@@ -79,7 +86,17 @@ def run(engine, args: dict) -> dict:
     def order(epoch: int) -> list[np.ndarray]:
         return batching.length_grouped(train.lengths, bs, cfg["seed"], epoch)
 
+    def diverged(what: str, value: float) -> EdgeftError:
+        kept = checkpoints.latest(root)
+        saved = f"the last checkpoint, {kept.name}, is intact" if kept else "no checkpoint was written"
+        return EdgeftError(
+            f"training stopped at step {pos.step + 1}: the {what} is {value} (not finite), so the run diverged; "
+            f"nothing of the diverged state was saved, and {saved}. Lower --lr (this run: {cfg['lr']:g}) or clip "
+            f"with --max-grad-norm, remove {root.parent} and train again")
+
     def save(reason: str) -> Path:
+        if not engine.finite():
+            raise diverged("adapter", "NaN or infinite after the update")
         state = {**base_state, "position": vars(pos), "total_steps": total, "reason": reason}
         path = checkpoints.save(root, pos.step, engine.save, state)
         best = checkpoints.best(root)
@@ -104,8 +121,14 @@ def run(engine, args: dict) -> dict:
                     batches = order(epoch)
                 batch = batching.collate(train, batches[micro], pad_id)
                 micro += 1
-                losses.append(engine.forward_backward(batch))
+                loss = engine.forward_backward(batch)
+                if not math.isfinite(loss):
+                    raise diverged("training loss", loss)
+                losses.append(loss)
                 tokens += int(batch["attention_mask"].sum())
+            grad_norm = engine.grad_norm()
+            if not math.isfinite(grad_norm):
+                raise diverged("gradient norm", grad_norm)
             with _sigint_deferred():  # the update and the position that records it happen together
                 engine.step(lr)
                 pos.step, pos.epoch, pos.micro = pos.step + 1, epoch, micro
@@ -114,11 +137,14 @@ def run(engine, args: dict) -> dict:
             elapsed = time.time() - started
             rate = (pos.step - done_at_start) / elapsed
             events.progress(step=pos.step, total=total, epoch=round(epoch + micro / len(batches), 3),
-                            loss=float(np.mean(losses)), lr=lr, tokens=tokens, tokens_per_s=tokens / dt,
+                            loss=float(np.mean(losses)), lr=lr, grad_norm=grad_norm, tokens=tokens,
+                            tokens_per_s=tokens / dt,
                             step_s=dt, elapsed_s=elapsed, eta_s=(total - pos.step) / rate if rate else None,
                             rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1))
             if len(val) and (pos.step % eval_every == 0 or pos.step == total):
                 eval_loss = evaluate(engine, val, bs, pad_id)
+                if not math.isfinite(eval_loss):
+                    raise diverged("validation loss", eval_loss)
                 improved = pos.best_eval is None or eval_loss < pos.best_eval
                 if improved:
                     pos.best_eval = eval_loss

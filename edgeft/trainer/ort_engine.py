@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,16 @@ class OrtEngine:
     def forward_backward(self, batch: dict) -> float:
         self._mode(True)
         return float(self.opened(batch)[0])
+
+    def grad_norm(self) -> float:
+        """L2 norm of the accumulated gradients (before clipping), summed in a fixed order."""
+        squares = sorted(float(np.sum(np.square(np.asarray(p.grad, dtype=np.float64))))
+                         for _, p in self.opened.state.parameters if p.requires_grad)
+        return math.sqrt(math.fsum(squares))
+
+    def finite(self) -> bool:
+        """Whether every trained value is finite (checked before a checkpoint is written)."""
+        return all(np.isfinite(np.asarray(p.data)).all() for _, p in self.opened.state.parameters if p.requires_grad)
 
     def step(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)
