@@ -69,38 +69,3 @@ def test_probe_writes_a_loadable_profile(probed):
 def test_probe_refuses_to_overwrite(probed, capsys):
     assert main(["devices", "probe", "--out", str(probed)]) == 2
     assert "pass --force" in capsys.readouterr().err
-
-
-def test_a_full_disk_is_a_user_error_that_leaves_nothing_behind(tiny_model, tmp_path):
-    """In this process (prepare) and in the training runtime (export): `error: no space left ...`, exit 2, no
-    traceback, and neither the output nor a temporary left on the disk."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    # a tiny-model workspace is ~80 kB prepared and ~940 kB exported: room for the first, not the second
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("needs permission to mount a small tmpfs")
-    try:
-        ws = disk / "ws"
-        proc = run_cli("prepare", str(tiny_model("phi3-mini-4k")), "--out", str(ws), "--lora-r", "8")
-        assert proc.returncode == 0, proc.stderr
-        before = sorted(p.name for p in ws.iterdir())
-        used = subprocess.run(["df", "--output=used", str(disk)], capture_output=True, text=True).stdout
-
-        proc = run_cli("export", str(ws))
-        assert proc.returncode == 2, proc.stderr
-        assert "error: no space left on the device" in proc.stderr and "Free some space" in proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert sorted(p.name for p in ws.iterdir()) == before  # no artifacts/, no hidden temporary
-        assert "export" not in json.loads((ws / "manifest.json").read_text())["stages"]
-        assert subprocess.run(["df", "--output=used", str(disk)], capture_output=True, text=True).stdout == used
-
-        with open(disk / "filler", "wb", buffering=0) as f:  # fill what is left, then prepare a second workspace
-            with pytest.raises(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
-        proc = run_cli("prepare", str(tiny_model("phi3-mini-4k")), "--out", str(disk / "ws2"), "--lora-r", "8")
-        assert proc.returncode == 2 and "error: no space left on the device" in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert not (disk / "ws2" / "manifest.json").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)

@@ -195,7 +195,8 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     # loss (fp32), not the base's.
     from edgeft import evaluate
 
-    report = evaluate.run(ws, DATA_DIR / "test.jsonl", limit=4, max_new_tokens=4, only=["base", "merged", "bundle"],
+    report = evaluate.run(ws, DATA_DIR / "test.jsonl", evaluate.EvalConfig(limit=4, max_new_tokens=4,
+                                                                           variants=["base", "merged", "bundle"]),
                           log=lambda *_: None)
     loss = {r["variant"]: r["loss"] for r in report["results"]}
     assert set(loss) == {"base", "merged", "bundle fp32 + ws.onnx_adapter"}

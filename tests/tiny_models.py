@@ -65,12 +65,16 @@ CONFIGS = {
 }
 
 
+# Not a family of its own (so not in the per-family tests): a Phi-3 whose context is shorter than edgeft's defaults.
+VARIANTS = {"phi3-ctx256": lambda: _phi3(max_position_embeddings=256, original_max_position_embeddings=256)}
+
+
 def build(name: str, out: Path, seed: int = 0) -> Path:
     """Write a tiny model folder (config, safetensors, tokenizer) for family `name` into `out`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = CONFIGS[name]()
+    config = {**CONFIGS, **VARIANTS}[name]()
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
