@@ -40,7 +40,7 @@ def main() -> None:
                                   capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-            from edgeft.demo import summarize
+            from edgeft.pipeline.demo import summarize
 
             row = summarize(ws, time.time() - t) | {"seed": seed}
             rows.append(row)

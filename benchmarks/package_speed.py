@@ -34,8 +34,8 @@ BUILD_CHILD = """
 import json, resource, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from edgeft import package
-from edgeft.devices import Quantization
+from edgeft.stages import package
+from edgeft.devices.profiles import Quantization
 args = json.loads(sys.argv[1])
 quant = Quantization(precision=args["precision"])
 out, cache = Path(args["out"]), Path(args["cache"])
@@ -85,7 +85,7 @@ def build_bundle(model: Path, out: Path, precision: str, route: str, cache: Path
     """One build in its own process: `edgeft package`'s (route "edgeft": int4/int8 from the quantized copy) or the
     builder left to quantize the fp32 folder itself (route "builder"). Peak: the larger of that process and the
     builder it runs."""
-    from edgeft import package
+    from edgeft.stages import package
 
     t = time.time()
     proc = subprocess.run([sys.executable, "-c", BUILD_CHILD.format(repo=str(REPO)), json.dumps(
@@ -108,8 +108,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
-    from edgeft import bench
-    from edgeft.plan import safetensors_params
+    from edgeft.models.shapes import safetensors_params
+    from edgeft.stages import bench
 
     (REPO / "artifacts").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
@@ -155,7 +155,7 @@ def markdown(r: dict) -> str:
              "fp32 generate.", "",
              "Each build runs in its own process; its peak is the larger of that process (which writes the "
              "quantized copy) and the builder process it starts. `edgeft package` builds int4 and int8 from a copy it "
-             "quantizes one weight at a time (edgeft/prequantize.py); the builder rows are the builder left to "
+             "quantizes one weight at a time (edgeft/quant/prequantize.py); the builder rows are the builder left to "
              "quantize the fp32 folder itself, as package did before.", "",
              "| precision | route | build time | peak RSS | peak / fp32 model | bundle size |",
              "|---|---|---|---|---|---|"]

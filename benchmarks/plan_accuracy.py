@@ -78,7 +78,8 @@ def text_data(path: Path, seq: int, n: int = 256) -> Path:
 
 
 def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict]:
-    from edgeft import devices, plan
+    from edgeft.devices import plan, profiles
+    from edgeft.models import shapes
 
     family, hidden, layers, ffn, heads, kv, vocab, batch, seq, role, *rest = CONFIGS[name]
     precision = rest[0] if rest else "fp32"
@@ -87,7 +88,7 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
     edgeft("prepare", str(model), "--out", str(base), "--base-precision", precision)
     edgeft("export", str(base))
     data = text_data(root / f"{name}.jsonl", seq)
-    profile = devices.load(PROFILE)
+    profile = profiles.load(PROFILE)
     rows = []
     for backend in backends:
         ws = root / f"{name}-{backend}"
@@ -107,8 +108,8 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
         rows.append({
             "config": name, "role": role, "backend": backend, "base_precision": precision, "family": family, "hidden": hidden, "layers": layers,
             "ffn": ffn, "heads": heads, "kv_heads": kv, "vocab": vocab, "batch": batch, "seq_len": seq,
-            "base_params": p.base_params, "trainable": p.trainable, "matmul_params": plan.matmul_params(model),
-            "largest_linear": max(r * c for r, c in plan.linear_shapes(model).values()),
+            "base_params": p.base_params, "trainable": p.trainable, "matmul_params": shapes.matmul_params(model),
+            "largest_linear": max(r * c for r, c in shapes.linear_shapes(model).values()),
             "max_seq_len": p.shape.max_seq_len, "tied": p.shape.tied,
             "measured_peak_bytes": measured_rss, "predicted_peak_bytes": p.memory.total,
             "predicted_breakdown": {k: getattr(p.memory, k) for k in ("frozen", "adapters", "optimizer",
@@ -123,14 +124,14 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
 
 def repredict(row: dict) -> dict:
     """The prediction for a measured row with the current calibration (no model folder needed)."""
-    from edgeft import devices, plan
+    from edgeft.devices import plan, profiles
 
     shape = plan.Shape(row["hidden"], row["layers"], row["ffn"], row["heads"], row["kv_heads"], row["vocab"],
                        row.get("tied", False), row.get("max_seq_len", 4096))
     run = plan.Run(seq_len=row["seq_len"], batch_size=row["batch"], backend=row["backend"],
                    base_precision=row.get("base_precision", "fp32"))
     memory = plan.memory(shape, run, row["base_params"], row["trainable"], row["largest_linear"])
-    profile = devices.load(PROFILE)
+    profile = profiles.load(PROFILE)
     peak, _ = plan.peak_gflops(profile)
     _, step = plan.step_seconds(shape, run, row["matmul_params"], row["trainable"], peak)
     step += plan.dequant_seconds(shape, run, row["matmul_params"], profile.memory.bandwidth_gbs.value)
@@ -162,7 +163,7 @@ def markdown(result: dict) -> str:
     time_ok = sum(abs(r["time_error"]) <= 0.30 for r in rows)
     lines += ["", f"Within goal: memory {mem_ok}/{len(rows)}, step time {time_ok}/{len(rows)}.", "",
               "Notes: a quantized base is dequantized at each use, by ORT and by the torch backend "
-              "(torch_base.py). What is in flight (`dequant_live`) and the time it takes (`dequant_bytes`) were "
+              "(quant/torch_linear.py). What is in flight (`dequant_live`) and the time it takes (`dequant_bytes`) were "
               "fitted on the 4-layer slice of results/quantized_base.md, so the 2-layer int8 rows here check them "
               "at another depth and precision. Rows are re-measured (`--only`, merged by hand into plan.json) when "
               "a change moves them: the int8 rows after the torch backend began holding the base quantized, and "

@@ -72,11 +72,11 @@ def markdown(result: dict) -> str:
                      f"{r['loss_check']['relative_difference']:.1e} |")
     lines += ["", "base.data holds the frozen weights (the input embedding stays fp32 in every row: a lookup, "
               "memory-mapped). Quantized weights are dequantized in the graph just before each use "
-              "(`base_weights.dequantize_at_use`); int4 rows are the int4 bundle's own blocks. "
-              "`torch backend`: PEFT with the same int4 codes held quantized (`torch_base.QuantizedLinear`), "
+              "(`frozen_base.dequantize_at_use`); int4 rows are the int4 bundle's own blocks. "
+              "`torch backend`: PEFT with the same int4 codes held quantized (`torch_linear.QuantizedLinear`), "
               "recomputed by checkpointing each decoder layer. "
               "`recomputed`: exported with `--recompute`, each layer's activations are recomputed in the backward "
-              "pass from the layer's input (`recompute.py`).", ""]
+              "pass from the layer's input (`graph/recompute.py`).", ""]
     return "\n".join(lines)
 
 

@@ -68,7 +68,8 @@ def train(kind: str, backend: str, base: Path, ws: Path, steps: int, flops_per_t
 def measure(kind: str, steps: int, rounds: int, root: Path, peak: float) -> dict:
     """`peak`: this machine's measured fp32 GFLOP/s, for MFU."""
     from benchmarks.export_memory import build
-    from edgeft import plan
+    from edgeft.devices import plan
+    from edgeft.models import shapes
 
     s = SETTINGS[kind]
     model = build(kind, root / f"{kind}-model", s["layers"])
@@ -76,7 +77,7 @@ def measure(kind: str, steps: int, rounds: int, root: Path, peak: float) -> dict
     edgeft("prepare", str(model), "--out", str(base))
     edgeft("export", str(base))
     params = json.loads((base / "manifest.json").read_text())["stages"]["prepare"]["params"]
-    flops_per_token = plan.training_flops_per_token(plan.matmul_params(model), params["trainable"])
+    flops_per_token = plan.training_flops_per_token(shapes.matmul_params(model), params["trainable"])
     row = {"model": kind, "layers": s["layers"], "base_params": params["base"], "trainable_params": params["trainable"],
            "batch": s["batch"], "seq_len": s["seq"], "steps": steps, "rounds": rounds}
     runs = {"ort": [], "torch": []}
@@ -169,7 +170,7 @@ def reference_gemm(shapes: list[tuple[int, int]], tokens: int, repeats: int) -> 
 def gemm(model_dir: Path, tokens: int, repeats: int = 7) -> dict:
     """fp32 GEMM rates at the model's shapes and a step's token count, each library in its own process
     (ONNX Runtime: the training runtime child)."""
-    from edgeft import launcher
+    from edgeft.runtime import launcher
 
     shapes = gemm_shapes(json.loads((model_dir / "config.json").read_text()))
     ort = launcher.run("benchmarks.train_speed_memory:ort_gemm", {"shapes": shapes, "tokens": tokens, "repeats": repeats})
@@ -196,7 +197,7 @@ def markdown(result: dict) -> str:
                      f"| {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | **{r['speed_ratio']:.2f}x** | "
                      f"{o['peak_rss_mb']:.0f} MB | {t['peak_rss_mb']:.0f} MB | **{r['rss_ratio']:.2f}x** | "
                      f"{o['mfu']:.1%} / {t['mfu']:.1%} |")
-    lines += ["", "The loss runs the LM head on the labelled tokens only, in both backends (onnx_export.CausalLMLoss; "
+    lines += ["", "The loss runs the LM head on the labelled tokens only, in both backends (trace.CausalLMLoss; "
               "the home task's chat data labels 38 % of its tokens); MFU still counts the head over every token, "
               "as model FLOPs do."]
     for r in result["rows"]:
@@ -236,9 +237,9 @@ def main() -> None:
     ap.add_argument("--profile", default=PROFILE, help="this machine's device profile (its measured peak gives MFU)")
     ap.add_argument("--name", default="train", help="results file name (NAME.md, NAME.json)")
     args = ap.parse_args()
-    from edgeft import devices
+    from edgeft.devices import profiles
 
-    profile = devices.load(args.profile)
+    profile = profiles.load(args.profile)
     rows = []
     with tempfile.TemporaryDirectory(dir=REPO / "artifacts") as tmp:
         for kind in SETTINGS:

@@ -15,14 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import errors, quantize
-from edgeft.errors import EdgeftError, Terminated, command, storage_problem, terminate_like_interrupt
+from edgeft.core import errors
+from edgeft.core.errors import EdgeftError, Terminated, command, storage_problem, terminate_like_interrupt
+from edgeft.quant import quantize
 
 
 def _parse(cls, args: argparse.Namespace, source: str, **given):
     """The command's options as the config dataclass `cls` (through schema.parse, the one place numbers are
     checked): every field the command line sets, plus `given`."""
-    from edgeft import schema
+    from edgeft.core import schema
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                if f.name not in given and getattr(args, f.name, None) is not None}
@@ -39,7 +40,7 @@ def _console():
 
 def cmd_doctor(args) -> int:
     """Check everything a run needs; one line per item, with the fix for what is missing."""
-    from edgeft import doctor
+    from edgeft.runtime import doctor
 
     checks = doctor.run_checks()
     if args.json:
@@ -57,13 +58,13 @@ def cmd_doctor(args) -> int:
 
 def cmd_runtime_install(args) -> int:
     """Install the ONNX Runtime training build (1.19.2) and onnx 1.17.0 into edgeft's side directory."""
-    from edgeft import runtime
+    from edgeft.runtime import training_build
 
     variant = "cuda" if args.cuda else "cpu"
-    already = runtime.is_complete(variant) and not args.force
-    path = runtime.install(cuda=args.cuda, force=args.force)
+    already = training_build.is_complete(variant) and not args.force
+    path = training_build.install(cuda=args.cuda, force=args.force)
     print(f"training runtime ({variant}) {'already installed' if already else 'installed'}: {path}")
-    if args.cuda and (problem := runtime.cuda_problem()):
+    if args.cuda and (problem := training_build.cuda_problem()):
         print(f"note: --ep cuda will not run on this machine: {problem}")
     print("next: `edgeft doctor`")
     return 0
@@ -71,22 +72,22 @@ def cmd_runtime_install(args) -> int:
 
 def cmd_runtime_path(args) -> int:
     """Print the training runtime's directory (exit 1 when it is not installed)."""
-    from edgeft import runtime
+    from edgeft.runtime import training_build
 
     variant = "cuda" if args.cuda else "cpu"
-    print(runtime.runtime_dir(variant))
-    return 0 if runtime.is_installed(variant) else 1
+    print(training_build.runtime_dir(variant))
+    return 0 if training_build.is_installed(variant) else 1
 
 
 def cmd_devices_list(args) -> int:
     """List the device profiles edgeft knows (devices/ and EDGEFT_DEVICES_PATH)."""
-    from edgeft import devices
+    from edgeft.devices import profiles
 
     con = _console()
     con.print(f"[bold]{'name':<28} {'cpu':<20} {'memory/budget':<14} {'training':<16} inference[/]")
-    for name, path in devices.available().items():
+    for name, path in profiles.available().items():
         try:
-            p = devices.load_file(path)
+            p = profiles.load_file(path)
         except EdgeftError as e:
             con.print(f"{name:<28} [red]invalid: {str(e).splitlines()[0]}[/]")
             continue
@@ -99,15 +100,16 @@ def cmd_devices_list(args) -> int:
 
 def cmd_devices_show(args) -> int:
     """Show one profile (name or path), every figure with its source."""
-    from edgeft import devices, schema
+    from edgeft.core import schema
+    from edgeft.devices import profiles
 
-    profile = devices.load(args.name)
+    profile = profiles.load(args.name)
     if args.json:
         print(json.dumps(schema.to_dict(profile), indent=2))
         return 0
     con = _console()
     con.print(f"[bold]{profile.name}[/]: {profile.description}")
-    for path, fig in devices.figures(profile):
+    for path, fig in profiles.figures(profile):
         date = f", {fig.date}" if fig.date else ""
         con.print(f"  {path:<34} {fig.value:>10g}   [dim]{fig.source}{date}: {fig.ref}[/]")
     eps = profile.execution_providers
@@ -123,7 +125,7 @@ def cmd_devices_show(args) -> int:
 
 def cmd_devices_probe(args) -> int:
     """Measure this machine (cores, ISA, memory, fp32 MatMul GFLOP/s, bandwidth) and write a profile."""
-    from edgeft import probe
+    from edgeft.devices import probe
 
     out = Path(args.out)
     if out.is_dir():
@@ -155,17 +157,18 @@ def _ints(text: str | None) -> list[int | str] | None:
 
 def cmd_prepare(args) -> int:
     """Load a Hugging Face model folder, add LoRA/DoRA adapters with PEFT, and start a workspace."""
-    from edgeft import devices, schema
-    from edgeft.prepare import PrepareConfig, prepare
+    from edgeft.core import schema
+    from edgeft.devices import profiles
+    from edgeft.stages.prepare import PrepareConfig, prepare
 
-    device = devices.load(args.device) if args.device else None
+    device = profiles.load(args.device) if args.device else None
     options = {"model_dir": args.model_dir, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
                "lora_dropout": args.lora_dropout, "targets": _csv(args.targets), "dora": args.dora,
                "train_modules": _csv(args.train_modules) or [], "seed": args.seed,
                "trainable_token_indices": _ints(args.trainable_tokens) or [],
                "trust_remote_code": args.trust_remote_code, "base_precision": args.base_precision}
     cfg = schema.parse(PrepareConfig, {k: v for k, v in options.items() if v is not None}, "prepare options")
-    from edgeft.workspace import Workspace
+    from edgeft.core.workspace import Workspace
 
     out = prepare(cfg, Path(args.out), device)
     p = Workspace(out).stage("prepare")["params"]
@@ -177,8 +180,8 @@ def cmd_prepare(args) -> int:
 
 def cmd_export(args) -> int:
     """Export a prepared workspace to ONNX Runtime training artifacts and verify them against PyTorch."""
-    from edgeft.export import ExportConfig, export
-    from edgeft.workspace import Workspace
+    from edgeft.core.workspace import Workspace
+    from edgeft.stages.export import ExportConfig, export
 
     cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format,
                        recompute=args.recompute, weights=args.weights)
@@ -195,12 +198,12 @@ def cmd_export(args) -> int:
 
 def cmd_data_check(args) -> int:
     """Check a training file: format errors with line numbers, token statistics, duplicates, time per epoch."""
-    from edgeft import devices
     from edgeft.data import check
     from edgeft.data.dataset import DataConfig
+    from edgeft.devices import profiles
 
     cfg = _parse(DataConfig, args, "data check options")
-    profile = devices.load(args.device) if args.device else None
+    profile = profiles.load(args.device) if args.device else None
     report = check.check(Path(args.file), Path(args.model), cfg.seq_len, profile, cfg.train_on_prompt)
     print(json.dumps(report, indent=2) if args.json else check.render(report))
     return 0 if report["clean"] else 1
@@ -208,11 +211,11 @@ def cmd_data_check(args) -> int:
 
 def cmd_train(args) -> int:
     """Fine-tune a workspace's adapter on JSONL data with ONNX Runtime training (or --backend torch)."""
-    from edgeft import devices
-    from edgeft.train import TrainConfig, train
+    from edgeft.devices import profiles
+    from edgeft.stages.train import TrainConfig, train
 
     cfg = _parse(TrainConfig, args, "train options")
-    device = devices.load(args.device) if args.device else None
+    device = profiles.load(args.device) if args.device else None
     result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
     if result.get("interrupted"):
         print(f"interrupted at step {result['step']}/{result['total_steps']}; checkpoint {result['checkpoint']}")
@@ -229,8 +232,8 @@ def cmd_train(args) -> int:
 
 def cmd_merge(args) -> int:
     """Write the trained adapter in PEFT format and the merged model, both checked against training."""
-    from edgeft.merge import MergeConfig, merge
-    from edgeft.workspace import Workspace
+    from edgeft.core.workspace import Workspace
+    from edgeft.stages.merge import MergeConfig, merge
 
     ws = merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint, weights=args.weights))
     rec = Workspace(ws).stage("merge")
@@ -245,10 +248,11 @@ def cmd_merge(args) -> int:
 
 def cmd_package(args) -> int:
     """Build an ONNX Runtime GenAI bundle of the merged model (int4 by default), verified against transformers."""
-    from edgeft import devices, schema
-    from edgeft.package import PackageConfig, own_adapter, package
+    from edgeft.core import schema
+    from edgeft.devices import profiles
+    from edgeft.stages.package import PackageConfig, own_adapter, package
 
-    device = devices.load(args.device) if args.device else None
+    device = profiles.load(args.device) if args.device else None
     options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters", "weights")
                if getattr(args, k) is not None}
     if args.add_adapters:
@@ -276,7 +280,7 @@ def cmd_package(args) -> int:
 
 def cmd_eval(args) -> int:
     """Quality side by side: base (zero- and few-shot), adapter, merged model and packaged bundle."""
-    from edgeft import evaluate
+    from edgeft.stages import evaluate
 
     cfg = _parse(evaluate.EvalConfig, args, "eval options", variants=_csv(args.only))
     report = evaluate.run(Path(args.workspace), Path(args.data), cfg, Path(args.shots_from) if args.shots_from
@@ -288,10 +292,11 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     """Measure training and inference speed and memory with the real runtimes, judged against the budgets."""
-    from edgeft import bench, devices
+    from edgeft.devices import profiles
+    from edgeft.stages import bench
 
     cfg = _parse(bench.BenchConfig, args, "bench options")
-    profile = devices.load(args.device) if args.device else None
+    profile = profiles.load(args.device) if args.device else None
     report = bench.run(Path(args.target), profile, cfg, args.backend, Path(args.data) if args.data else None,
                        Path(args.out) if args.out else None)
     print(json.dumps(report, indent=2) if args.json else bench.markdown(report))
@@ -300,7 +305,7 @@ def cmd_bench(args) -> int:
 
 def cmd_run(args) -> int:
     """Run the pipeline from a recipe: prepare, export, train, merge, package, eval, bench."""
-    from edgeft import run
+    from edgeft.pipeline import run
 
     recipe, base = run.load(Path(args.recipe), args.set or [])
     result = run.run(recipe, base, force=tuple(_csv(args.force) or ()))
@@ -310,7 +315,7 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the embedded default: fine-tune, package int4, evaluate and bench, no downloads."""
-    from edgeft import demo
+    from edgeft.pipeline import demo
 
     demo.demo(args.seed, Path(args.workspace) if args.workspace else None, args.device)
     return 0
@@ -318,11 +323,11 @@ def cmd_demo(args) -> int:
 
 def cmd_plan(args) -> int:
     """Predict peak memory and step time of a LoRA run on a device profile, before anything heavy runs."""
-    from edgeft import devices, plan
+    from edgeft.devices import plan, profiles
 
     o = _parse(plan.PlanOptions, args, "plan options", targets=_csv(args.targets),
                train_modules=_csv(args.train_modules))
-    profile = devices.load(args.device)
+    profile = profiles.load(args.device)
     target = Path(args.target)
     if not target.is_dir():
         raise EdgeftError(f"{target} is not a folder; pass a Hugging Face model folder or a prepared workspace")
@@ -334,7 +339,7 @@ def cmd_plan(args) -> int:
 
 def cmd_chat(args) -> int:
     """Stream a reply from a packaged model (interactive without --prompt)."""
-    from edgeft.package import ChatConfig, chat
+    from edgeft.stages.package import ChatConfig, chat
 
     chat(Path(args.bundle), args.prompt, _parse(ChatConfig, args, "chat options"))
     return 0

@@ -30,8 +30,8 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     """A tiny Phi-3 workspace, prepared (LoRA r8) and exported: what the training tests start from."""
-    from edgeft.export import export
-    from edgeft.prepare import PrepareConfig, prepare
+    from edgeft.stages.export import export
+    from edgeft.stages.prepare import PrepareConfig, prepare
 
     ws = tmp_path_factory.mktemp("ws") / "ws"
     prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), ws)

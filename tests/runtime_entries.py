@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
 from edgeft.trainer import events
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import atomic
+from edgeft.core import atomic
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -33,7 +33,7 @@ def test_failed_dir_keeps_the_previous_one(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from edgeft import atomic
+from edgeft.core import atomic
 with atomic.{how}(Path(sys.argv[1]){name}) as tmp:
     (tmp / "part").write_bytes(b"x" * 1000)
     print(tmp, flush=True)

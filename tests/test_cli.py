@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from edgeft import devices
 from edgeft.cli import main
+from edgeft.devices import profiles
 
 
 def run_cli(*argv):
@@ -40,7 +40,7 @@ def test_devices_show_json(capsys):
 def test_devices_list_shows_every_profile(capsys):
     assert main(["devices", "list"]) == 0
     out = capsys.readouterr().out
-    for name in devices.available():
+    for name in profiles.available():
         assert name in out
 
 
@@ -57,7 +57,7 @@ def probed(tmp_path_factory):
 
 
 def test_probe_writes_a_loadable_profile(probed):
-    profile = devices.load(str(probed))
+    profile = profiles.load(str(probed))
     assert profile.name == "this-box"
     assert profile.cpu.cores >= 1
     assert profile.cpu.peak_fp32_gflops.source == "measured" and profile.cpu.peak_fp32_gflops.value > 1

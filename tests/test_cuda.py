@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from edgeft import launcher, runtime
+from edgeft.runtime import launcher, training_build
 from tests.test_train import DATA, FAST, fresh, losses
 
-CUDA_BUILD = runtime.is_complete("cuda")
+CUDA_BUILD = training_build.is_complete("cuda")
 
 
 def test_the_child_finds_the_cuda_libraries_installed_with_the_build(tmp_path):
@@ -30,29 +30,29 @@ def test_the_child_finds_the_cuda_libraries_installed_with_the_build(tmp_path):
 
 @pytest.mark.skipif(not CUDA_BUILD, reason="the CUDA training build is not installed (`edgeft runtime install --cuda`)")
 def test_the_cuda_provider_library_resolves_every_library_it_links():
-    provider = runtime.runtime_dir("cuda") / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so"
-    env = launcher.child_env(runtime.runtime_dir("cuda"))
+    provider = training_build.runtime_dir("cuda") / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so"
+    env = launcher.child_env(training_build.runtime_dir("cuda"))
     out = subprocess.run(["ldd", str(provider)], capture_output=True, text=True, env=env).stdout
     assert "not found" not in out, out
     for lib in ("libcudart.so.11.0", "libcublasLt.so.11", "libcudnn.so.8", "libcurand.so.10", "libcufft.so.10"):
-        assert f"{lib} => {runtime.runtime_dir('cuda')}/nvidia/" in out, lib
+        assert f"{lib} => {training_build.runtime_dir('cuda')}/nvidia/" in out, lib
 
 
 def test_ep_cuda_without_a_usable_gpu_is_a_user_error(exported, tmp_path):
-    if CUDA_BUILD and runtime.cuda_problem() is None:
+    if CUDA_BUILD and training_build.cuda_problem() is None:
         pytest.skip("this machine can train on CUDA")
     ws = fresh(exported, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "edgeft", "train", str(ws), "--data", str(DATA), "--max-steps", "1",
                            "--ep", "cuda"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    if not runtime.is_installed("cuda"):
+    if not training_build.is_installed("cuda"):
         assert "--ep cuda needs the CUDA training build; run `edgeft runtime install --cuda`" in proc.stderr
     elif CUDA_BUILD:
-        assert f"--ep cuda: {runtime.cuda_problem()}. Train on the CPU with --ep cpu" in proc.stderr
+        assert f"--ep cuda: {training_build.cuda_problem()}. Train on the CPU with --ep cpu" in proc.stderr
     assert not (ws / "train" / "checkpoints").exists()
 
 
-@pytest.mark.skipif(not CUDA_BUILD or runtime.cuda_problem() is not None,
+@pytest.mark.skipif(not CUDA_BUILD or training_build.cuda_problem() is not None,
                     reason="needs the CUDA training build and an NVIDIA GPU")
 def test_cuda_training_follows_the_cpu_run(exported, tmp_path):
     cfg = ["--max-steps", "10", "--batch-size", str(FAST["batch_size"]), "--seq-len", str(FAST["seq_len"]),

@@ -22,11 +22,11 @@ def test_clean_sample_data_exits_0_with_statistics(tiny_model):
     est = report["estimate"]
     assert est["device"] == "raspberry-pi-5-8gb" and est["seconds_per_epoch"] > 0
     # Steps of the largest batch that fits at the longest sample, each priced by the plan for that batch.
-    from edgeft import devices, plan
+    from edgeft.devices import plan, profiles
 
     assert est["seq_len"] == t["max"] and est["steps"] == -(-150 // est["batch_size"])
     priced = plan.make(tiny_model("phi3-mini-4k"), plan.Run(seq_len=t["max"], batch_size=est["batch_size"],
-                                                             backend="torch"), devices.load("raspberry-pi-5-8gb"))
+                                                             backend="torch"), profiles.load("raspberry-pi-5-8gb"))
     assert est["step_s"] == priced.step_s and priced.fits
     assert abs(est["seconds_per_epoch"] - est["steps"] * priced.step_s) < 0.1
 

@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from edgeft.core.errors import EdgeftError
 from edgeft.data.dataset import DataConfig, build, split_indices
-from edgeft.errors import EdgeftError
 from edgeft.tasks.home import DATA_DIR
 from edgeft.trainer import batching
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from edgeft.core.errors import EdgeftError
 from edgeft.data import formats
-from edgeft.errors import EdgeftError
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

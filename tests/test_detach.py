@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeft.detach import SUFFIX, detach_norms
+from edgeft.graph.detach import SUFFIX, detach_norms
 
 
 def dora_like_graph():

@@ -1,10 +1,11 @@
 import pytest
 import yaml
 
-from edgeft import devices
-from edgeft.errors import ConfigError, EdgeftError
+from edgeft.core import schema
+from edgeft.core.errors import ConfigError, EdgeftError
+from edgeft.devices import profiles
 
-SHIPPED = sorted(devices.available())
+SHIPPED = sorted(profiles.available())
 REQUIRED = {"x86-avx512-workstation", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb",
             "snapdragon-x-elite-laptop", "rtx-4090-desktop"}
 
@@ -15,23 +16,23 @@ def test_required_profiles_are_shipped():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_profile_loads_with_sourced_figures(name):
-    profile = devices.load(name)
+    profile = profiles.load(name)
     assert profile.name == name
-    figs = devices.figures(profile)
+    figs = profiles.figures(profile)
     assert len(figs) >= 5
     for path, fig in figs:
-        assert fig.source in devices.SOURCES, path
+        assert fig.source in profiles.SOURCES, path
         assert fig.ref.strip(), f"{name}: {path} has no reference"
     assert profile.memory.budget_gb.value <= profile.memory.total_gb.value
 
 
 def test_load_by_path_equals_load_by_name():
-    path = devices.available()["raspberry-pi-5-8gb"]
-    assert devices.load(str(path)) == devices.load("raspberry-pi-5-8gb")
+    path = profiles.available()["raspberry-pi-5-8gb"]
+    assert profiles.load(str(path)) == profiles.load("raspberry-pi-5-8gb")
 
 
 def test_pi5_figures_match_datasheet_arithmetic():
-    pi = devices.load("raspberry-pi-5-8gb")
+    pi = profiles.load("raspberry-pi-5-8gb")
     assert pi.cpu.peak_fp32_gflops.value == pytest.approx(4 * 16 * 2.4)
     assert pi.memory.bandwidth_gbs.value == pytest.approx(4 * 4.267, rel=1e-2)
     assert pi.execution_providers.training_backend == "torch"
@@ -39,11 +40,11 @@ def test_pi5_figures_match_datasheet_arithmetic():
 
 def test_unknown_name_suggests_close_match():
     with pytest.raises(EdgeftError, match="did you mean raspberry-pi-5-8gb"):
-        devices.load("raspbery-pi-5")
+        profiles.load("raspbery-pi-5")
 
 
 def _write(tmp_path, name, mutate):
-    data = yaml.safe_load(devices.available()["raspberry-pi-5-8gb"].read_text())
+    data = yaml.safe_load(profiles.available()["raspberry-pi-5-8gb"].read_text())
     data["name"] = name
     mutate(data)
     path = tmp_path / f"{name}.yaml"
@@ -66,7 +67,7 @@ def _write(tmp_path, name, mutate):
 def test_bad_profile_names_file_field_and_accepted_values(tmp_path, mutate, expected):
     path = _write(tmp_path, "bad", mutate)
     with pytest.raises(ConfigError, match=expected) as info:
-        devices.load(str(path))
+        profiles.load(str(path))
     assert str(path) in str(info.value)
 
 
@@ -76,7 +77,7 @@ def test_all_problems_reported_at_once(tmp_path):
         d["memory"].pop("total_gb")
         d["colour"] = "red"
     with pytest.raises(ConfigError) as info:
-        devices.load(str(_write(tmp_path, "multi", mutate)))
+        profiles.load(str(_write(tmp_path, "multi", mutate)))
     assert len(info.value.problems) == 3
 
 
@@ -85,24 +86,24 @@ def test_name_must_match_file(tmp_path):
     renamed = path.with_name("other.yaml")
     path.rename(renamed)
     with pytest.raises(ConfigError, match="differs from the file name; use 'other'"):
-        devices.load(str(renamed))
+        profiles.load(str(renamed))
 
 
 def test_not_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("cpu: [unclosed\n")
     with pytest.raises(EdgeftError, match="not valid YAML"):
-        devices.load(str(bad))
+        profiles.load(str(bad))
     with pytest.raises(EdgeftError, match="does not exist"):
-        devices.load(str(tmp_path / "nothing.yaml"))
+        profiles.load(str(tmp_path / "nothing.yaml"))
 
 
 def test_extra_search_path(tmp_path, monkeypatch):
     _write(tmp_path, "my-board", lambda d: None)
     monkeypatch.setenv("EDGEFT_DEVICES_PATH", str(tmp_path))
-    assert devices.load("my-board").name == "my-board"
+    assert profiles.load("my-board").name == "my-board"
 
 
 def test_yaml_round_trip():
-    profile = devices.load("rtx-4090-desktop")
-    assert devices.schema.parse(devices.Profile, yaml.safe_load(devices.to_yaml(profile)), "x") == profile
+    profile = profiles.load("rtx-4090-desktop")
+    assert schema.parse(profiles.Profile, yaml.safe_load(profiles.to_yaml(profile)), "x") == profile

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgeft import launcher
-from edgeft.export import ExportConfig, export
-from edgeft.onnx_export import CausalLMLoss, probe_batch
-from edgeft.prepare import PrepareConfig, load_base, prepare
+from edgeft.graph.trace import CausalLMLoss, probe_batch
+from edgeft.models.lazy import load_base
+from edgeft.runtime import launcher
+from edgeft.stages.export import ExportConfig, export
+from edgeft.stages.prepare import PrepareConfig, prepare
 from tests.tiny_models import CONFIGS
 
 TOLERANCE = 1e-4  # relative, on the mean cross-entropy
@@ -172,17 +173,17 @@ def test_dora_exports_with_peft_gradients(tiny_model, tmp_path, family):
 
 
 def test_verification_failure_writes_nothing(tiny_model, tmp_path, monkeypatch):
-    from edgeft import onnx_export
-    from edgeft.export import VerificationError
+    from edgeft.graph import trace
+    from edgeft.stages.export import VerificationError
 
     ws, _ = prepared(tiny_model, tmp_path, "phi3-mini-4k")
-    real = onnx_export.torch_loss_and_grads
+    real = trace.torch_loss_and_grads
 
     def wrong_grads(wrapper, batch):
         loss, grads = real(wrapper, batch)
         return loss, {k: 2 * v for k, v in grads.items()}
 
-    monkeypatch.setattr(onnx_export, "torch_loss_and_grads", wrong_grads)
+    monkeypatch.setattr(trace, "torch_loss_and_grads", wrong_grads)
     with pytest.raises(VerificationError, match="gradients differ from PyTorch's"):
         export(ws)
     assert not (ws / "artifacts").exists()

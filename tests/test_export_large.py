@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from edgeft import launcher
-from edgeft.export import export
-from edgeft.onnx_export import probe_batch
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.graph.trace import probe_batch
+from edgeft.runtime import launcher
+from edgeft.stages.export import export
+from edgeft.stages.prepare import PrepareConfig, prepare
 
 pytestmark = pytest.mark.slow
 

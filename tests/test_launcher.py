@@ -2,8 +2,8 @@
 
 import pytest
 
-from edgeft import launcher, runtime
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
+from edgeft.runtime import launcher, training_build
 
 
 def test_parent_has_inference_build_and_genai():
@@ -11,15 +11,15 @@ def test_parent_has_inference_build_and_genai():
     import onnxruntime_genai
 
     assert tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) >= (1, 31)
-    assert not onnxruntime.__file__.startswith(str(runtime.root_dir()))
+    assert not onnxruntime.__file__.startswith(str(training_build.root_dir()))
     assert onnxruntime_genai.__version__
 
 
 def test_child_has_training_build():
     info = launcher.run("edgeft.trainer.info:main")
-    assert info["onnxruntime_version"] == runtime.ORT_TRAINING_VERSION == "1.19.2"
-    assert info["onnx_version"] == runtime.ONNX_VERSION
-    assert info["onnxruntime_path"].startswith(str(runtime.runtime_dir("cpu")))
+    assert info["onnxruntime_version"] == training_build.ORT_TRAINING_VERSION == "1.19.2"
+    assert info["onnx_version"] == training_build.ONNX_VERSION
+    assert info["onnxruntime_path"].startswith(str(training_build.runtime_dir("cpu")))
     assert info["training_importable"] is True
     assert info["genai_loaded"] is False
     assert "CPUExecutionProvider" in info["providers"]
@@ -58,8 +58,8 @@ def test_killed_child_is_reported_with_its_last_output(tmp_path):
 
 
 def test_install_is_idempotent():
-    path = runtime.runtime_dir("cpu")
-    stamp = path / runtime.STAMP
+    path = training_build.runtime_dir("cpu")
+    stamp = path / training_build.STAMP
     before = stamp.stat().st_mtime_ns
-    assert runtime.install() == path
+    assert training_build.install() == path
     assert stamp.stat().st_mtime_ns == before

@@ -10,9 +10,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from edgeft import lazy, onnx_export, plan, quantize
-from edgeft.errors import EdgeftError
-from edgeft.prepare import PrepareConfig, load_base, lora_config, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.graph import trace
+from edgeft.models import lazy, shapes
+from edgeft.models.lazy import load_base
+from edgeft.quant import quantize
+from edgeft.stages.prepare import PrepareConfig, lora_config, prepare
 
 
 @pytest.mark.parametrize("family,options", [
@@ -24,7 +27,7 @@ from edgeft.prepare import PrepareConfig, load_base, lora_config, prepare
 def test_prepare_initialises_the_adapter_peft_does_on_the_loaded_model(tiny_model, tmp_path, family, options):
     from peft import get_peft_model
 
-    from edgeft import families
+    from edgeft.models import families
 
     model_dir = tiny_model(family)
     cfg = PrepareConfig(model_dir=str(model_dir), lora_r=4, **options)
@@ -53,17 +56,17 @@ def test_streamed_reference_equals_the_loaded_model(tiny_model, tmp_path, precis
     quant = {"precision": precision, "block_size": 16, "symmetric": True}
     loaded = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init", is_trainable=True)
     quantize.fake_quantize_(loaded, quant)
-    batch = onnx_export.probe_batch(loaded.config.vocab_size, 16, 0)
-    loss, grads = onnx_export.torch_loss_and_grads(onnx_export.CausalLMLoss(loaded), batch)
+    batch = trace.probe_batch(loaded.config.vocab_size, 16, 0)
+    loss, grads = trace.torch_loss_and_grads(trace.CausalLMLoss(loaded), batch)
 
     empty, shards = lazy.empty_model(model_dir)
     streamed = PeftModel.from_pretrained(empty, ws / "adapter_init", is_trainable=True)
     passes = []
-    with lazy.streamed(streamed, shards, quant, on_layer=lambda: passes.append(1)):
-        streamed_loss, streamed_grads = onnx_export.torch_loss_and_grads(onnx_export.CausalLMLoss(streamed), batch)
+    with lazy.streamed(streamed, shards, quantize.fake_quantizer(quant), on_layer=lambda: passes.append(1)):
+        streamed_loss, streamed_grads = trace.torch_loss_and_grads(trace.CausalLMLoss(streamed), batch)
     assert len(passes) == 2 * len(lazy.decoder_layers(streamed))  # forward, then recomputed: export's progress total
     assert streamed_loss == pytest.approx(loss, rel=1e-6)
-    assert onnx_export.gradient_error(grads, streamed_grads) < 1e-6
+    assert trace.gradient_error(grads, streamed_grads) < 1e-6
     frozen = [p for n, p in streamed.named_parameters() if not p.requires_grad]
     assert frozen and all(lazy.is_placeholder(p) for p in frozen)  # nothing stays loaded
 
@@ -76,7 +79,7 @@ def test_sharded_folder_and_missing_weights(tiny_model, tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     empty, shards = lazy.empty_model(tmp_path / "sharded")
     assert len({shards.files[k] for k in shards.files}) > 1
-    assert plan.safetensors_params(tmp_path / "sharded") == sum(p.numel() for p in model.parameters())  # export's size
+    assert shapes.safetensors_params(tmp_path / "sharded") == sum(p.numel() for p in model.parameters())  # export's size
     layer = lazy.decoder_layers(empty)[1]
     assert lazy.load_(layer, shards) == len(list(layer.parameters()))
     torch.testing.assert_close(layer.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight, rtol=0, atol=0)
@@ -98,7 +101,7 @@ def test_sharded_folder_and_missing_weights(tiny_model, tmp_path):
 @pytest.mark.parametrize("family", ["phi3-mini-4k", "qwen2.5"])  # qwen2.5: the LM head is the embedding
 def test_streamed_export_writes_the_artifacts_loading_writes(tiny_model, tmp_path, family):
     """export --weights stream (never holding the fp32 model) and --weights load write the same bytes."""
-    from edgeft.export import ExportConfig, export
+    from edgeft.stages.export import ExportConfig, export
 
     ws = prepare(PrepareConfig(model_dir=str(tiny_model(family)), lora_r=4, base_precision="int4"),
                  tmp_path / "stream")

@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from edgeft import launcher
-from edgeft.errors import EdgeftError
-from edgeft.export import export
-from edgeft.merge import MergeConfig, merge
-from edgeft.onnx_export import INPUT_NAMES, CausalLMLoss, probe_batch
-from edgeft.prepare import PrepareConfig, load_base, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss, probe_batch
+from edgeft.models.lazy import load_base
+from edgeft.runtime import launcher
+from edgeft.stages.export import export
+from edgeft.stages.merge import MergeConfig, merge
+from edgeft.stages.prepare import PrepareConfig, prepare
+from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
-from edgeft.train import TrainConfig, train
 
 DATA = DATA_DIR / "train.jsonl"
 TOL = 1e-4  # absolute, on logits
@@ -134,9 +135,9 @@ def merged_tensors(folder):
 ], ids=["int4-base", "dora", "qwen-tied-lm_head", "llama-trainable-tokens"])
 def test_streamed_merge_writes_what_the_loaded_merge_writes(tiny_model, tmp_path, monkeypatch, family, backend,
                                                             options):
-    """One decoder layer at a time (lazy.py), the merge writes the very tensors PEFT's merge_and_unload of the
+    """One decoder layer at a time (models/lazy.py), the merge writes the very tensors PEFT's merge_and_unload of the
     whole model writes, and its merged model passes the same logits check."""
-    from edgeft import merge as merge_module
+    from edgeft.stages import merge as merge_module
 
     ws = trained_ws(tiny_model, tmp_path, family=family, backend=backend, **options)
     merge(ws, MergeConfig(weights="load"))

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from edgeft import devices
-from edgeft.errors import EdgeftError
-from edgeft.export import export
-from edgeft.merge import merge
-from edgeft.package import PackageConfig, package
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.devices import profiles
+from edgeft.stages.export import export
+from edgeft.stages.merge import merge
+from edgeft.stages.package import PackageConfig, package
+from edgeft.stages.prepare import PrepareConfig, prepare
+from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
-from edgeft.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_fp32_bundle_matches_transformers_token_for_token(merged_ws, tmp_path):
 
 def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
     ws = copy(merged_ws, tmp_path)
-    out = package(ws, device=devices.load("raspberry-pi-5-8gb"))
+    out = package(ws, device=profiles.load("raspberry-pi-5-8gb"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "int4" and manifest["device"] == "raspberry-pi-5-8gb"
     assert manifest["quantization"] == {"precision": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True}
@@ -66,7 +66,7 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
 
 def matmul_nbits(bundle):
     """(dequantized [N, K] weight, attributes) of every MatMulNBits in a bundle, in graph order."""
-    from edgeft.package import matmul_nbits as read
+    from edgeft.stages.package import matmul_nbits as read
 
     return [(b.dequantized(), {"K": b.K, "N": b.N, "bits": b.bits, "block_size": b.block_size,
                                "accuracy_level": b.accuracy_level}) for b in read(bundle)]
@@ -80,9 +80,9 @@ def test_quantized_copy_builds_the_builders_own_int4(tiny_model, tmp_path, famil
     itself from fp32, and the two bundles compute the same logits and tokens."""
     import numpy as np
 
-    from edgeft import prequantize
-    from edgeft.devices import Quantization
-    from edgeft.package import _prompts, agreement, build, genai_generate, run_builder
+    from edgeft.devices.profiles import Quantization
+    from edgeft.quant import prequantize
+    from edgeft.stages.package import _prompts, agreement, build, genai_generate, run_builder
 
     model = tiny_model(family)
     quant = Quantization(precision=precision, block_size=32, accuracy_level=4, symmetric=symmetric)
@@ -106,9 +106,9 @@ def test_quantized_copy_builds_the_builders_own_int4(tiny_model, tmp_path, famil
 
 def test_the_builder_quantizes_where_the_copy_cannot_be_made(tiny_model, tmp_path):
     """Blocks that do not divide a weight's inputs, and GPU builds (fp16 weights): the builder's own route."""
-    from edgeft import prequantize
-    from edgeft.devices import Quantization
-    from edgeft.package import build
+    from edgeft.devices.profiles import Quantization
+    from edgeft.quant import prequantize
+    from edgeft.stages.package import build
 
     model = tiny_model("phi3-mini-4k")
     assert "not a multiple of the block size 256" in prequantize.unsupported(model, 256)
@@ -120,7 +120,7 @@ def test_the_builder_quantizes_where_the_copy_cannot_be_made(tiny_model, tmp_pat
 def test_a_gpu_bundle_is_verified_on_the_cpu_where_its_provider_is_missing(merged_ws, tmp_path):
     """Built for CUDA on a machine without it: the same graph and weights run on the CPU provider for the
     verification, and the manifest says so."""
-    from edgeft.package import provider_here
+    from edgeft.stages.package import provider_here
 
     if provider_here("cuda"):
         pytest.skip("this machine runs CUDA: the bundle is verified on it")
@@ -140,7 +140,7 @@ def test_bad_input(merged_ws, tiny_model, tmp_path):
     with pytest.raises(EdgeftError, match="exists; pass --force"):
         package(ws, PackageConfig(precision="fp32"))
     with pytest.raises(EdgeftError, match="--ep cuda is not an inference provider of raspberry-pi-5-8gb"):
-        package(ws, PackageConfig(ep="cuda", force=True), devices.load("raspberry-pi-5-8gb"))
+        package(ws, PackageConfig(ep="cuda", force=True), profiles.load("raspberry-pi-5-8gb"))
     (ws / "merged" / "config.json").write_text((ws / "merged" / "config.json").read_text().replace("64", "65", 1))
     with pytest.raises(EdgeftError, match="no longer matches what merge wrote"):
         package(ws, PackageConfig(force=True))
@@ -155,7 +155,7 @@ def test_bad_input(merged_ws, tiny_model, tmp_path):
 def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp_path):
     import onnxruntime_genai as og
 
-    from edgeft.package import _prompts, genai_generate
+    from edgeft.stages.package import _prompts, genai_generate
 
     ws = copy(merged_ws, tmp_path)
     out = package(ws, PackageConfig(precision="fp32", adapters=True))
@@ -193,7 +193,7 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     assert proc.returncode == 2 and "no adapter 'other' in" in proc.stderr and "it ships ws" in proc.stderr
     # `edgeft eval` scores the bundle as the fine-tune, with this workspace's adapter active: the merged model's
     # loss (fp32), not the base's.
-    from edgeft import evaluate
+    from edgeft.stages import evaluate
 
     report = evaluate.run(ws, DATA_DIR / "test.jsonl", evaluate.EvalConfig(limit=4, max_new_tokens=4,
                                                                            variants=["base", "merged", "bundle"]),
@@ -203,7 +203,7 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     assert loss["bundle fp32 + ws.onnx_adapter"] == pytest.approx(loss["merged"], rel=1e-4)
     assert abs(loss["base"] - loss["merged"]) > 1e-2
     # `edgeft bench` times the bundle as the app runs the fine-tune: with that adapter active.
-    from edgeft.bench import bench_inference
+    from edgeft.stages.bench import bench_inference
 
     timed = bench_inference(out, 1, 8, 4, None, tmp_path)
     assert timed["adapter"] == "adapters/ws.onnx_adapter" and timed["decode_tokens_per_s"]["median"] > 0
@@ -233,7 +233,7 @@ def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
 def test_the_streamed_reference_gives_the_loaded_models_tokens_and_logits(merged_ws):
     """package's transformers reference, one decoder layer resident at a time (what a Phi-3-mini past 4 GiB of
     fp32 weights gets), equals the reference that holds the model: same greedy tokens, same logits."""
-    from edgeft.package import _prompts, reference
+    from edgeft.stages.package import _prompts, reference
 
     merged = merged_ws / "merged"
     prompts = _prompts(merged, 2)

@@ -140,7 +140,7 @@ def test_bad_recipes_exit_2_naming_the_problem(tiny_model, tmp_path):
 def test_every_shipped_recipe_parses_and_starts_with_its_command():
     from pathlib import Path
 
-    from edgeft import run
+    from edgeft.pipeline import run
 
     repo = Path(__file__).resolve().parent.parent
     paths = sorted((repo / "recipes").glob("*.yaml")) + sorted(run.SHIPPED["recipes"].glob("*.yaml"))
@@ -165,7 +165,7 @@ def test_demo_on_the_committed_base_gains_at_least_60_points(tmp_path):
 
 
 def test_bench_bad_input(tiny_model, tmp_path):
-    from edgeft.prepare import PrepareConfig, prepare
+    from edgeft.stages.prepare import PrepareConfig, prepare
 
     ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k"))), tmp_path / "ws")
     nothing = edgeft("bench", str(ws), "--backend", "ort")

@@ -8,17 +8,17 @@ import sys
 import pytest
 import yaml
 
-from edgeft import devices, plan
-from edgeft.errors import EdgeftError
-from edgeft.export import export
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.devices import plan, profiles
+from edgeft.stages.export import export
+from edgeft.stages.prepare import PrepareConfig, prepare
+from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
-from edgeft.train import TrainConfig, train
 
 
 def profile_file(tmp_path, name: str, budget_gb: float):
     """A profile as `devices probe` writes it (a file outside devices/), with its own memory budget."""
-    data = yaml.safe_load((devices.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
+    data = yaml.safe_load((profiles.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
     data["name"] = name
     data["memory"]["budget_gb"] = {"value": budget_gb, "source": "target", "ref": "test"}
     path = tmp_path / f"{name}.yaml"
@@ -40,7 +40,7 @@ def test_trainable_count_matches_peft(tiny_model, tmp_path, family, train_module
 
 def test_memory_grows_with_tokens_and_largest_fit_is_tight(tiny_model):
     model = tiny_model("phi3-mini-4k")
-    profile = devices.load("dev-2core-avx512")
+    profile = profiles.load("dev-2core-avx512")
     small = plan.make(model, plan.Run(seq_len=128, batch_size=1), profile)
     long = plan.make(model, plan.Run(seq_len=1024, batch_size=1), profile)
     wide = plan.make(model, plan.Run(seq_len=128, batch_size=8), profile)
@@ -50,7 +50,7 @@ def test_memory_grows_with_tokens_and_largest_fit_is_tight(tiny_model):
     # A budget between the two: the long run does not fit, the answer fits, and one step more does not.
     budget = (small.memory.total + long.memory.total) / 2
     tight = dataclasses.replace(profile, memory=dataclasses.replace(
-        profile.memory, budget_gb=devices.Figure(budget / 1e9, "target", "test")))
+        profile.memory, budget_gb=profiles.Figure(budget / 1e9, "target", "test")))
     assert plan.make(model, long.run, tight).fits is False
     seq, batch = plan.largest_fit(model, long.run, tight, long.trainable)
     assert plan.make(model, plan.Run(seq_len=seq, batch_size=1), tight).fits
@@ -80,11 +80,11 @@ def test_cli_plan_text_json_and_exit_codes(tiny_model, tmp_path):
 def test_prepare_and_train_refuse_runs_over_the_budget(tiny_model, tmp_path):
     model = tiny_model("phi3-mini-4k")
     with pytest.raises(EdgeftError, match="nothing fits: the fixed costs alone"):
-        prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws0", devices.load(profile_file(tmp_path, "tiny-box", 0.1)))
+        prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws0", profiles.load(profile_file(tmp_path, "tiny-box", 0.1)))
     assert not (tmp_path / "ws0" / "manifest.json").exists()
     ws = prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws")
     export(ws)
-    box = devices.load(profile_file(tmp_path, "box", 0.36))
+    box = profiles.load(profile_file(tmp_path, "box", 0.36))
     with pytest.raises(EdgeftError, match=r"over box's .* budget.*largest batch that fits is \d+ \(use --batch-size \d+ --grad-accum \d+"):
         train(ws, DATA_DIR / "train.jsonl", TrainConfig(max_steps=1, batch_size=4096, seq_len=128,
                                                        truncation="right"), device=box)
@@ -115,14 +115,14 @@ def test_quantized_base_plans_smaller_frozen_weights(tiny_model):
 
 def _with_budget(profile, budget_bytes: float):
     return dataclasses.replace(profile, memory=dataclasses.replace(
-        profile.memory, budget_gb=devices.Figure(budget_bytes / 1e9, "target", "test")))
+        profile.memory, budget_gb=profiles.Figure(budget_bytes / 1e9, "target", "test")))
 
 
 def test_profile_picks_base_precision_and_recomputation_and_export_follows(tiny_model, tmp_path):
     """Without --base-precision, prepare --device takes the first of fp32, fp32 recomputed, the profile's
     packaged precision (int4), int4 recomputed that fits batch 1 x 256; export recomputes as it chose."""
     model = tiny_model("phi3-mini-4k")
-    profile = devices.load("dev-2core-avx512")  # packages int4
+    profile = profiles.load("dev-2core-avx512")  # packages int4
     assert profile.quantization.precision == "int4"
     run = plan.Run(seq_len=plan.CHOICE_SEQ_LEN, batch_size=1, backend="ort")
     order = [("fp32", False), ("fp32", True), ("int4", False), ("int4", True)]

@@ -6,8 +6,8 @@ import sys
 import pytest
 from safetensors.numpy import load_file
 
-from edgeft.errors import EdgeftError
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.stages.prepare import PrepareConfig, prepare
 
 
 def lora_params(r, layer_shapes, layers):

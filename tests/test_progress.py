@@ -2,7 +2,7 @@
 
 import time
 
-from edgeft import progress
+from edgeft.core import progress
 
 
 def test_steps_announce_tick_with_an_eta_and_report_slow_ones(capsys, monkeypatch):

@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeft import quantize
-from edgeft.errors import EdgeftError
-from edgeft.export import export
-from edgeft.merge import merge
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.quant import quantize
+from edgeft.stages.export import export
+from edgeft.stages.merge import merge
+from edgeft.stages.prepare import PrepareConfig, prepare
+from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
-from edgeft.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -154,18 +154,18 @@ def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_p
     the trained ones, and the bundle with the trained adapter reproduces the training runtime's logits."""
     import yaml
 
-    from edgeft import devices
-    from edgeft.package import PackageConfig, package
+    from edgeft.devices import profiles
+    from edgeft.stages.package import PackageConfig, package
 
     assert_backends_agree(trained_int4, tmp_path, steps=6)
     ws = tmp_path / "ort"
     merge(ws)
     assert json.loads((ws / "manifest.json").read_text())["stages"]["merge"]["verification"][
         "peft_vs_ort_eval_max_abs"] < 1e-4
-    profile = yaml.safe_load((devices.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
+    profile = yaml.safe_load((profiles.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
     profile["name"], profile["quantization"]["accuracy_level"] = "fp32-compute", 1
     (tmp_path / "fp32-compute.yaml").write_text(yaml.safe_dump(profile))
-    out = package(ws, PackageConfig(adapters=True), devices.load(str(tmp_path / "fp32-compute.yaml")))
+    out = package(ws, PackageConfig(adapters=True), profiles.load(str(tmp_path / "fp32-compute.yaml")))
     shipped = json.loads((out / "manifest.json").read_text())["verification"]["shipped_base"]
     assert shipped["identical_weights"] == shipped["trained_int4_weights"] == 9 and not shipped["not_in_bundle"]
     assert shipped["trained_rows"] == shipped["bundle_rows"]  # and nothing else in the bundle is int4
@@ -175,7 +175,7 @@ def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_p
 def test_package_refuses_a_bundle_whose_int4_blocks_differ(trained_int4, tmp_path):
     import shutil
 
-    from edgeft.package import PackageConfig, package
+    from edgeft.stages.package import PackageConfig, package
 
     ws = tmp_path / "ws"
     shutil.copytree(trained_int4, ws)

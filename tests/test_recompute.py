@@ -6,10 +6,10 @@ import json
 import onnx
 import pytest
 
-from edgeft import recompute
-from edgeft.export import ExportConfig, export
-from edgeft.onnx_export import INPUT_NAMES
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.graph import recompute
+from edgeft.graph.trace import INPUT_NAMES
+from edgeft.stages.export import ExportConfig, export
+from edgeft.stages.prepare import PrepareConfig, prepare
 from tests.test_quantized_base import assert_backends_agree
 
 
@@ -48,7 +48,7 @@ def test_recomputed_training_matches_pytorch(recomputed, tmp_path):
 def test_plan_counts_one_layer_of_activations_and_every_layers_input(tiny_model):
     import dataclasses
 
-    from edgeft import plan
+    from edgeft.devices import plan
 
     model = tiny_model("phi3-mini-4k")
     shape = plan.for_target(model, None, seq_len=256).shape

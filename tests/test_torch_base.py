@@ -4,8 +4,10 @@ fp32 copies of the frozen Linear weights."""
 import pytest
 import torch
 
-from edgeft import onnx_export, quantize, torch_base
-from edgeft.prepare import PrepareConfig, load_base, prepare
+from edgeft.graph import trace
+from edgeft.models.lazy import load_base
+from edgeft.quant import quantize, torch_linear
+from edgeft.stages.prepare import PrepareConfig, prepare
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -13,7 +15,7 @@ def test_quantized_linear_forward_and_backward_match_the_fake_quantized_weight(p
     torch.manual_seed(0)
     linear = torch.nn.Linear(80, 48, bias=False)  # 80 = 2.5 blocks of 32: a padded last block
     quant = {"precision": precision, "block_size": 32, "symmetric": precision == "int8"}
-    layer = torch_base.QuantizedLinear(linear.weight, None, quant)
+    layer = torch_linear.QuantizedLinear(linear.weight, None, quant)
     quantize.fake_quantize_(linear, quant)
     x = torch.randn(3, 5, 80, requires_grad=True)
     y = torch.randn(3, 5, 80, requires_grad=True)
@@ -35,15 +37,15 @@ def test_torch_backend_base_equals_the_fake_quantized_model(tiny_model, tmp_path
     quant = quantize.settings({"base_precision": precision, "int4_block_size": 32})
     reference = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init", is_trainable=True)
     quantize.fake_quantize_(reference, quant)
-    ours = torch_base.load(model_dir, ws / "adapter_init", quant)
-    batch = onnx_export.probe_batch(reference.config.vocab_size, 16, 0)
-    loss, grads = onnx_export.torch_loss_and_grads(onnx_export.CausalLMLoss(reference), batch)
-    our_loss, our_grads = onnx_export.torch_loss_and_grads(onnx_export.CausalLMLoss(ours), batch)
+    ours = torch_linear.load(model_dir, ws / "adapter_init", quant)
+    batch = trace.probe_batch(reference.config.vocab_size, 16, 0)
+    loss, grads = trace.torch_loss_and_grads(trace.CausalLMLoss(reference), batch)
+    our_loss, our_grads = trace.torch_loss_and_grads(trace.CausalLMLoss(ours), batch)
     assert our_loss == pytest.approx(loss, rel=1e-6)
-    assert onnx_export.gradient_error(grads, our_grads) < 1e-5
+    assert trace.gradient_error(grads, our_grads) < 1e-5
     fp32_linears = [n for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
     if precision == "int4":
         assert fp32_linears == []  # 2 layers x 4 Linears and the LM head, all held as int4 blocks
-        assert sum(isinstance(m, torch_base.QuantizedLinear) for m in ours.modules()) == 2 * 4 + 1
+        assert sum(isinstance(m, torch_linear.QuantizedLinear) for m in ours.modules()) == 2 * 4 + 1
     else:
         assert len(fp32_linears) == 2 * 4 + 1

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from edgeft import launcher
-from edgeft.errors import EdgeftError
-from edgeft.prepare import PrepareConfig, prepare
+from edgeft.core.errors import EdgeftError
+from edgeft.runtime import launcher
+from edgeft.stages.prepare import PrepareConfig, prepare
+from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
-from edgeft.torch_engine import ADAPTER
-from edgeft.train import TrainConfig, train
 from edgeft.trainer import checkpoints
+from edgeft.trainer.torch_engine import ADAPTER
 
 DATA = DATA_DIR / "train.jsonl"
 FAST = {"batch_size": 4, "seq_len": 256, "lr": 1e-3}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config
 
-from edgeft.tasks.base import bpe_tokenizer
+from edgeft.tasks.pretrain import bpe_tokenizer
 
 VOCAB = 320
 CORPUS = [

@@ -41,7 +41,7 @@ def check(path: Path, model_dir: Path, seq_len: int = 512, profile=None, train_o
         "estimate": None,
     }
     if profile is not None and len(kept):
-        from edgeft import plan
+        from edgeft.devices import plan
 
         report["estimate"] = plan.epoch_estimate(model_dir, profile, kept)
     report["clean"] = not problems and not over and not duplicates

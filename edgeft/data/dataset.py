@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import atomic, fingerprint, state
+from edgeft.core import atomic, fingerprint, state
+from edgeft.core.errors import EdgeftError
+from edgeft.core.schema import spec
 from edgeft.data import formats, tokenize
 from edgeft.data.tokenize import Encoded
-from edgeft.errors import EdgeftError
-from edgeft.schema import spec
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("chat", "prompt_completion", "text")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeft.core.errors import EdgeftError
 from edgeft.data.formats import Problem, Record
-from edgeft.errors import EdgeftError
 
 TRUNCATION = ("drop", "right")
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import base_weights, detach, recompute, rss
-from edgeft.errors import EdgeftError
+from edgeft.core import rss
+from edgeft.core.errors import EdgeftError
+from edgeft.graph import detach, frozen_base, recompute
 from edgeft.trainer import events
 from edgeft.trainer.ort_engine import torch_adamw
 from edgeft.trainer.session import INPUTS_FILE, open_module
@@ -48,7 +49,7 @@ def generate(args: dict) -> dict:
         recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(args["data_inputs"]))
         events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
     if quantized:
-        dequantizers = sum(base_weights.dequantize_at_use(graph, quantized) for graph in graphs.values())
+        dequantizers = sum(frozen_base.dequantize_at_use(graph, quantized) for graph in graphs.values())
     for name, graph in graphs.items():
         onnx.save(graph, str(out / name))
     if ort_format:

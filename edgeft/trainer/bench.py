@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import rss
+from edgeft.core import rss
 from edgeft.trainer import events
 
 
@@ -35,7 +35,7 @@ def main(args: dict) -> dict:
         engine = OrtEngine(Path(args["artifacts"]), Path(args["artifacts"]) / "optimizer_model.onnx",
                            device=args.get("device", "cpu"))
     else:
-        from edgeft.torch_engine import TorchEngine
+        from edgeft.trainer.torch_engine import TorchEngine
 
         cfg = {"seed": 0, "lr": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0,
                "base_quant": args["base_quant"], "recompute": args.get("recompute", False)}

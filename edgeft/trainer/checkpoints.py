@@ -12,10 +12,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from edgeft import atomic, fingerprint, state
-from edgeft.atomic import atomic_dir
-from edgeft.errors import EdgeftError, disk_full
-from edgeft.fingerprint import sha256_file
+from edgeft.core import atomic, fingerprint, state
+from edgeft.core.atomic import atomic_dir
+from edgeft.core.errors import EdgeftError, disk_full
+from edgeft.core.fingerprint import sha256_file
 
 STATE = "trainer_state.json"
 

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from edgeft.errors import EdgeftError, storage_problem, terminate_like_interrupt
+from edgeft.core.errors import EdgeftError, storage_problem, terminate_like_interrupt
 from edgeft.trainer import events
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft import rss
-from edgeft.errors import EdgeftError
+from edgeft.core import rss
+from edgeft.core.errors import EdgeftError
 from edgeft.trainer import batching, checkpoints, events
 from edgeft.trainer.schedule import learning_rate
 

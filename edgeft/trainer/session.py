@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.base_weights import BASE_DATA, INPUTS_FILE, external_initializers, view
-from edgeft.recompute import PREFIX as RECOMPUTE_PREFIX
+from edgeft.graph.frozen_base import BASE_DATA, INPUTS_FILE, external_initializers, view
+from edgeft.graph.recompute import PREFIX as RECOMPUTE_PREFIX
 
 
 @dataclass
@@ -74,7 +74,7 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
             base_inputs[name] = ort.OrtValue.ortvalue_from_numpy(array)
             keep.append(array)
     if base_inputs or recomputed:
-        # Each base weight is dequantized just before its use and freed after (base_weights.dequantize_at_use),
+        # Each base weight is dequantized just before its use and freed after (frozen_base.dequantize_at_use),
         # and each layer's activations live through one layer of the backward pass (recompute.py). The CPU arena
         # would keep every freed block (measured +340 MB on a real-width slice), and ONNX Runtime's buffer reuse
         # would chain same-shaped tensors into buffers that live the whole step (measured on the same slice,

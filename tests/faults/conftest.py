@@ -20,11 +20,11 @@ def stages(model, tmp_path_factory) -> dict[str, Path]:
     """One workspace per stage reached, each a copy of the one before: prepared, exported, trained (4 steps,
     checkpoints at every step, the last two and the best kept), packaged (merged, then the int4 base with the
     trained adapter as a swappable .onnx_adapter)."""
-    from edgeft.export import export
-    from edgeft.merge import merge
-    from edgeft.package import PackageConfig, package
-    from edgeft.prepare import PrepareConfig, prepare
-    from edgeft.train import TrainConfig, train
+    from edgeft.stages.export import export
+    from edgeft.stages.merge import merge
+    from edgeft.stages.package import PackageConfig, package
+    from edgeft.stages.prepare import PrepareConfig, prepare
+    from edgeft.stages.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("stages")
     prepare(PrepareConfig(model_dir=str(model), lora_r=8), root / "prepared")

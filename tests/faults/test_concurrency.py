@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 
-from edgeft.lock import LOCK
+from edgeft.core.lock import LOCK
 from edgeft.tasks.home import DATA_DIR
 from tests.helpers import cli, refused, start, tree, wait_for
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgeft import compare
-from edgeft.fingerprint import sha256_file
-from edgeft.onnx_export import gradient_error
+from edgeft.core import compare
+from edgeft.core.fingerprint import sha256_file
+from edgeft.graph.trace import gradient_error
 from edgeft.tasks.home import DATA_DIR
 from tests.helpers import cli, refused
 

@@ -1,0 +1,231 @@
+"""run: the whole pipeline from one recipe (YAML): prepare -> export -> train -> merge -> package -> eval -> bench.
+
+A recipe has the sections model, lora, data, train, package, eval, bench, plus name, workspace and device;
+every key is checked (unknown ones are listed with what is accepted). `--set section.key=value` overrides
+any of them from the command line. Paths are relative to the recipe file; `edgeft:NAME` names something
+edgeft ships (`edgeft:home_base`, the demo's base model; `edgeft:home_data/train.jsonl`, the sample task).
+
+Re-running skips a stage whose inputs and options are unchanged (each stage records what it ran with in
+the workspace manifest), resumes an interrupted training run from its last checkpoint, and re-runs every
+stage after one that changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edgeft.core import schema
+from edgeft.core.errors import EdgeftError
+from edgeft.core.schema import spec
+from edgeft.core.workspace import Workspace
+from edgeft.quant import quantize
+from edgeft.stages.bench import BenchConfig
+from edgeft.stages.evaluate import EvalConfig
+from edgeft.stages.package import BUILDER_EPS, BUILDER_PRECISIONS
+from edgeft.stages.train import TrainConfig
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the edgeft package
+SHIPPED = {"home_base": PACKAGE_ROOT / "tasks" / "home_base", "home_data": PACKAGE_ROOT / "tasks" / "home_data",
+           "recipes": PACKAGE_ROOT / "recipes"}
+STAGES = ("prepare", "export", "train", "merge", "package", "eval", "bench")
+NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = spec("Hugging Face model folder, or edgeft:home_base")
+    base_precision: str = spec("frozen base for training: fp32, int8 or int4 (the bundle's blocks)", "fp32", choices=quantize.CHOICES)
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = spec("LoRA rank", 16, gt=0)
+    alpha: float = spec("LoRA alpha", 32.0, gt=0)
+    dropout: float = spec("LoRA dropout", 0.0, min=0, max=0.9)
+    targets: list[str] | None = spec("module names (default: the family's attention and MLP Linears)", None)
+    dora: bool = spec("DoRA instead of LoRA", False)
+    train_modules: list[str] = spec("whole modules to train as well: lm_head, embed_tokens", default_factory=list)
+    seed: int = spec("adapter initialisation seed", 0)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: str = spec("training JSONL")
+    eval: str | None = spec("validation JSONL (default: a split of train)", None)
+    test: str | None = spec("held-out JSONL for `eval` (default: eval)", None)
+
+
+@dataclass(frozen=True)
+class PackageSection:
+    precision: str | None = spec("int4, int8, fp16 or fp32 (default: the device profile's)", None,
+                                 choices=BUILDER_PRECISIONS)
+    ep: str = spec("execution provider of the bundle", "cpu", choices=BUILDER_EPS)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = spec("run name")
+    model: ModelSection = spec("the base model")
+    data: DataSection = spec("training, validation and test data")
+    workspace: str | None = spec("workspace folder (default: artifacts/<name>)", None)
+    device: str | None = spec("device profile name or file", None)
+    lora: LoraSection = spec("adapter settings", default_factory=LoraSection)
+    train: TrainConfig = spec("training options (as `edgeft train`)", default_factory=TrainConfig)
+    package: PackageSection = spec("packaging options", default_factory=PackageSection)
+    eval: EvalConfig = spec("evaluation options (as `edgeft eval`)", default_factory=EvalConfig)
+    bench: BenchConfig = spec("bench options (as `edgeft bench`)", default_factory=BenchConfig)
+    stages: list[str] = spec("stages to run, in pipeline order", default_factory=lambda: list(STAGES), choices=STAGES)
+
+    def __post_init__(self):
+        problems: list[str] = []
+        schema.check(problems, bool(NAME.fullmatch(self.name)) and self.name not in (".", ".."),
+                     f"name: {schema.short(self.name)} is not a plain name: the default workspace is "
+                     "artifacts/<name>, so use letters, digits, '.', '_' and '-' only (or set workspace: to a folder)")
+        schema.raise_if(problems, "recipe")
+
+
+def _coerce(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise EdgeftError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-3")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise EdgeftError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = _coerce(value)
+    return data
+
+
+def load(path: Path, overrides: list[str] = ()) -> tuple[Recipe, Path]:
+    path = Path(path)
+    if not path.exists():
+        raise EdgeftError(f"recipe {path} does not exist; example recipes live in recipes/ "
+                          "(`edgeft run recipes/home-demo.yaml`)")
+    data = schema.load_yaml(path, "recipe") or {}
+    if not isinstance(data, dict):
+        raise EdgeftError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
+    return schema.parse(Recipe, apply_overrides(data, list(overrides)), f"recipe {path}"), path.parent.resolve()
+
+
+def resolve(value: str | None, base: Path) -> Path | None:
+    if value is None:
+        return None
+    if value.startswith("edgeft:"):
+        head, _, rest = value[len("edgeft:"):].partition("/")
+        if head not in SHIPPED:
+            raise EdgeftError(f"{value}: edgeft ships {', '.join('edgeft:' + k for k in SHIPPED)}")
+        path = SHIPPED[head] / rest if rest else SHIPPED[head]
+    else:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise EdgeftError(f"{value}: {path} does not exist")
+    return path
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> dict:
+    """Run the recipe's stages in its workspace, holding the workspace's lock throughout; skips each stage whose
+    options, inputs (by content) and upstream stages are unchanged, unless it is in `force`."""
+    from edgeft.devices import profiles
+
+    if unknown := [name for name in force if name not in STAGES]:
+        raise EdgeftError(f"--force {','.join(unknown)}: no such stage; the stages are {', '.join(STAGES)}")
+    device = profiles.load(resolve(recipe.device, base) if recipe.device and recipe.device.endswith(".yaml")
+                          else recipe.device) if recipe.device else None
+    root = Path(recipe.workspace).expanduser() if recipe.workspace else Path("artifacts") / recipe.name
+    root = root if root.is_absolute() else (Path.cwd() / root)
+    ws = Workspace(root)
+    with ws.lock("run"):
+        return _run(recipe, base, ws, device, log, force)
+
+
+def _run(recipe: Recipe, base: Path, ws: Workspace, device, log, force: tuple[str, ...]) -> dict:
+    from edgeft.stages import bench, evaluate, export, merge, package, prepare, train
+
+    root = ws.root
+    model_dir = resolve(recipe.model.path, base)
+    train_data = resolve(recipe.data.train, base)
+    eval_data = resolve(recipe.data.eval, base)
+    test_data = resolve(recipe.data.test, base) or eval_data
+
+    def content(path: Path | None) -> str | None:
+        """What a stage key holds of an input file: its content, so that a file edited in place reruns the stage."""
+        return ws.hashes.of(path) if path is not None and path.is_file() else None
+
+    done = ws.stage("run") or {"keys": {}}
+    keys: dict[str, str] = dict(done["keys"])
+    timings: dict[str, float] = {}
+    upstream = ""
+
+    def stage(name: str, options, work) -> None:
+        nonlocal upstream
+        if name not in recipe.stages:
+            return
+        key = _key(name, options, upstream)
+        if keys.get(name) == key and ws.stage(name) and name not in force:
+            log(f"[{name}] unchanged; skipped")
+        else:
+            log(f"[{name}]")
+            started = time.time()
+            work()
+            timings[name] = round(time.time() - started, 1)
+            keys[name] = key
+            ws.record("run", {"recipe": recipe.name, "keys": keys})
+        upstream = (ws.stage(name) or {}).get("finished_at", "")
+
+    lora = recipe.lora
+    prep_cfg = prepare.PrepareConfig(model_dir=str(model_dir), lora_r=lora.r, lora_alpha=lora.alpha,
+                                     lora_dropout=lora.dropout, targets=lora.targets, dora=lora.dora,
+                                     train_modules=list(lora.train_modules), seed=lora.seed,
+                                     base_precision=recipe.model.base_precision)
+    model_files = ws.hashes.files(prepare.input_files(model_dir), model_dir) if model_dir.is_dir() else None
+    stage("prepare", [dataclasses.asdict(prep_cfg), model_files], lambda: prepare.prepare(prep_cfg, root, device))
+    stage("export", {}, lambda: export.export(root))
+
+    def do_train():
+        ckpts = root / "train" / "checkpoints"
+        if ws.stage("train") is not None and (root / "train").is_dir():
+            previous = root / "train.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            (root / "train").rename(previous)
+            log(f"[train] options or data changed; starting over (the finished run is kept in {previous})")
+        resume = train.checkpoints.latest(ckpts) is not None
+        if resume:
+            log(f"[train] resuming the interrupted run from {train.checkpoints.latest(ckpts)}")
+        result = train.train(root, train_data, recipe.train, eval_data, device, resume)
+        if result.get("interrupted"):
+            raise EdgeftError(f"training was interrupted at step {result['step']}; run the recipe again to resume")
+
+    stage("train", [dataclasses.asdict(recipe.train), content(train_data), content(eval_data)], do_train)
+    stage("merge", "best", lambda: merge.merge(root, merge.MergeConfig()))
+    pkg_cfg = package.PackageConfig(precision=recipe.package.precision, ep=recipe.package.ep, force=True)
+    stage("package", dataclasses.asdict(pkg_cfg), lambda: package.package(root, pkg_cfg, device))
+    stage("eval", [dataclasses.asdict(recipe.eval), content(test_data), content(train_data)],
+          lambda: evaluate.run(root, test_data, recipe.eval, train_data, log=log) if test_data
+          else log("[eval] no data.test or data.eval; skipped"))
+    stage("bench", [dataclasses.asdict(recipe.bench), getattr(device, "name", None), content(train_data)],
+          lambda: bench.run(root, device, recipe.bench, data=train_data))
+    return {"workspace": root, "timings": timings, "manifest": ws.manifest()}

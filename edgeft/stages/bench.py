@@ -1,0 +1,282 @@
+"""bench: speed and memory on this machine, with the real runtimes, judged against a device profile.
+
+- training (a workspace with training artifacts, or a prepared one for the torch backend): the training
+  runtime runs one warm-up step and N timed steps on full-length batches: step time, tokens/s, MFU against
+  the profile's peak, the process's peak RSS, and the planner's prediction beside them;
+- inference (a bundle, or a workspace's bundle): onnxruntime-genai in its own process; per run a fresh
+  generator takes a prompt of `--prompt-tokens` tokens and generates `--new-tokens`: time to first token,
+  prompt tokens/s, decode tokens/s, peak RSS.
+Figures are median / min / max over the runs, each marked pass or fail against the profile's budgets
+(or "not judged" where the profile sets none). Writes bench.md, bench.json and bench.png.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.core import atomic, plots, rss
+from edgeft.core.errors import EdgeftError
+from edgeft.core.schema import spec
+from edgeft.core.workspace import Workspace
+from edgeft.devices import plan
+from edgeft.devices.profiles import Profile
+from edgeft.quant import quantize
+from edgeft.runtime import launcher
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    runs: int = spec("timed runs per figure (after one warm-up)", 5, min=1, max=1000)
+    seq_len: int = spec("training bench: tokens per sequence", 256, min=8)
+    batch_size: int = spec("training bench: sequences per batch", 1, min=1)
+    prompt_tokens: int = spec("inference bench: prompt length in tokens", 128, min=1)
+    new_tokens: int = spec("inference bench: tokens generated per run (decode speed needs at least 2)", 64, min=2)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def _tokens(model_dir: Path, data: Path | None) -> np.ndarray:
+    """Real token ids to fill the batches and prompts: the data's text (the sample task by default)."""
+    from edgeft.data.tokenize import load_tokenizer
+    from edgeft.tasks.home import DATA_DIR
+
+    tok = load_tokenizer(model_dir)
+    path = Path(data or DATA_DIR / "train.jsonl")
+    if not path.is_file():
+        raise EdgeftError(f"--data {path} is not a file; pass a text or JSONL file to fill the batches and prompts")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[:400]
+    except UnicodeDecodeError:
+        raise EdgeftError(f"--data {path} is not UTF-8 text (a binary file?); pass a text or JSONL file") from None
+    ids = np.asarray([i for row in tok(lines, add_special_tokens=False)["input_ids"] for i in row], dtype=np.int32)
+    if not len(ids):
+        raise EdgeftError(f"--data {path} holds no text to fill the batches and prompts with")
+    return ids
+
+
+def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: int, batch_size: int,
+                   backend: str, work: Path, data: Path | None) -> dict:
+    prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    model_dir = Path(prep["config"]["model_dir"])
+    if backend == "ort":
+        from edgeft.stages.export import check_artifacts
+
+        check_artifacts(ws, ws.require("export", f"the ort backend benches exported artifacts; run "
+                                                 f"`edgeft export {ws.root}`"))
+    if seq_len > prep["max_seq_len"]:
+        raise EdgeftError(f"--seq-len {seq_len} exceeds {prep['max_seq_len']}, the longest sequence this model was "
+                          f"exported for; use <= {prep['max_seq_len']}")
+    predicted = plan.for_target(ws.root, profile, seq_len, batch_size, backend=backend)
+    tokens_path = work / "tokens.npy"
+    np.save(tokens_path, _tokens(model_dir, data))
+    args = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
+            "tokens": str(tokens_path), "artifacts": str(ws.root / "artifacts"), "model_dir": str(model_dir),
+            "adapter_init": str(ws.root / "adapter_init"),
+            "base_quant": quantize.settings(prep["config"]), "recompute": predicted.run.recompute}
+    result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.root / "logs" / "bench-train.log",
+                          cwd=work, runtime_name="training" if backend == "ort" else "main")
+    step = _stats(result["step_s"])
+    tokens = batch_size * seq_len
+    out = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "step_s": step,
+           "tokens_per_s": _stats([tokens / s for s in result["step_s"]]),
+           "peak_rss_mb": result["peak_rss_mb"],
+           "predicted": {"peak_rss_mb": predicted.memory.total / 2**20, "step_s": predicted.step_s}}
+    if profile:
+        out["mfu"] = predicted.flops_per_step / step["median"] / (predicted.peak_gflops * 1e9)
+        out["peak_gflops"] = predicted.peak_gflops
+    return out
+
+
+def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int, data: Path | None,
+                    log_dir: Path) -> dict:
+    ids = _tokens(bundle, data)
+    if len(ids) < prompt_tokens:
+        ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
+    from edgeft.stages.package import own_adapter
+
+    adapter = own_adapter(bundle)
+    args = {"bundle": str(bundle), "prompt": ids[:prompt_tokens].tolist(), "new_tokens": new_tokens, "runs": runs,
+            "adapter": adapter.relative_to(bundle).as_posix() if adapter else None}
+    result = launcher.run("edgeft.stages.bench:genai_child", args, log_path=log_dir / "bench-inference.log",
+                          runtime_name="main")
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": args["adapter"],
+            "ttft_ms": _stats([1000 * t for t in result["ttft_s"]]),
+            "prompt_tokens_per_s": _stats([prompt_tokens / t for t in result["ttft_s"]]),
+            "decode_tokens_per_s": _stats([(new_tokens - 1) / t for t in result["decode_s"]]),
+            "peak_rss_mb": result["peak_rss_mb"], "bundle": str(bundle)}
+
+
+def genai_child(args: dict) -> dict:
+    """Runs in its own process so that its peak RSS is the app's: model load, prefill, decode (with the bundle's
+    adapter active, if it ships swappable ones)."""
+    import onnxruntime_genai as og
+
+    from edgeft.stages.package import generator, load_adapter, open_model
+    from edgeft.trainer import events
+
+    model = open_model(Path(args["bundle"]))
+    active = load_adapter(model, Path(args["bundle"]) / args["adapter"]) if args.get("adapter") else None
+    prompt = np.asarray(args["prompt"], dtype=np.int32)
+    new = int(args["new_tokens"])
+    ttft, decode = [], []
+    for i in range(int(args["runs"]) + 1):  # the first run warms up
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+        gen = generator(model, params, active)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        produced = 1
+        while not gen.is_done():
+            gen.generate_next_token()
+            produced += 1
+        t2 = time.perf_counter()
+        if produced != new:
+            raise EdgeftError(f"the generator stopped after {produced} of {new} tokens")
+        if i:
+            ttft.append(t1 - t0)
+            decode.append(t2 - t1)
+        events.progress(step=i, total=args["runs"], ttft_s=t1 - t0)
+    return {"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": rss.peak_mb()}
+
+
+# -- judging and writing ----------------------------------------------------------------------------------
+
+def judge(report: dict, profile: Profile | None) -> list[dict]:
+    """One row per figure: value, budget, pass/fail (or not judged)."""
+    b = profile.budgets if profile else None
+    rows = []
+
+    def row(name, value, unit, budget, higher_is_better):
+        entry = {"figure": name, "value": value, "unit": unit, "budget": None, "verdict": "not judged"}
+        if budget is not None:
+            ok = value >= budget if higher_is_better else value <= budget
+            entry.update(budget=budget, verdict="pass" if ok else "fail")
+        rows.append(entry)
+
+    def budget(field, scale=1.0):
+        figure = getattr(b, field, None) if b else None
+        return figure.value * scale if figure else None
+
+    mem = budget("peak_memory_gb", 1e9 / 2**20)
+    if "training" in report:
+        t = report["training"]
+        row("training tokens/s (median)", t["tokens_per_s"]["median"], "tokens/s", budget("train_tokens_per_s"), True)
+        row("training step time (median)", t["step_s"]["median"], "s", None, False)
+        row("training peak RSS", t["peak_rss_mb"], "MiB", mem, False)
+        if "mfu" in t:
+            row("training MFU", t["mfu"], "of peak", None, True)
+    if "inference" in report:
+        i = report["inference"]
+        row("time to first token (median)", i["ttft_ms"]["median"], "ms", budget("ttft_ms"), False)
+        row("prompt tokens/s (median)", i["prompt_tokens_per_s"]["median"], "tokens/s", None, True)
+        row("decode tokens/s (median)", i["decode_tokens_per_s"]["median"], "tokens/s", budget("decode_tokens_per_s"),
+            True)
+        row("inference peak RSS", i["peak_rss_mb"], "MiB", mem, False)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Bench on {report['device'] or 'no profile'}", "",
+             f"Measured {report['date']} on {report['machine']}: median / min / max over {report['runs']} runs after "
+             "one warm-up.", ""]
+    if "training" in report:
+        t = report["training"]
+        lines += [f"Training: {t['backend']} backend, batch {t['batch_size']} x {t['seq_len']} tokens; step "
+                  f"{t['step_s']['median']:.3f} s ({t['step_s']['min']:.3f}-{t['step_s']['max']:.3f}); planner "
+                  f"predicted {t['predicted']['step_s']:.3f} s and {t['predicted']['peak_rss_mb']:.0f} MiB peak.", ""]
+    if "inference" in report:
+        i = report["inference"]
+        active = f" with {i['adapter']} active" if i.get("adapter") else ""
+        lines += [f"Inference: {i['bundle']}{active}, prompt {i['prompt_tokens']} tokens, {i['new_tokens']} new tokens; "
+                  f"decode {i['decode_tokens_per_s']['min']:.1f}-{i['decode_tokens_per_s']['max']:.1f} tokens/s, "
+                  f"TTFT {i['ttft_ms']['min']:.1f}-{i['ttft_ms']['max']:.1f} ms.", ""]
+    lines += ["| figure | value | budget | verdict |", "|---|---|---|---|"]
+    for r in report["judged"]:
+        budget = f"{r['budget']:g} {r['unit']}" if r["budget"] is not None else "-"
+        lines.append(f"| {r['figure']} | {r['value']:.4g} {r['unit']} | {budget} | **{r['verdict']}** |")
+    if report.get("note"):
+        lines += ["", report["note"]]
+    return "\n".join(lines) + "\n"
+
+
+# panel field -> (title, the judged figure whose budget it shows)
+PANELS = {("training", "tokens_per_s"): ("training tokens/s", "training tokens/s (median)"),
+          ("inference", "decode_tokens_per_s"): ("decode tokens/s", "decode tokens/s (median)"),
+          ("inference", "ttft_ms"): ("TTFT (ms)", "time to first token (median)")}
+
+
+def chart(report: dict, out: Path) -> Path:
+    plt = plots.pyplot()
+    panels = [key for key in PANELS if key[0] in report]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    budgets = {r["figure"]: r["budget"] for r in report["judged"]}
+    for ax, (kind, field) in zip(axes[0], panels, strict=True):
+        s = report[kind][field]
+        title, figure = PANELS[kind, field]
+        ax.bar(["min", "median", "max"], [s["min"], s["median"], s["max"]], color="tab:blue")
+        if budgets.get(figure):
+            ax.axhline(budgets[figure], color="tab:red", ls="--", label="budget")
+            ax.legend()
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return plots.save(fig, out)
+
+
+def run(target: Path, profile: Profile | None, cfg: BenchConfig = BenchConfig(), backend: str | None = None,
+        data: Path | None = None, out: Path | None = None, what: tuple[str, ...] = ("training", "inference")) -> dict:
+    """Bench a workspace (holding its lock: the report goes into it) or a bundle; the report."""
+    target = Path(target).absolute()
+    if not target.exists():
+        raise EdgeftError(f"{target} does not exist; pass a workspace or a bundle folder")
+    if (target / "genai_config.json").is_file():
+        return _run(target, None, profile, cfg, backend, data, out, what)
+    ws = Workspace(target)
+    if not (ws.root / "manifest.json").is_file():
+        raise EdgeftError(f"{target} is neither a workspace (no manifest.json) nor a bundle (no genai_config.json)")
+    with ws.lock("bench"):
+        return _run(target, ws, profile, cfg, backend, data, out, what)
+
+
+def _run(target: Path, ws: Workspace | None, profile: Profile | None, cfg: BenchConfig, backend: str | None,
+         data: Path | None, out: Path | None, what: tuple[str, ...]) -> dict:
+    import platform
+
+    runs, seq_len, batch_size = cfg.runs, cfg.seq_len, cfg.batch_size
+    prompt_tokens, new_tokens = cfg.prompt_tokens, cfg.new_tokens
+    is_bundle = ws is None
+    backend = backend or (profile.execution_providers.training_backend if profile else "ort")
+    report: dict = {"device": profile.name if profile else None, "machine": platform.node(),
+                    "date": time.strftime("%Y-%m-%d"), "runs": runs, "target": str(target)}
+    out = Path(out) if out else (target.parent / f"{target.name}-bench" if is_bundle else target / "bench")
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if ws is not None and "training" in what and ws.stage("prepare") and (backend == "torch" or ws.stage("export")):
+        report["training"] = bench_training(ws, profile, runs, seq_len, batch_size, backend, work, data)
+    bundle = target if is_bundle else target / "bundle"
+    if "inference" in what and (bundle / "genai_config.json").is_file():
+        report["inference"] = bench_inference(bundle, runs, prompt_tokens, new_tokens, data, out)
+    if "training" not in report and "inference" not in report:
+        raise EdgeftError(f"nothing to bench in {target}: no training artifacts (`edgeft export`) and no bundle "
+                          "(`edgeft package`)")
+    report["judged"] = judge(report, profile)
+    if not profile or not profile.budgets:
+        report["note"] = (f"{profile.name if profile else 'No profile was given'}"
+                          f"{' sets no budgets' if profile else ''}: every figure was measured, none was judged. "
+                          "Add a `budgets:` section to the profile to judge them.")
+    atomic.write_json(out / "bench.json", report)
+    atomic.write_text(out / "bench.md", markdown(report))
+    chart(report, out / "bench.png")
+    if ws is not None:
+        ws.record("bench", {"device": report["device"], "report": str(out / "bench.md"),
+                            "judged": {r["figure"]: r["verdict"] for r in report["judged"]}})
+    return report

@@ -1,0 +1,302 @@
+"""merge: the trained adapter back out as a PEFT adapter, and merged into the base model.
+
+Writes `WS/adapter/` (adapter_model.safetensors + adapter_config.json, loadable by
+`PeftModel.from_pretrained`) and `WS/merged/` (a Hugging Face model folder with its tokenizer). Before
+writing, the PEFT model's logits on a probe batch must equal the training runtime's eval model at the
+same checkpoint, and the merged model's must equal the PEFT model's, within `tolerance` (the largest
+difference over the largest logit).
+
+Past 4 GiB of fp32 weights (or with `weights="stream"`) nothing holds the whole model, as in export
+(models/lazy.py): the PEFT logits are computed one decoder layer at a time, and the merged model is written one
+layer at a time. Each layer is loaded, fake-quantized as it was trained, merged by PEFT's own `merge()`
+(LoRA, DoRA, trainable token rows) and written to a safetensors shard before the next one is loaded. Its
+logits are then computed from the written files the same way. Both routes write the same tensors
+(tests/test_merge.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeft.core import compare, progress, rss
+from edgeft.core.atomic import atomic_dir, scratch_dir
+from edgeft.core.errors import EdgeftError
+from edgeft.core.schema import spec
+from edgeft.core.workspace import Workspace
+from edgeft.models import lazy
+from edgeft.quant import quantize
+from edgeft.runtime import launcher
+from edgeft.stages.export import check_artifacts
+from edgeft.trainer import checkpoints
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    checkpoint: str = spec("best, last, or a step number", "best")
+    tolerance: float = spec("largest accepted logit difference, relative to the largest logit", 1e-4, gt=0)
+    weights: str = spec("how the base weights are read: 'load' holds the fp32 model; 'stream' one decoder layer at "
+                        "a time; 'auto' streams past 4 GiB of fp32 weights", "auto", choices=("auto", "load", "stream"))
+
+
+def resolve(root: Path, which: str) -> Path:
+    available = checkpoints.complete(root)
+    if not available:
+        raise EdgeftError(f"{root} has no checkpoints; run `edgeft train` first")
+    if which == "last":
+        return available[-1]
+    if which == "best":
+        best = checkpoints.best(root)
+        if best is None:
+            raise EdgeftError("this run has no best checkpoint (it had no validation data); use --checkpoint last")
+        return best
+    if which.isdigit():
+        path = checkpoints.step_dir(root, int(which))
+        if path in available:
+            return path
+    steps = ", ".join(str(checkpoints.read_state(p)["position"]["step"]) for p in available)
+    raise EdgeftError(f"--checkpoint {which!r} is not one of: best, last, or a kept step ({steps})")
+
+
+def trained_tensors(ckpt: Path, backend: str, work: Path) -> dict[str, np.ndarray]:
+    if backend == "ort":
+        out = work / "trained.npz"
+        launcher.run("edgeft.trainer.ort_engine:read_trained",
+                     {"checkpoint": str(ckpt / "ort_checkpoint"), "out": str(out)})
+        return dict(np.load(out))
+    from safetensors.numpy import load_file
+
+    return load_file(ckpt / "adapter.safetensors")
+
+
+def _logits(wrapper, batch) -> np.ndarray:
+    import torch
+
+    from edgeft.graph.trace import INPUT_NAMES
+
+    wrapper.eval()
+    with torch.no_grad():
+        return wrapper(*(torch.from_numpy(batch[k]) for k in INPUT_NAMES))[1].numpy()
+
+
+SHARD_BYTES = 2 * 2**30  # a streamed merge writes safetensors shards of about this size
+
+
+class _Shards:
+    """Safetensors shards written in turn, named and indexed as transformers names them at the end."""
+
+    def __init__(self, out: Path):
+        self.out, self.pending, self.pending_bytes, self.files, self.total = out, {}, 0, [], 0
+
+    def add(self, key: str, value) -> None:
+        self.pending[key] = value.detach().contiguous().clone()
+        self.pending_bytes += self.pending[key].numel() * self.pending[key].element_size()
+        if self.pending_bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.out / f".shard-{len(self.files)}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        import json
+
+        self.flush()
+        n, weight_map = len(self.files), {}
+        for i, (path, keys) in enumerate(self.files, 1):
+            name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2) + "\n")
+
+
+def _write_merged_streamed(peft_model, shards: lazy.Shards, quant: dict, out: Path) -> int:
+    """Write the merged model's weights into `out`, holding one decoder layer (and the parts outside the layers)
+    at a time. PEFT merges each loaded part itself; a module trained whole (modules_to_save) replaces its
+    original, untied from the embedding if it was tied to it. Returns how many tensors were written."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    layers = lazy.decoder_layers(peft_model)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    outer = [m for m in peft_model.modules() if id(m) not in in_layers]
+    paths = {id(m): name for name, m in peft_model.get_base_model().named_modules()}
+    writer, written, untied = _Shards(out), set(), set()
+
+    def key_of(p) -> str | None:
+        return getattr(getattr(p, lazy.PLACEHOLDER), lazy.KEY) if hasattr(p, lazy.PLACEHOLDER) else None
+
+    def write(part: torch.nn.Module, modules: list) -> None:
+        load = {id(p) for m in modules for p in m._parameters.values() if p is not None}
+        lazy.load_(part, shards, only=load)
+        try:
+            quantize.fake_quantize_(part, quant)  # what was trained against; the rest are placeholders, skipped
+            for m in modules:
+                if isinstance(m, BaseTunerLayer):
+                    m.merge()
+            for m in modules:
+                if isinstance(m, ModulesToSaveWrapper):  # its trained copy, under the module's own names
+                    trained = m.modules_to_save[m.active_adapters[0]]
+                    for name, p in m.original_module.named_parameters():
+                        key = f"{paths[id(m)]}.{name}"
+                        if key_of(p) != key:  # it was tied to another weight (an LM head to the embedding)
+                            untied.add(key)
+                        writer.add(key, trained.get_parameter(name))
+                        written.add(key)
+            for m in modules:
+                for p in m._parameters.values():
+                    key = key_of(p) if p is not None else None
+                    if key is not None and key not in written:
+                        writer.add(key, p)
+                        written.add(key)
+        finally:
+            lazy.unload_(part)
+
+    with torch.no_grad():
+        write(peft_model, outer)
+        for layer in layers:
+            write(layer, list(layer.modules()))
+    writer.close()
+    if untied:  # as merge_and_unload leaves it: the trained module has its own weight now
+        peft_model.get_base_model().config.tie_word_embeddings = False
+    return len(written)
+
+
+def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
+    """Write `WS/adapter/` and `WS/merged/` from a training checkpoint, both verified (holding the workspace's
+    lock); returns the workspace."""
+    ws = Workspace(ws_path)
+    if not ws.root.is_dir():
+        raise EdgeftError(f"workspace {ws.root} does not exist")
+    with ws.lock("merge"):
+        return _merge(ws, cfg)
+
+
+def _merge(ws: Workspace, cfg: MergeConfig) -> Path:
+    import contextlib
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from edgeft.graph import trace
+
+    trained = ws.require("train", f"train it first: `edgeft train {ws.root} --data FILE.jsonl`")
+    prep = ws.stage("prepare")
+    backend = trained["config"]["backend"]
+    ckpt = resolve(ws.root / "train" / "checkpoints", cfg.checkpoint)
+    state = checkpoints.read_state(ckpt)
+    checkpoints.verify(ckpt, ws.hashes)
+    if backend == "ort":
+        check_artifacts(ws, ws.require("export", f"export it first: `edgeft export {ws.root}`"))
+    if state["identity"] != trained["identity"] or state["config_hash"] != trained["config_hash"]:
+        raise EdgeftError(f"checkpoint {ckpt.name} was written by another training run than the one the manifest "
+                          f"records; train again, or merge a checkpoint of the recorded run")
+    started = time.time()
+    rss.reset_peak()
+    model_dir = Path(prep["config"]["model_dir"])
+    trust = prep["config"]["trust_remote_code"]
+    quant = quantize.settings(prep["config"])
+    with scratch_dir(ws.root, "merge-work") as work:
+        tensors = trained_tensors(ckpt, backend, work)
+        base, shards = lazy.base_model(model_dir, trust, cfg.weights)
+        stream = shards is not None
+        peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=False)
+        if not stream:
+            quantize.fake_quantize_(peft_model, quant)  # what was trained against
+        wrapper = trace.CausalLMLoss(peft_model)
+        params = dict(wrapper.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise EdgeftError(f"checkpoint {ckpt} holds tensors this workspace's adapter lacks ({unknown[:3]}); "
+                              "it belongs to another model or adapter configuration")
+        if bad := sorted(name for name, value in tensors.items() if not compare.finite(value)):
+            raise EdgeftError(f"checkpoint {ckpt.name} holds NaN or infinite values ({len(bad)} tensors, first "
+                              f"{bad[0]}): the run diverged before it was saved. Merge an earlier checkpoint "
+                              "(--checkpoint STEP), or train again with a lower --lr")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if tuple(params[name].shape) != value.shape:
+                    raise EdgeftError(f"checkpoint tensor {name} has shape {value.shape}, the adapter expects "
+                                      f"{tuple(params[name].shape)}")
+                params[name].copy_(torch.from_numpy(np.asarray(value)))
+        config = base.config
+        batch = trace.probe_batch(config.vocab_size, 24, config.pad_token_id if isinstance(
+            config.pad_token_id, int) else 0, seed=11)
+        steps = progress.Steps("merge", 4 if backend == "ort" else 3)
+        n_layers = len(lazy.decoder_layers(peft_model))
+        streaming = ", one decoder layer at a time" if stream else ""
+        with steps.step(f"the adapter's logits (PEFT){streaming}", n_layers if stream else None) as tick, \
+                lazy.streamed(peft_model, shards, quantize.fake_quantizer(quant), tick) if stream else contextlib.nullcontext():
+            peft_logits = _logits(wrapper, batch)
+        if not compare.finite(peft_logits):
+            raise EdgeftError(f"merge verification failed: the adapter's logits are not finite (NaN or infinity) at "
+                              f"{ckpt.name}; the base weights in {model_dir} or the checkpoint hold non-finite values. "
+                              "Nothing was written")
+        scale = float(np.abs(peft_logits).max())
+        verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance, "logit_scale": scale,
+                        "weights": "streamed" if stream else "loaded"}
+
+        def check(name: str, logits: np.ndarray, differs: str, written: str) -> None:
+            """Record the largest logit difference from the PEFT model's, absolute and relative to the largest
+            PEFT logit, and refuse past the tolerance (relative: float32 rounding grows with the logits' scale,
+            which a real checkpoint's are many times a random one's)."""
+            diff = compare.max_abs_diff(logits, peft_logits)
+            verification[f"{name}_max_abs"] = diff
+            verification[f"{name}_relative"] = rel = diff / max(scale, float(np.finfo(np.float32).tiny))
+            if not compare.within(rel, cfg.tolerance):
+                raise EdgeftError(f"merge verification failed: {differs} by {compare.describe(diff)}, "
+                                  f"{compare.describe(rel)} of the largest logit ({scale:.3g}; tolerance "
+                                  f"{cfg.tolerance:g}); {written}")
+
+        if backend == "ort":
+            np.savez(work / "probe.npz", **batch)
+            with steps.step("the training runtime's logits (eval model, trained checkpoint)"):
+                launcher.run("edgeft.trainer.artifacts:verify", {
+                    "artifacts": str(ws.root / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
+                    "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
+            check("peft_vs_ort_eval", np.load(work / "ort_logits.npy"),
+                  "PEFT logits differ from the training runtime's", "nothing was written")
+        with atomic_dir(ws.root / "adapter") as tmp:
+            peft_model.save_pretrained(tmp)
+        with atomic_dir(ws.root / "merged") as tmp:
+            with steps.step(f"the PEFT adapter and the merged model, written{streaming}"):
+                if stream:
+                    _write_merged_streamed(peft_model, shards, quant, tmp)
+                    config.architectures = [type(base).__name__]  # as save_pretrained records it
+                    config.save_pretrained(tmp)
+                    merged, merged_shards = lazy.empty_model(tmp, trust)  # checked from the files just written
+                else:
+                    merged, merged_shards = peft_model.merge_and_unload(), None
+                    merged.save_pretrained(tmp)
+            with steps.step(f"the merged model's logits{streaming}", n_layers if stream else None) as tick, \
+                    lazy.streamed(merged, merged_shards, on_layer=tick) if stream else contextlib.nullcontext():
+                check("merged_vs_peft", _logits(trace.CausalLMLoss(merged), batch),
+                      "the merged model's logits differ from the adapter's",
+                      "the adapter was written, the merged model was not")
+            AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
+            if (model_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+                shutil.copy(model_dir / "generation_config.json", tmp / "generation_config.json")
+    outputs = {name: ws.hashes.folder(ws.root / name, ws.root) for name in ("adapter", "merged")}
+    ws.drop("package")
+    ws.record("merge", {
+        "config": dataclasses.asdict(cfg), "checkpoint": ckpt.name, "step": state["position"]["step"],
+        "backend": backend, "trained_at": trained["finished_at"], "verification": verification,
+        "outputs": outputs, "seconds": round(time.time() - started, 1), "peak_rss_mb": round(rss.peak_mb(), 1),
+    })
+    return ws.root

@@ -1,0 +1,216 @@
+"""prepare: load a Hugging Face model folder, add PEFT LoRA/DoRA adapters, start the workspace.
+
+Writes `WS/adapter_init/` (the freshly initialised adapter, PEFT format) so that export and the torch
+backend start from the very same weights, and the `prepare` record of `WS/manifest.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft.core import schema
+from edgeft.core.atomic import atomic_dir
+from edgeft.core.errors import EdgeftError
+from edgeft.core.lock import LOCK
+from edgeft.core.schema import spec
+from edgeft.core.workspace import Workspace
+from edgeft.models import families, lazy
+from edgeft.quant import quantize
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    model_dir: str = spec("Hugging Face causal-LM folder (config.json, safetensors, tokenizer)")
+    lora_r: int = spec("LoRA rank", 16, gt=0)
+    lora_alpha: float = spec("LoRA alpha (scale = alpha / r)", 32.0, gt=0)
+    lora_dropout: float = spec("dropout on the LoRA input during training", 0.0, min=0.0, max=0.9)
+    targets: list[str] | None = spec("module names to adapt; default: the family's attention and MLP Linears", None)
+    dora: bool = spec("DoRA (weight-decomposed LoRA) instead of plain LoRA", False)
+    train_modules: list[str] = spec("whole modules to train as well (PEFT modules_to_save): lm_head, embed_tokens",
+                                    default_factory=list)
+    trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
+    base_precision: str | None = spec("frozen base stored as fp32, int8 (per channel) or int4 (the int4 bundle's "
+                                      "blocks), dequantized in the graph; default: with a device profile, the one "
+                                      "its plan picks (plan.choose), fp32 without", None, choices=quantize.CHOICES)
+    int4_block_size: int = spec("int4 base: block size along the input dimension (the device profile's when one "
+                                "is given)", 32, choices=quantize.INT4_BLOCK_SIZES)
+    int4_symmetric: bool = spec("int4 base: symmetric blocks (the device profile's when one is given)", True)
+    trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False)
+    seed: int = spec("seed for the adapter initialisation", 0)
+
+    def __post_init__(self):
+        problems: list[str] = []
+        schema.check(problems, all(i >= 0 for i in self.trainable_token_indices),
+                     "trainable_token_indices: indices must be >= 0")
+        schema.check(problems, not (self.trainable_token_indices and {"lm_head", "embed_tokens"} & set(self.train_modules)),
+                     "trainable_token_indices: not with --train-modules lm_head/embed_tokens, which already train "
+                     "every row; drop one of the two")
+        schema.check(problems, not self.targets or all(t.strip() for t in self.targets),
+                     "targets: empty module name; pass names like q_proj,v_proj")
+        schema.raise_if(problems, "prepare options")
+
+
+def lora_config(cfg: PrepareConfig, family: families.Family):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.targets or family.default_targets), use_dora=cfg.dora,
+        modules_to_save=list(cfg.train_modules) or None,
+        trainable_token_indices=list(cfg.trainable_token_indices) or None,
+        task_type="CAUSAL_LM", bias="none")
+
+
+def linear_names(model) -> list[str]:
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise EdgeftError(f"--out {out} is a file; pass a folder for the workspace")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / "manifest.json").is_file():
+        raise EdgeftError(f"--out {out} exists and holds other files; pass a new or empty folder "
+                          "(or an existing edgeft workspace)")
+
+
+def input_files(model_dir: Path) -> list[Path]:
+    """The files of a model folder that a workspace is prepared from: config, weights, tokenizer."""
+    files = [model_dir / "config.json", *families.weight_files(model_dir)]
+    return files + [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+
+
+def check_tokenizer(model_dir: Path, vocab_size: int | None) -> None:
+    """The tokenizer loads, and every id it makes has a row in the embedding: a tokenizer from another model
+    would otherwise fail only when training reads past the table."""
+    from edgeft.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    if vocab_size and len(tok) > vocab_size:
+        raise EdgeftError(f"the tokenizer of {model_dir} has {len(tok):,} tokens but the model's embedding only "
+                          f"{vocab_size:,} rows (config.json vocab_size): the tokenizer files belong to another model. "
+                          "Use the tokenizer that came with these weights")
+
+
+def dora_magnitudes_(peft_model, shards: lazy.Shards) -> None:
+    """DoRA's magnitude vectors from the real weights (PEFT computed them from placeholders), one Linear at a
+    time, with PEFT's own code."""
+    import torch
+
+    for module in peft_model.modules():
+        for adapter, magnitude in getattr(module, "lora_magnitude_vector", {}).items():
+            base_layer = module.get_base_layer()
+            lazy.load_(base_layer, shards)
+            with torch.no_grad():
+                magnitude.update_layer(base_layer=base_layer, lora_A=module.lora_A[adapter].weight,
+                                       lora_B=module.lora_B[adapter].weight, scaling=module.scaling[adapter])
+            lazy.unload_(base_layer)
+
+
+def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
+    """Validate the model folder and options, initialise the adapter, record the workspace `out`."""
+    out = Path(out)
+    check_out_dir(out)
+    with Workspace(out).lock("prepare") as ws:
+        _prepare(cfg, ws, device)
+    return out
+
+
+def _prepare(cfg: PrepareConfig, ws: Workspace, device) -> None:
+    import torch
+    from peft import get_peft_model
+
+    started = time.time()
+    out = ws.root
+    model_dir = Path(cfg.model_dir).resolve()
+    config = families.read_config(model_dir)
+    family = families.detect(config, model_dir)
+    chosen, picked = None, cfg.base_precision is None
+    if device is not None:
+        from edgeft.devices import plan
+
+        run = plan.Run(seq_len=min(plan.CHOICE_SEQ_LEN, families.max_train_seq_len(config)), batch_size=1, lora_r=cfg.lora_r,
+                       targets=tuple(cfg.targets or family.default_targets), train_modules=tuple(cfg.train_modules),
+                       backend=device.execution_providers.training_backend)
+        chosen = plan.choose(model_dir, run, device, cfg.base_precision)
+        if plan.largest_fit(model_dir, chosen.run, device, chosen.trainable) is None:
+            plan.require_fit(chosen, device, "this model")
+        cfg = dataclasses.replace(cfg, base_precision=chosen.run.base_precision)
+    cfg = dataclasses.replace(cfg, base_precision=cfg.base_precision or "fp32")
+    quantize.check(cfg.base_precision)
+    if device is not None and cfg.base_precision == "int4":  # train against the blocks this profile's bundle ships
+        cfg = dataclasses.replace(cfg, int4_block_size=device.quantization.block_size,
+                                  int4_symmetric=device.quantization.symmetric)
+    hashes = ws.hashes.files(input_files(model_dir), model_dir)
+    record_cfg = dataclasses.asdict(cfg) | {"model_dir": str(model_dir)}
+    previous = ws.stage("prepare")
+    if previous and previous["config"] == record_cfg and previous["inputs"] == hashes:
+        print(f"prepare: inputs and options unchanged since {previous['finished_at']}; nothing to do")
+        return
+    n_layers = config.get("num_hidden_layers")
+    vocab = config.get("vocab_size")
+    check_tokenizer(model_dir, vocab)
+    bad_tokens = [i for i in cfg.trainable_token_indices if vocab and i >= vocab]
+    if bad_tokens:
+        raise EdgeftError(f"trainable_token_indices {bad_tokens} are outside the vocabulary (size {vocab})")
+
+    if chosen is not None:
+        p = chosen
+        how = "picked to fit" if picked else "given"
+        print(f"plan for {device.name}: {p.run.base_precision} base ({how})"
+              f"{', activations recomputed' if p.run.recompute else ''}, peak {p.memory.total / 1e9:.2f} GB at batch 1 x "
+              f"{p.run.seq_len} tokens (budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.1f} "
+              f"tokens/s; `edgeft plan {out} --device {device.name}` for other settings")
+    base, shards = lazy.empty_model(model_dir, cfg.trust_remote_code)  # LoRA's init needs shapes, not weights
+    targets = list(cfg.targets or family.default_targets)
+    linears = linear_names(base)
+    missing = [t for t in targets if t not in linears]
+    if missing:
+        raise EdgeftError(f"target modules {missing} not found in {model_dir.name}; Linear layers there: "
+                          f"{', '.join(linears)}")
+    smallest = min(min(m.in_features, m.out_features) for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    if cfg.lora_r > smallest:
+        raise EdgeftError(f"--lora-r {cfg.lora_r} is above {smallest}, the smallest dimension of the targeted layers: "
+                          f"a rank past it adds parameters and memory but no capacity; use --lora-r {smallest} or less "
+                          "(8 to 64 is usual)")
+    modules = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [m for m in cfg.train_modules if m not in modules]
+    if missing:
+        raise EdgeftError(f"--train-modules {missing} not found; try lm_head or embed_tokens")
+    copied = [m for name, m in base.named_modules()  # copied by PEFT (modules_to_save, token rows): real weights
+              if name.rsplit(".", 1)[-1] in cfg.train_modules
+              or (cfg.trainable_token_indices and m is base.get_input_embeddings())]
+    lazy.load_(base, shards, only={id(p) for m in copied for p in m.parameters()})  # once, so tied ones stay tied
+    torch.manual_seed(cfg.seed)
+    peft_model = get_peft_model(base, lora_config(cfg, family))
+    if cfg.dora:
+        dora_magnitudes_(peft_model, shards)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out / "adapter_init") as tmp:
+        peft_model.save_pretrained(tmp)
+    if previous:
+        changed = [k for k in set(previous["inputs"]) | set(hashes) if previous["inputs"].get(k) != hashes.get(k)]
+        what = f"inputs changed: {', '.join(sorted(changed))}" if changed else "options changed"
+        print(f"prepare: {what}; later stages will run again")
+        ws.drop("export", "train", "merge", "package")
+    ws.record("prepare", {
+        "config": record_cfg, "inputs": hashes, "family": family.name, "architecture": family.architecture,
+        "targets": targets, "num_hidden_layers": n_layers, "vocab_size": vocab,
+        "max_seq_len": families.max_train_seq_len(config), "device": getattr(device, "name", None),
+        "params": {"trainable": trainable, "total": total, "base": total - trainable},
+        "plan": None if chosen is None else {
+            "base_precision": chosen.run.base_precision, "precision_picked": picked, "recompute": chosen.run.recompute,
+            "seq_len": chosen.run.seq_len, "peak_bytes": round(chosen.memory.total), "fits": chosen.fits},
+        "seconds": round(time.time() - started, 2),
+    })
