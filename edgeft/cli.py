@@ -158,8 +158,9 @@ def _ints(text: str | None) -> list[int | str] | None:
 def cmd_prepare(args) -> int:
     """Load a Hugging Face model folder, add LoRA/DoRA adapters with PEFT, and start a workspace."""
     from edgeft.core import schema
+    from edgeft.core.workspace import Workspace
     from edgeft.devices import profiles
-    from edgeft.stages.prepare import PrepareConfig, prepare
+    from edgeft.stages.prepare import PrepareConfig, Prepared, prepare
 
     device = profiles.load(args.device) if args.device else None
     options = {"model_dir": args.model_dir, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
@@ -168,10 +169,8 @@ def cmd_prepare(args) -> int:
                "trainable_token_indices": _ints(args.trainable_tokens) or [],
                "trust_remote_code": args.trust_remote_code, "base_precision": args.base_precision}
     cfg = schema.parse(PrepareConfig, {k: v for k, v in options.items() if v is not None}, "prepare options")
-    from edgeft.core.workspace import Workspace
-
     out = prepare(cfg, Path(args.out), device)
-    p = Workspace(out).stage("prepare")["params"]
+    p = Workspace(out).read(Prepared).params
     print(f"prepared {out}: {p['trainable']:,} trainable of {p['total']:,} parameters "
           f"({100 * p['trainable'] / p['total']:.3f} %)")
     print(f"next: `{command('edgeft', 'export', out)}`")
@@ -181,16 +180,16 @@ def cmd_prepare(args) -> int:
 def cmd_export(args) -> int:
     """Export a prepared workspace to ONNX Runtime training artifacts and verify them against PyTorch."""
     from edgeft.core.workspace import Workspace
-    from edgeft.stages.export import ExportConfig, export
+    from edgeft.stages.export import ExportConfig, Exported, export
 
     cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format,
                        recompute=args.recompute, weights=args.weights)
     out = export(Path(args.workspace), cfg, force=args.force)
-    rec = Workspace(args.workspace).stage("export")
-    v, m = rec["verification"], rec["memory_mb"]
-    print(f"exported {out}: {', '.join(rec['outputs'])}")
+    rec = Workspace(args.workspace).read(Exported)
+    v, m = rec.verification, rec.memory_mb
+    print(f"exported {out}: {', '.join(rec.outputs)}")
     print(f"verified: ORT loss {v['ort_eval_loss']:.6f} vs PyTorch {v['torch_loss']:.6f} "
-          f"(relative {v['relative_difference']:.1e}); {rec['timing_s']['total']:.1f} s, peak RSS "
+          f"(relative {v['relative_difference']:.1e}); {rec.timing_s['total']:.1f} s, peak RSS "
           f"{max(m['torch_export_peak_rss'], m['generate_artifacts_peak_rss']):.0f} MB")
     print(f"next: `{command('edgeft', 'train', args.workspace, '--data', 'FILE.jsonl')}`")
     return 0
@@ -212,20 +211,20 @@ def cmd_data_check(args) -> int:
 def cmd_train(args) -> int:
     """Fine-tune a workspace's adapter on JSONL data with ONNX Runtime training (or --backend torch)."""
     from edgeft.devices import profiles
-    from edgeft.stages.train import TrainConfig, train
+    from edgeft.stages.train import Interrupted, TrainConfig, train
 
     cfg = _parse(TrainConfig, args, "train options")
     device = profiles.load(args.device) if args.device else None
     result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
-    if result.get("interrupted"):
-        print(f"interrupted at step {result['step']}/{result['total_steps']}; checkpoint {result['checkpoint']}")
-        print(f"resume: `{result['resume_command']}` (with the same options)")
+    if isinstance(result, Interrupted):
+        print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}")
+        print(f"resume: `{result.resume_command}` (with the same options)")
         return 143 if errors.terminated else 130
-    best = result.get("best_eval_loss")
-    print(f"trained {result['step']} steps" + (f", best eval loss {best:.4f}" if best is not None else "")
-          + (f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") else "")
-          + f", peak RSS {result['peak_rss_mb']:.0f} MB")
-    print(f"metrics: {result['metrics']}  plot: {result['plot']}")
+    best = result.best_eval_loss
+    print(f"trained {result.step} steps" + (f", best eval loss {best:.4f}" if best is not None else "")
+          + (f", {result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else "")
+          + f", peak RSS {result.peak_rss_mb:.0f} MB")
+    print(f"metrics: {result.metrics}  plot: {result.plot}")
     print(f"next: `{command('edgeft', 'merge', args.workspace)}`")
     return 0
 
@@ -233,13 +232,13 @@ def cmd_train(args) -> int:
 def cmd_merge(args) -> int:
     """Write the trained adapter in PEFT format and the merged model, both checked against training."""
     from edgeft.core.workspace import Workspace
-    from edgeft.stages.merge import MergeConfig, merge
+    from edgeft.stages.merge import MergeConfig, Merged, merge
 
-    ws = merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint, weights=args.weights))
-    rec = Workspace(ws).stage("merge")
-    v = rec["verification"]
+    ws = Workspace(merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint, weights=args.weights)))
+    rec = ws.read(Merged)
+    v = rec.verification
     check = (f"PEFT vs ORT eval logits {v['peft_vs_ort_eval_max_abs']:.1e}, " if "peft_vs_ort_eval_max_abs" in v else "")
-    print(f"merged {rec['checkpoint']} (step {rec['step']}): {ws / 'adapter'} and {ws / 'merged'}")
+    print(f"merged {rec.checkpoint} (step {rec.step}): {ws.adapter} and {ws.merged}")
     print(f"verified: {check}merged vs PEFT {v['merged_vs_peft_max_abs']:.1e} (max abs; the largest logit is "
           f"{v['logit_scale']:.3g}, tolerance {v['tolerance']:g} of it)")
     print(f"next: `{command('edgeft', 'package', args.workspace)}`")
@@ -250,7 +249,8 @@ def cmd_package(args) -> int:
     """Build an ONNX Runtime GenAI bundle of the merged model (int4 by default), verified against transformers."""
     from edgeft.core import schema
     from edgeft.devices import profiles
-    from edgeft.stages.package import PackageConfig, own_adapter, package
+    from edgeft.stages.bundle import own_adapter
+    from edgeft.stages.package.stage import PackageConfig, package
 
     device = profiles.load(args.device) if args.device else None
     options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters", "weights")
@@ -283,7 +283,7 @@ def cmd_eval(args) -> int:
     from edgeft.stages import evaluate
 
     cfg = _parse(evaluate.EvalConfig, args, "eval options", variants=_csv(args.only))
-    report = evaluate.run(Path(args.workspace), Path(args.data), cfg, Path(args.shots_from) if args.shots_from
+    report = evaluate.evaluate(Path(args.workspace), Path(args.data), cfg, Path(args.shots_from) if args.shots_from
                           else None)
     print(evaluate.markdown(report))
     print(f"report: {Path(args.workspace) / 'eval' / 'report.md'}  chart: {Path(args.workspace) / 'eval' / 'report.png'}")
@@ -297,7 +297,7 @@ def cmd_bench(args) -> int:
 
     cfg = _parse(bench.BenchConfig, args, "bench options")
     profile = profiles.load(args.device) if args.device else None
-    report = bench.run(Path(args.target), profile, cfg, args.backend, Path(args.data) if args.data else None,
+    report = bench.bench(Path(args.target), profile, cfg, args.backend, Path(args.data) if args.data else None,
                        Path(args.out) if args.out else None)
     print(json.dumps(report, indent=2) if args.json else bench.markdown(report))
     return 0
@@ -331,15 +331,22 @@ def cmd_plan(args) -> int:
     target = Path(args.target)
     if not target.is_dir():
         raise EdgeftError(f"{target} is not a folder; pass a Hugging Face model folder or a prepared workspace")
-    p = plan.for_target(target, profile, o.seq_len, o.batch_size, o.lora_r, o.targets, o.backend, o.train_modules,
-                        o.base_precision, o.recompute)
+    if (target / "manifest.json").is_file() and not (target / "config.json").is_file():  # a workspace
+        from edgeft.core.workspace import Workspace
+        from edgeft.stages import planning
+
+        p = planning.for_workspace(Workspace(target), profile, o.seq_len, o.batch_size, o.lora_r, o.targets,
+                                   o.backend, o.train_modules, o.recompute)
+    else:
+        p = plan.for_model(target, profile, o.seq_len, o.batch_size, o.lora_r, o.targets, o.backend,
+                           o.train_modules, o.base_precision, o.recompute)
     print(json.dumps(plan.to_dict(p, profile), indent=2) if args.json else plan.render(p, profile))
     return 0 if p.fits else 1
 
 
 def cmd_chat(args) -> int:
     """Stream a reply from a packaged model (interactive without --prompt)."""
-    from edgeft.stages.package import ChatConfig, chat
+    from edgeft.stages.chat import ChatConfig, chat
 
     chat(Path(args.bundle), args.prompt, _parse(ChatConfig, args, "chat options"))
     return 0

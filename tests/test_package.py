@@ -13,7 +13,7 @@ from edgeft.core.errors import EdgeftError
 from edgeft.devices import profiles
 from edgeft.stages.export import export
 from edgeft.stages.merge import merge
-from edgeft.stages.package import PackageConfig, package
+from edgeft.stages.package.stage import PackageConfig, package
 from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
@@ -66,7 +66,7 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
 
 def matmul_nbits(bundle):
     """(dequantized [N, K] weight, attributes) of every MatMulNBits in a bundle, in graph order."""
-    from edgeft.stages.package import matmul_nbits as read
+    from edgeft.stages.package.builder import matmul_nbits as read
 
     return [(b.dequantized(), {"K": b.K, "N": b.N, "bits": b.bits, "block_size": b.block_size,
                                "accuracy_level": b.accuracy_level}) for b in read(bundle)]
@@ -82,7 +82,9 @@ def test_quantized_copy_builds_the_builders_own_int4(tiny_model, tmp_path, famil
 
     from edgeft.devices.profiles import Quantization
     from edgeft.quant import prequantize
-    from edgeft.stages.package import _prompts, agreement, build, genai_generate, run_builder
+    from edgeft.stages.package.builder import build, run_builder
+    from edgeft.stages.package.verify import agreement, genai_generate
+    from edgeft.stages.package.verify import prompts_of as _prompts
 
     model = tiny_model(family)
     quant = Quantization(precision=precision, block_size=32, accuracy_level=4, symmetric=symmetric)
@@ -108,7 +110,7 @@ def test_the_builder_quantizes_where_the_copy_cannot_be_made(tiny_model, tmp_pat
     """Blocks that do not divide a weight's inputs, and GPU builds (fp16 weights): the builder's own route."""
     from edgeft.devices.profiles import Quantization
     from edgeft.quant import prequantize
-    from edgeft.stages.package import build
+    from edgeft.stages.package.builder import build
 
     model = tiny_model("phi3-mini-4k")
     assert "not a multiple of the block size 256" in prequantize.unsupported(model, 256)
@@ -120,7 +122,7 @@ def test_the_builder_quantizes_where_the_copy_cannot_be_made(tiny_model, tmp_pat
 def test_a_gpu_bundle_is_verified_on_the_cpu_where_its_provider_is_missing(merged_ws, tmp_path):
     """Built for CUDA on a machine without it: the same graph and weights run on the CPU provider for the
     verification, and the manifest says so."""
-    from edgeft.stages.package import provider_here
+    from edgeft.stages.package.verify import provider_here
 
     if provider_here("cuda"):
         pytest.skip("this machine runs CUDA: the bundle is verified on it")
@@ -155,7 +157,8 @@ def test_bad_input(merged_ws, tiny_model, tmp_path):
 def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp_path):
     import onnxruntime_genai as og
 
-    from edgeft.stages.package import _prompts, genai_generate
+    from edgeft.stages.package.verify import genai_generate
+    from edgeft.stages.package.verify import prompts_of as _prompts
 
     ws = copy(merged_ws, tmp_path)
     out = package(ws, PackageConfig(precision="fp32", adapters=True))
@@ -195,7 +198,7 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
     # loss (fp32), not the base's.
     from edgeft.stages import evaluate
 
-    report = evaluate.run(ws, DATA_DIR / "test.jsonl", evaluate.EvalConfig(limit=4, max_new_tokens=4,
+    report = evaluate.evaluate(ws, DATA_DIR / "test.jsonl", evaluate.EvalConfig(limit=4, max_new_tokens=4,
                                                                            variants=["base", "merged", "bundle"]),
                           log=lambda *_: None)
     loss = {r["variant"]: r["loss"] for r in report["results"]}
@@ -233,7 +236,8 @@ def test_adapter_bundle_int4_and_refusals(merged_ws, tiny_model, tmp_path):
 def test_the_streamed_reference_gives_the_loaded_models_tokens_and_logits(merged_ws):
     """package's transformers reference, one decoder layer resident at a time (what a Phi-3-mini past 4 GiB of
     fp32 weights gets), equals the reference that holds the model: same greedy tokens, same logits."""
-    from edgeft.stages.package import _prompts, reference
+    from edgeft.stages.package.verify import prompts_of as _prompts
+    from edgeft.stages.package.verify import reference
 
     merged = merged_ws / "merged"
     prompts = _prompts(merged, 2)

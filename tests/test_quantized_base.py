@@ -155,7 +155,7 @@ def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_p
     import yaml
 
     from edgeft.devices import profiles
-    from edgeft.stages.package import PackageConfig, package
+    from edgeft.stages.package.stage import PackageConfig, package
 
     assert_backends_agree(trained_int4, tmp_path, steps=6)
     ws = tmp_path / "ort"
@@ -175,7 +175,7 @@ def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_p
 def test_package_refuses_a_bundle_whose_int4_blocks_differ(trained_int4, tmp_path):
     import shutil
 
-    from edgeft.stages.package import PackageConfig, package
+    from edgeft.stages.package.stage import PackageConfig, package
 
     ws = tmp_path / "ws"
     shutil.copytree(trained_int4, ws)

@@ -51,10 +51,10 @@ def test_plan_counts_one_layer_of_activations_and_every_layers_input(tiny_model)
     from edgeft.devices import plan
 
     model = tiny_model("phi3-mini-4k")
-    shape = plan.for_target(model, None, seq_len=256).shape
+    shape = plan.for_model(model, None, seq_len=256).shape
     deeper = dataclasses.replace(shape, layers=shape.layers + 30)
     grows = {lean: plan.activation_bytes(deeper, 256, 1, "ort", lean) - plan.activation_bytes(shape, 256, 1, "ort", lean)
              for lean in (False, True)}
     assert grows[True] == pytest.approx(30 * 256 * 4 * shape.hidden)  # each extra layer keeps its input only
     assert grows[False] > 10 * grows[True]
-    assert plan.for_target(model, None, seq_len=256, recompute=True).run.recompute
+    assert plan.for_model(model, None, seq_len=256, recompute=True).run.recompute

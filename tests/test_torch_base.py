@@ -34,7 +34,7 @@ def test_torch_backend_base_equals_the_fake_quantized_model(tiny_model, tmp_path
 
     model_dir = tiny_model("phi3-mini-4k")
     ws = prepare(PrepareConfig(model_dir=str(model_dir), lora_r=4, base_precision=precision), tmp_path / "ws")
-    quant = quantize.settings({"base_precision": precision, "int4_block_size": 32})
+    quant = quantize.settings(precision, 32)
     reference = PeftModel.from_pretrained(load_base(model_dir), ws / "adapter_init", is_trainable=True)
     quantize.fake_quantize_(reference, quant)
     ours = torch_linear.load(model_dir, ws / "adapter_init", quant)

@@ -54,7 +54,7 @@ def test_ort_and_torch_agree_over_20_steps(exported, tmp_path):
     # Stated tolerance: 1e-4 absolute per step (both run torch's AdamW; see ort_engine.torch_adamw).
     assert np.max(np.abs(a - b)) < 1e-4, np.abs(a - b)
     assert a[-1] < a[0] - 0.1 and b[-1] < b[0] - 0.1
-    assert abs(ort["best_eval_loss"] - ref["best_eval_loss"]) < 1e-4
+    assert abs(ort.best_eval_loss - ref.best_eval_loss) < 1e-4
     for ws in (ort_ws, torch_ws):
         assert (ws / "train" / "metrics.png").stat().st_size > 10_000
     rec = json.loads((ort_ws / "manifest.json").read_text())["stages"]["train"]
@@ -202,7 +202,7 @@ def test_bad_input(exported, tiny_model, tmp_path):
     with pytest.raises(EdgeftError, match=r"its training options differ from this run's \(lr 0.001 -> 0.0005\)"):
         train(ws, DATA, TrainConfig(**{**FAST, "lr": 5e-4}, max_steps=2), resume=True)
     again = train(ws, DATA, TrainConfig(**FAST, max_steps=2))
-    assert again["step"] == 2  # unchanged: nothing to do
+    assert again.step == 2  # unchanged: nothing to do
 
 
 def test_cli_bad_input_exits_2(tmp_path):

@@ -38,26 +38,27 @@ def spec(doc: str, default: Any = _MISSING, *, default_factory: Any = _MISSING, 
     return dataclasses.field(**kwargs)
 
 
-def parse(cls: type[T], data: Any, source: str) -> T:
-    """Build `cls` from `data`; raise ConfigError naming `source`, each bad field and what is accepted."""
+def parse(cls: type[T], data: Any, source: str, strict: bool = True) -> T:
+    """Build `cls` from `data`; raise ConfigError naming `source`, each bad field and what is accepted. Not
+    `strict`: keys `cls` does not know are ignored (a record written by another version of edgeft)."""
     problems: list[str] = []
-    value = _convert(cls, data, "", problems)
+    value = _convert(cls, data, "", problems, strict)
     if problems:
         raise ConfigError(source, problems)
     return value
 
 
-def to_dict(obj: Any) -> Any:
-    """The plain-dict form of a config: what `parse` reads back, with None fields left out."""
+def to_dict(obj: Any, keep_none: bool = False) -> Any:
+    """The plain-dict form of a config: what `parse` reads back, with None fields left out (unless `keep_none`)."""
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
-            if v is not None:
-                out[f.name] = to_dict(v)
+            if v is not None or keep_none:
+                out[f.name] = to_dict(v, keep_none)
         return out
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, keep_none) for v in obj]
     return obj
 
 
@@ -73,28 +74,38 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is dict or origin is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+def _convert(tp: Any, value: Any, path: str, problems: list[str], strict: bool = True) -> Any:
     where = path or "(top level)"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, path, problems)
+        return _convert(args[0], value, path, problems, strict)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {type(value).__name__} {short(value)}")
             return None
-        return _build_dataclass(tp, value, path, problems)
+        return _build_dataclass(tp, value, path, problems, strict)
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"{where}: expected {_type_name(tp)}, got {short(value)}")
             return None
         (item_tp,) = typing.get_args(tp)
-        return [_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return [_convert(item_tp, v, f"{path}[{i}]", problems, strict) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {short(value)}")
+            return None
+        if not typing.get_args(tp):
+            return value
+        key_tp, value_tp = typing.get_args(tp)
+        return {k: _convert(value_tp, v, f"{path}.{k}", problems, strict) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{where}: expected true or false, got {short(value)}")
@@ -141,11 +152,11 @@ def _check_constraints(meta: dict, value: Any, where: str, problems: list[str]) 
             problems.append(f"{where}: {value!r} is above the maximum {meta['max']}")
 
 
-def _build_dataclass(cls: Any, data: dict, path: str, problems: list[str]) -> Any:
+def _build_dataclass(cls: Any, data: dict, path: str, problems: list[str], strict: bool) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
-    for key in data:
+    for key in data if strict else ():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -161,7 +172,7 @@ def _build_dataclass(cls: Any, data: dict, path: str, problems: list[str]) -> An
             if f.default is _MISSING and f.default_factory is _MISSING:
                 problems.append(f"{where}: missing; expected {_type_name(hints[name])} ({f.metadata.get('doc', '')})")
             continue
-        value = _convert(hints[name], data[name], where, problems)
+        value = _convert(hints[name], data[name], where, problems, strict)
         _check_constraints(dict(f.metadata), value, where, problems)
         kwargs[name] = value
     if len(problems) > n_before:

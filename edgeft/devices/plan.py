@@ -291,7 +291,7 @@ def epoch_estimate(model_dir: Path, profile: Profile, lengths) -> dict:
     (`choose`): batches of the largest size that fits at the longest sample, each step priced as the plan
     prices a full batch of that length (the trainer pads a batch to its longest row)."""
     longest = int(max(lengths))
-    p = for_target(Path(model_dir), profile, seq_len=longest, batch_size=1)
+    p = for_model(Path(model_dir), profile, seq_len=longest, batch_size=1)
     best = largest_fit(p.model_dir, p.run, profile, p.trainable)
     batch = best[1] if best and best[0] >= longest else 1
     p = make(p.model_dir, dataclasses.replace(p.run, batch_size=batch), profile, p.trainable)
@@ -302,20 +302,6 @@ def epoch_estimate(model_dir: Path, profile: Profile, lengths) -> dict:
 
 
 # -- the `plan` command and the checks prepare and train make ---------------------------------------------
-
-def recomputed(stages: dict) -> bool:
-    """Whether a workspace's run recomputes activations: as exported (an explicit --recompute, or the record
-    of what export recomputed), or before export as prepare's device plan chose."""
-    exported = stages.get("export")
-    if exported:
-        return bool(exported["config"].get("recompute") or exported.get("recompute"))
-    return prepared_recompute(stages["prepare"])
-
-
-def prepared_recompute(prep: dict) -> bool:
-    """Whether prepare's device plan chose recomputed activations (a prepare record; False without a device)."""
-    return bool((prep.get("plan") or {}).get("recompute"))
-
 
 def _check_modules(model_dir: Path, targets: list[str] | None, train_modules: list[str] | None) -> None:
     """Refuse module names the model does not have: a plan for them would count nothing and say it fits."""
@@ -330,34 +316,13 @@ def _check_modules(model_dir: Path, targets: list[str] | None, train_modules: li
                           "embed_tokens")
 
 
-def for_target(target: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
-               lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
-               train_modules: list[str] | None = None, base_precision: str | None = None,
-               recompute: bool | None = None) -> Plan:
-    """A plan for a model folder or a prepared workspace (whose LoRA settings, base precision and
-    recomputation are the defaults here). For a model folder, what is not given is what `prepare --device`
-    would pick (`choose`)."""
-    target = Path(target)
-    trainable = None
-    if (target / "manifest.json").is_file() and not (target / "config.json").is_file():
-        from edgeft.core.workspace import Workspace
-
-        stages = Workspace(target).manifest()["stages"]
-        prep = stages.get("prepare")
-        if not prep:
-            raise EdgeftError(f"workspace {target} is not prepared; run `edgeft prepare MODEL_DIR --out {target}`")
-        c = prep["config"]
-        model_dir = Path(c["model_dir"])
-        if lora_r is None and targets is None and train_modules is None:
-            trainable = prep["params"]["trainable"]
-        lora_r = lora_r or c["lora_r"]
-        base_precision = c.get("base_precision") or "fp32"
-        targets = targets or prep["targets"]
-        train_modules = train_modules if train_modules is not None else c["train_modules"]
-        if recompute is None:
-            recompute = recomputed(stages)
-    else:
-        model_dir = target
+def for_model(model_dir: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
+              lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
+              train_modules: list[str] | None = None, base_precision: str | None = None,
+              recompute: bool | None = None, trainable: int | None = None) -> Plan:
+    """A plan for a model folder. What is not given is what `prepare --device` would pick (`choose`); `trainable`,
+    when known (a prepared workspace's count), replaces the count worked out from the shapes."""
+    model_dir = Path(model_dir)
     _check_modules(model_dir, targets, train_modules)
     if backend is None:
         backend = profile.execution_providers.training_backend if profile else "ort"

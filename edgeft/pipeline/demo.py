@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from edgeft.core.errors import EdgeftError
+from edgeft.core.workspace import Workspace
 from edgeft.pipeline import run
 from edgeft.tasks import home
 
@@ -36,21 +37,22 @@ def demo(seed: int = 0, workspace: Path | None = None, device: str | None = None
 
 
 def summarize(root: Path, seconds: float) -> dict:
-    stages = json.loads((root / "manifest.json").read_text())["stages"]
-    results = {r["variant"]: r for r in json.loads((root / "eval" / "report.json").read_text())["results"]}
-    bench = json.loads((root / "bench" / "bench.json").read_text())
-    bundle = root / "bundle"
+    from edgeft.stages.package.stage import Packaged
+    from edgeft.stages.train import Trained
+
+    ws = Workspace(root)
+    trained, packaged = ws.read(Trained), ws.read(Packaged)
+    results = {r["variant"]: r for r in json.loads((ws.eval_reports / "report.json").read_text())["results"]}
+    inference = json.loads((ws.bench_reports / "bench.json").read_text()).get("inference", {})
     pick = lambda prefix: next((r for k, r in results.items() if k.startswith(prefix)), None)  # noqa: E731
     return {
         "workspace": str(root), "seconds": round(seconds, 1),
         "exact_match": {k: (pick(k) or {}).get("exact_match") for k in ("base", "base few-shot", "adapter", "bundle")},
-        "train_tokens_per_s": stages["train"].get("tokens_per_s"),
-        "train_peak_rss_mb": stages["train"]["peak_rss_mb"],
-        "package_peak_rss_mb": stages["package"]["peak_rss_mb"],
-        "decode_tokens_per_s": bench.get("inference", {}).get("decode_tokens_per_s", {}).get("median"),
-        "ttft_ms": bench.get("inference", {}).get("ttft_ms", {}).get("median"),
-        "bundle": str(bundle), "bundle_mb": stages["package"]["bytes"] / 2**20,
-        "precision": stages["package"]["precision"],
+        "train_tokens_per_s": trained.tokens_per_s, "train_peak_rss_mb": trained.peak_rss_mb,
+        "package_peak_rss_mb": packaged.peak_rss_mb,
+        "decode_tokens_per_s": inference.get("decode_tokens_per_s", {}).get("median"),
+        "ttft_ms": inference.get("ttft_ms", {}).get("median"),
+        "bundle": str(ws.bundle), "bundle_mb": packaged.bytes / 2**20, "precision": packaged.precision,
     }
 
 

@@ -12,31 +12,27 @@ stage after one that changed.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from edgeft.core import schema
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
-from edgeft.core.workspace import Workspace
+from edgeft.core.workspace import STAGES, Record, Workspace
 from edgeft.quant import quantize
 from edgeft.stages.bench import BenchConfig
 from edgeft.stages.evaluate import EvalConfig
-from edgeft.stages.package import BUILDER_EPS, BUILDER_PRECISIONS
+from edgeft.stages.package.builder import BUILDER_EPS, BUILDER_PRECISIONS
 from edgeft.stages.train import TrainConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the edgeft package
 SHIPPED = {"home_base": PACKAGE_ROOT / "tasks" / "home_base", "home_data": PACKAGE_ROOT / "tasks" / "home_data",
            "recipes": PACKAGE_ROOT / "recipes"}
-STAGES = ("prepare", "export", "train", "merge", "package", "eval", "bench")
 NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
@@ -142,8 +138,14 @@ def resolve(value: str | None, base: Path) -> Path | None:
     return path
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Ran(Record):
+    """What `edgeft run` recorded: the recipe that last ran in this workspace, and what each stage took."""
+
+    STAGE: ClassVar[str] = "run"
+    recipe: str = spec("the recipe's name")
+    stages: list[str] = spec("the stages it asked for")
+    timings: dict = spec("seconds per stage that ran (the unchanged ones were skipped)")
 
 
 def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> dict:
@@ -163,69 +165,51 @@ def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> d
 
 
 def _run(recipe: Recipe, base: Path, ws: Workspace, device, log, force: tuple[str, ...]) -> dict:
-    from edgeft.stages import bench, evaluate, export, merge, package, prepare, train
+    """Each stage of the recipe in order: skipped when the stage itself says it is unchanged (the same test it
+    applies when run on its own: workspace.Workspace.unchanged), run otherwise."""
+    from edgeft.stages import bench, evaluate, export, merge, prepare, train
+    from edgeft.stages.package import stage as package
 
-    root = ws.root
     model_dir = resolve(recipe.model.path, base)
     train_data = resolve(recipe.data.train, base)
     eval_data = resolve(recipe.data.eval, base)
     test_data = resolve(recipe.data.test, base) or eval_data
+    lora = recipe.lora
+    prep_cfg = prepare.PrepareConfig(model_dir=str(model_dir), lora_r=lora.r, lora_alpha=lora.alpha,
+                                     lora_dropout=lora.dropout, targets=lora.targets, dora=lora.dora,
+                                     train_modules=list(lora.train_modules), seed=lora.seed,
+                                     base_precision=recipe.model.base_precision)
+    pkg_cfg = package.PackageConfig(precision=recipe.package.precision, ep=recipe.package.ep, force=True)
 
-    def content(path: Path | None) -> str | None:
-        """What a stage key holds of an input file: its content, so that a file edited in place reruns the stage."""
-        return ws.hashes.of(path) if path is not None and path.is_file() else None
+    def do_train() -> None:
+        result = train.train(ws.root, train_data, recipe.train, eval_data, device, resume=None)
+        if isinstance(result, train.Interrupted):
+            raise EdgeftError(f"training was interrupted at step {result.step}; run the recipe again to resume")
 
-    done = ws.stage("run") or {"keys": {}}
-    keys: dict[str, str] = dict(done["keys"])
+    stages = {  # name: (unchanged, run)
+        "prepare": (lambda: prepare.unchanged(ws, prep_cfg, device), lambda: prepare.prepare(prep_cfg, ws.root, device)),
+        "export": (lambda: export.unchanged(ws), lambda: export.export(ws.root)),
+        "train": (lambda: train.unchanged(ws, train_data, recipe.train, eval_data), do_train),
+        "merge": (lambda: merge.unchanged(ws), lambda: merge.merge(ws.root)),
+        "package": (lambda: package.unchanged(ws, pkg_cfg, device), lambda: package.package(ws.root, pkg_cfg, device)),
+        "eval": (lambda: evaluate.unchanged(ws, test_data, recipe.eval, train_data),
+                 lambda: evaluate.evaluate(ws.root, test_data, recipe.eval, train_data, log=log)),
+        "bench": (lambda: bench.unchanged(ws, device, recipe.bench, data=train_data),
+                  lambda: bench.bench(ws.root, device, recipe.bench, data=train_data)),
+    }
     timings: dict[str, float] = {}
-    upstream = ""
-
-    def stage(name: str, options, work) -> None:
-        nonlocal upstream
+    for name in STAGES:
+        unchanged, work = stages[name]
         if name not in recipe.stages:
-            return
-        key = _key(name, options, upstream)
-        if keys.get(name) == key and ws.stage(name) and name not in force:
+            continue
+        if name == "eval" and test_data is None:
+            log("[eval] no data.test or data.eval; skipped")
+        elif name not in force and unchanged() is not None:
             log(f"[{name}] unchanged; skipped")
         else:
             log(f"[{name}]")
             started = time.time()
             work()
             timings[name] = round(time.time() - started, 1)
-            keys[name] = key
-            ws.record("run", {"recipe": recipe.name, "keys": keys})
-        upstream = (ws.stage(name) or {}).get("finished_at", "")
-
-    lora = recipe.lora
-    prep_cfg = prepare.PrepareConfig(model_dir=str(model_dir), lora_r=lora.r, lora_alpha=lora.alpha,
-                                     lora_dropout=lora.dropout, targets=lora.targets, dora=lora.dora,
-                                     train_modules=list(lora.train_modules), seed=lora.seed,
-                                     base_precision=recipe.model.base_precision)
-    model_files = ws.hashes.files(prepare.input_files(model_dir), model_dir) if model_dir.is_dir() else None
-    stage("prepare", [dataclasses.asdict(prep_cfg), model_files], lambda: prepare.prepare(prep_cfg, root, device))
-    stage("export", {}, lambda: export.export(root))
-
-    def do_train():
-        ckpts = root / "train" / "checkpoints"
-        if ws.stage("train") is not None and (root / "train").is_dir():
-            previous = root / "train.previous"
-            shutil.rmtree(previous, ignore_errors=True)
-            (root / "train").rename(previous)
-            log(f"[train] options or data changed; starting over (the finished run is kept in {previous})")
-        resume = train.checkpoints.latest(ckpts) is not None
-        if resume:
-            log(f"[train] resuming the interrupted run from {train.checkpoints.latest(ckpts)}")
-        result = train.train(root, train_data, recipe.train, eval_data, device, resume)
-        if result.get("interrupted"):
-            raise EdgeftError(f"training was interrupted at step {result['step']}; run the recipe again to resume")
-
-    stage("train", [dataclasses.asdict(recipe.train), content(train_data), content(eval_data)], do_train)
-    stage("merge", "best", lambda: merge.merge(root, merge.MergeConfig()))
-    pkg_cfg = package.PackageConfig(precision=recipe.package.precision, ep=recipe.package.ep, force=True)
-    stage("package", dataclasses.asdict(pkg_cfg), lambda: package.package(root, pkg_cfg, device))
-    stage("eval", [dataclasses.asdict(recipe.eval), content(test_data), content(train_data)],
-          lambda: evaluate.run(root, test_data, recipe.eval, train_data, log=log) if test_data
-          else log("[eval] no data.test or data.eval; skipped"))
-    stage("bench", [dataclasses.asdict(recipe.bench), getattr(device, "name", None), content(train_data)],
-          lambda: bench.run(root, device, recipe.bench, data=train_data))
-    return {"workspace": root, "timings": timings, "manifest": ws.manifest()}
+    ws.write(Ran(recipe=recipe.name, stages=list(recipe.stages), timings=timings))
+    return {"workspace": ws.root, "timings": timings, "manifest": ws.manifest()}

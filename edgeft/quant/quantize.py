@@ -32,11 +32,11 @@ def check(precision: str) -> None:
         raise EdgeftError(f"--base-precision {precision!r}: use one of {', '.join(CHOICES)}")
 
 
-def settings(prepare_config: dict) -> dict:
-    """The base quantization a workspace was prepared with: precision, and for int4 block size and symmetry."""
-    return {"precision": prepare_config.get("base_precision", "fp32"),
-            "block_size": int(prepare_config.get("int4_block_size", 32)),
-            "symmetric": bool(prepare_config.get("int4_symmetric", True))}
+def settings(precision: str = "fp32", block_size: int = 32, symmetric: bool = True) -> dict:
+    """A frozen base's quantization as every consumer takes it (fake_quantize_, frozen_base.externalize, the torch
+    backend, the training runtime's arguments): precision, and for int4 the block size and symmetry."""
+    check(precision)
+    return {"precision": precision, "block_size": int(block_size), "symmetric": bool(symmetric)}
 
 
 def unpack_nibbles(packed):

@@ -12,21 +12,26 @@ Figures are median / min / max over the runs, each marked pass or fail against t
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from edgeft.core import atomic, plots, rss
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
-from edgeft.core.workspace import Workspace
-from edgeft.devices import plan
+from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.devices.profiles import Profile
-from edgeft.quant import quantize
 from edgeft.runtime import launcher
+from edgeft.stages import planning
+from edgeft.stages.bundle import own_adapter
+from edgeft.stages.export import Exported, check_artifacts
+from edgeft.stages.package.stage import Packaged
+from edgeft.stages.prepare import Prepared
 
 
 @dataclass(frozen=True)
@@ -63,24 +68,21 @@ def _tokens(model_dir: Path, data: Path | None) -> np.ndarray:
 
 def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: int, batch_size: int,
                    backend: str, work: Path, data: Path | None) -> dict:
-    prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
-    model_dir = Path(prep["config"]["model_dir"])
+    prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     if backend == "ort":
-        from edgeft.stages.export import check_artifacts
-
-        check_artifacts(ws, ws.require("export", f"the ort backend benches exported artifacts; run "
+        check_artifacts(ws, ws.require(Exported, f"the ort backend benches exported artifacts; run "
                                                  f"`edgeft export {ws.root}`"))
-    if seq_len > prep["max_seq_len"]:
-        raise EdgeftError(f"--seq-len {seq_len} exceeds {prep['max_seq_len']}, the longest sequence this model was "
-                          f"exported for; use <= {prep['max_seq_len']}")
-    predicted = plan.for_target(ws.root, profile, seq_len, batch_size, backend=backend)
+    if seq_len > prep.max_seq_len:
+        raise EdgeftError(f"--seq-len {seq_len} exceeds {prep.max_seq_len}, the longest sequence this model was "
+                          f"exported for; use <= {prep.max_seq_len}")
+    predicted = planning.for_workspace(ws, profile, seq_len, batch_size, backend=backend)
     tokens_path = work / "tokens.npy"
-    np.save(tokens_path, _tokens(model_dir, data))
+    np.save(tokens_path, _tokens(prep.model_dir, data))
     args = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
-            "tokens": str(tokens_path), "artifacts": str(ws.root / "artifacts"), "model_dir": str(model_dir),
-            "adapter_init": str(ws.root / "adapter_init"),
-            "base_quant": quantize.settings(prep["config"]), "recompute": predicted.run.recompute}
-    result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.root / "logs" / "bench-train.log",
+            "tokens": str(tokens_path), "artifacts": str(ws.artifacts), "model_dir": str(prep.model_dir),
+            "adapter_init": str(ws.adapter_init), "base_quant": prep.config.base_quant,
+            "recompute": predicted.run.recompute}
+    result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.log("bench-train"),
                           cwd=work, runtime_name="training" if backend == "ort" else "main")
     step = _stats(result["step_s"])
     tokens = batch_size * seq_len
@@ -99,8 +101,6 @@ def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int
     ids = _tokens(bundle, data)
     if len(ids) < prompt_tokens:
         ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
-    from edgeft.stages.package import own_adapter
-
     adapter = own_adapter(bundle)
     args = {"bundle": str(bundle), "prompt": ids[:prompt_tokens].tolist(), "new_tokens": new_tokens, "runs": runs,
             "adapter": adapter.relative_to(bundle).as_posix() if adapter else None}
@@ -118,7 +118,7 @@ def genai_child(args: dict) -> dict:
     adapter active, if it ships swappable ones)."""
     import onnxruntime_genai as og
 
-    from edgeft.stages.package import generator, load_adapter, open_model
+    from edgeft.stages.bundle import generator, load_adapter, open_model
     from edgeft.trainer import events
 
     model = open_model(Path(args["bundle"]))
@@ -232,23 +232,53 @@ def chart(report: dict, out: Path) -> Path:
     return plots.save(fig, out)
 
 
-def run(target: Path, profile: Profile | None, cfg: BenchConfig = BenchConfig(), backend: str | None = None,
-        data: Path | None = None, out: Path | None = None, what: tuple[str, ...] = ("training", "inference")) -> dict:
+@dataclass(frozen=True)
+class Benched(Record):
+    """What bench recorded of a workspace: the profile, each figure's verdict, and the report."""
+
+    STAGE: ClassVar[str] = "bench"
+    device: str | None = spec("the profile judged against", None)
+    report: str = spec("the report's markdown file", "")
+    judged: dict = spec("figure -> pass, fail or not judged", default_factory=dict)
+
+
+def key(ws: Workspace, profile: Profile | None, cfg: BenchConfig, backend: str | None, data: Path | None) -> str:
+    """The bench stage's key: its options, the profile, the data's content and what it measures (the artifacts
+    and the bundle)."""
+    upstream = [r.key if r else None for r in (ws.read(Prepared), ws.read(Exported), ws.read(Packaged))]
+    return key_of("bench", dataclasses.asdict(cfg), getattr(profile, "name", None), backend, ws.content(data),
+                  upstream)
+
+
+def unchanged(ws: Workspace, profile: Profile | None, cfg: BenchConfig = BenchConfig(), backend: str | None = None,
+              data: Path | None = None) -> Benched | None:
+    """The bench record if the same figures were measured of the same artifacts and bundle (edgeft run skips it;
+    `edgeft bench` always measures)."""
+    return ws.unchanged(Benched, key(ws, profile, cfg, backend, data))
+
+
+def bench(target: Path, profile: Profile | None, cfg: BenchConfig = BenchConfig(), backend: str | None = None,
+          data: Path | None = None, out: Path | None = None, what: tuple[str, ...] = ("training", "inference")) -> dict:
     """Bench a workspace (holding its lock: the report goes into it) or a bundle; the report."""
     target = Path(target).absolute()
     if not target.exists():
         raise EdgeftError(f"{target} does not exist; pass a workspace or a bundle folder")
     if (target / "genai_config.json").is_file():
-        return _run(target, None, profile, cfg, backend, data, out, what)
+        return _bench(target, None, profile, cfg, backend, data, Path(out or f"{target}-bench"), what)
     ws = Workspace(target)
-    if not (ws.root / "manifest.json").is_file():
+    if not ws.manifest_path.is_file():
         raise EdgeftError(f"{target} is neither a workspace (no manifest.json) nor a bundle (no genai_config.json)")
     with ws.lock("bench"):
-        return _run(target, ws, profile, cfg, backend, data, out, what)
+        out = Path(out or ws.bench_reports)
+        report = _bench(target, ws, profile, cfg, backend, data, out, what)
+        ws.write(Benched(device=report["device"], report=str(out / "bench.md"),
+                         judged={r["figure"]: r["verdict"] for r in report["judged"]},
+                         key=key(ws, profile, cfg, backend, data)))
+    return report
 
 
-def _run(target: Path, ws: Workspace | None, profile: Profile | None, cfg: BenchConfig, backend: str | None,
-         data: Path | None, out: Path | None, what: tuple[str, ...]) -> dict:
+def _bench(target: Path, ws: Workspace | None, profile: Profile | None, cfg: BenchConfig, backend: str | None,
+           data: Path | None, out: Path, what: tuple[str, ...]) -> dict:
     import platform
 
     runs, seq_len, batch_size = cfg.runs, cfg.seq_len, cfg.batch_size
@@ -257,12 +287,11 @@ def _run(target: Path, ws: Workspace | None, profile: Profile | None, cfg: Bench
     backend = backend or (profile.execution_providers.training_backend if profile else "ort")
     report: dict = {"device": profile.name if profile else None, "machine": platform.node(),
                     "date": time.strftime("%Y-%m-%d"), "runs": runs, "target": str(target)}
-    out = Path(out) if out else (target.parent / f"{target.name}-bench" if is_bundle else target / "bench")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    if ws is not None and "training" in what and ws.stage("prepare") and (backend == "torch" or ws.stage("export")):
+    if ws is not None and "training" in what and ws.read(Prepared) and (backend == "torch" or ws.read(Exported)):
         report["training"] = bench_training(ws, profile, runs, seq_len, batch_size, backend, work, data)
-    bundle = target if is_bundle else target / "bundle"
+    bundle = target if is_bundle else ws.bundle
     if "inference" in what and (bundle / "genai_config.json").is_file():
         report["inference"] = bench_inference(bundle, runs, prompt_tokens, new_tokens, data, out)
     if "training" not in report and "inference" not in report:
@@ -276,7 +305,4 @@ def _run(target: Path, ws: Workspace | None, profile: Profile | None, cfg: Bench
     atomic.write_json(out / "bench.json", report)
     atomic.write_text(out / "bench.md", markdown(report))
     chart(report, out / "bench.png")
-    if ws is not None:
-        ws.record("bench", {"device": report["device"], "report": str(out / "bench.md"),
-                            "judged": {r["figure"]: r["verdict"] for r in report["judged"]}})
     return report

@@ -13,19 +13,28 @@ onnxruntime-genai, the way an app runs it. Writes `WS/eval/report.{md,json}` and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from edgeft.core import atomic, plots, state
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
-from edgeft.core.workspace import Workspace
+from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.data import formats
 from edgeft.data.tokenize import encode, load_tokenizer
+from edgeft.models.lazy import load_base
+from edgeft.quant import quantize
+from edgeft.stages.bundle import REBUILD, load_adapter, open_model, own_adapter
+from edgeft.stages.merge import Merged
+from edgeft.stages.package.stage import Packaged
+from edgeft.stages.prepare import Prepared
+from edgeft.stages.train import Trained
 from edgeft.tasks import home
 
 VARIANTS = ("base", "base few-shot", "adapter", "merged", "bundle")
@@ -161,7 +170,7 @@ def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: lis
                   adapter: tuple | None = None) -> list[str]:
     import onnxruntime_genai as og
 
-    from edgeft.stages.package import generator
+    from edgeft.stages.bundle import generator
 
     out = []
     for text in prompts:
@@ -185,7 +194,7 @@ def genai_loss(model, items: list[Item], adapter: tuple | None = None) -> tuple[
     """Teacher-forced NLL through the generator, one token at a time from the first target token."""
     import onnxruntime_genai as og
 
-    from edgeft.stages.package import generator
+    from edgeft.stages.bundle import generator
 
     nll, count = 0.0, 0
     for x in items:
@@ -223,124 +232,143 @@ def variant(name: str, runner: str, loss: tuple[float, int], answers: list[str],
             "examples": [{"expected": x.answer, "got": a} for x, a in list(zip(items, answers, strict=True))[:3]]}
 
 
-def run(ws_path: Path, data: Path, cfg: EvalConfig = EvalConfig(), shots_from: Path | None = None, log=print) -> dict:
+@dataclass(frozen=True)
+class Evaluated(Record):
+    """What eval recorded: the test data, and each variant's loss and exact match (the report has the rest)."""
+
+    STAGE: ClassVar[str] = "eval"
+    data: str = spec("the test data")
+    samples: int = spec("records evaluated")
+    results: dict = spec("variant -> loss and exact match")
+    report: str = spec("the report's markdown file")
+
+
+def key(ws: Workspace, data: Path, cfg: EvalConfig, shots_from: Path | None) -> str:
+    """The eval stage's key: its options, the test data's and few-shot examples' content, and the keys of the
+    stages whose outputs it evaluates."""
+    shots = shots_from or _Models(ws, ws.read(Prepared)).train_data()
+    upstream = [r.key if r else None for r in (ws.read(Prepared), ws.read(Merged), ws.read(Packaged))]
+    return key_of("eval", dataclasses.asdict(cfg), ws.content(data), ws.content(shots), upstream)
+
+
+def unchanged(ws: Workspace, data: Path, cfg: EvalConfig = EvalConfig(), shots_from: Path | None = None
+              ) -> Evaluated | None:
+    """The eval record if evaluating again would score the same variants on the same data."""
+    return ws.unchanged(Evaluated, key(ws, data, cfg, shots_from)) if ws.read(Prepared) else None
+
+
+def evaluate(ws_path: Path, data: Path, cfg: EvalConfig = EvalConfig(), shots_from: Path | None = None,
+             log=print) -> dict:
     """Evaluate every variant the workspace has on `data` (holding the workspace's lock: the report is written
-    into it); the report."""
+    into it); the report. `shots_from`: the few-shot examples (default: the training data)."""
     ws = Workspace(ws_path)
-    ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     data = formats.check_path(Path(data), "--data")
     if shots_from is not None:
         shots_from = formats.check_path(Path(shots_from), "--shots-from")
     with ws.lock("eval"):
-        return _run(ws, data, cfg, shots_from, log)
-
-
-def _run(ws: Workspace, data: Path, cfg: EvalConfig, shots_from: Path | None, log) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    shots, limit, max_new_tokens, only = cfg.shots, cfg.limit, cfg.max_new_tokens, cfg.variants
-    prep = ws.stage("prepare")
-    model_dir = Path(prep["config"]["model_dir"])
-    tok = load_tokenizer(model_dir)
-    items = load_items(tok, Path(data), limit)
-    prompts = [render_prompt(tok, x.prompt) for x in items]
-    wanted = set(only or VARIANTS)
-    results, skipped = [], {}
-
-    def hf(name: str, load) -> None:
-        if name not in wanted:
-            return
-        started = time.time()
-        use_items, use_prompts = items, prompts
-        if name == "base few-shot":
-            source = shots_from or _train_data(ws)
-            if source is None:
-                skipped[name] = "no training data recorded; pass --shots-from FILE"
-                return
-            examples = load_items(tok, source, shots)
-            use_items = [shot_item(tok, x, examples) for x in items]
-            use_prompts = [render_prompt(tok, x.prompt) for x in use_items]
-        log(f"eval: {name} ({len(items)} samples)")
-        model = load().eval()
-        with torch.no_grad():
-            loss = torch_loss(model, use_items)
-            answers = torch_answers(model, tok, use_prompts, max_new_tokens)
-        results.append(variant(name, "transformers", loss, answers, items, time.time() - started))
-
-    loaded: dict = {}
-
-    def base():
-        """The base model, loaded once for both base variants."""
-        if "base" not in loaded:
-            from edgeft.models.lazy import load_base
-
-            loaded["base"] = load_base(model_dir)
-        return loaded["base"]
-
-    def take_base():
-        """The base for PEFT, which injects the adapter in place: the base variants are done, the cache lets go."""
-        model = base()
-        loaded.clear()
-        return model
-
-    hf("base", base)
-    hf("base few-shot", base)
-    if (ws.root / "adapter" / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        def adapted():
-            """The adapter on the base it was trained against: a quantized base's dequantized values."""
-            from edgeft.quant import quantize
-
-            model = PeftModel.from_pretrained(take_base(), ws.root / "adapter")
-            quantize.fake_quantize_(model, quantize.settings(ws.stage("prepare")["config"]))
-            return model
-
-        hf("adapter", adapted)
-        hf("merged", lambda: AutoModelForCausalLM.from_pretrained(ws.root / "merged", dtype=torch.float32,
-                                                                  local_files_only=True))
-    else:
-        skipped["adapter"] = skipped["merged"] = f"not merged yet: `edgeft merge {ws.root}`"
-    bundle = ws.root / "bundle"
-    if "bundle" in wanted and (bundle / "genai_config.json").is_file():
-
-        from edgeft.stages.package import REBUILD, load_adapter, open_model, own_adapter
-
-        started = time.time()
-        log(f"eval: bundle ({len(items)} samples, onnxruntime-genai)")
-        model = open_model(bundle)
-        manifest = bundle / "manifest.json"
-        precision = state.read_json(manifest, "the bundle's manifest", REBUILD).get("precision", "?") \
-            if manifest.is_file() else "?"
-        name = f"bundle {precision}"
-        active = None
-        if (adapter := own_adapter(bundle)) is not None:  # a base+adapters bundle: its fine-tune is this adapter
-            name, active = f"{name} + {adapter.name}", load_adapter(model, adapter)
-        config_eos = state.read_json(bundle / "genai_config.json", "the bundle's genai_config.json", REBUILD,
-                                     keys=("model",))["model"].get("eos_token_id")
-        loss = genai_loss(model, items, active)
-        answers = genai_answers(model, tok, prompts, max_new_tokens, stop_ids(tok, config_eos), active)
-        results.append(variant(name, "onnxruntime-genai", loss, answers, items, time.time() - started))
-    elif "bundle" in wanted:
-        skipped["bundle"] = f"not packaged yet: `edgeft package {ws.root}`"
-    report = {"data": str(Path(data).resolve()), "samples": len(items), "shots": shots, "results": results,
-              "skipped": skipped}
-    out = ws.root / "eval"
-    with atomic.atomic_dir(out) as tmp:  # the three files of one report, or the previous report: never a mix
-        atomic.write_json(tmp / "report.json", report)
-        atomic.write_text(tmp / "report.md", markdown(report))
-        chart(report, tmp / "report.png")
-    ws.record("eval", {"data": report["data"], "samples": len(items),
-                       "results": {r["variant"]: {k: r[k] for k in ("loss", "exact_match")} for r in results},
-                       "report": str(out / "report.md")})
+        tok = load_tokenizer(prep.model_dir)
+        items = load_items(tok, data, cfg.limit)
+        wanted = set(cfg.variants or VARIANTS)
+        models = _Models(ws, prep)
+        results, skipped = [], {}
+        for name in ("base", "base few-shot", "adapter", "merged"):
+            if name not in wanted:
+                continue
+            if why := models.missing(name, shots_from):
+                skipped[name] = why
+                continue
+            log(f"eval: {name} ({len(items)} samples)")
+            results.append(_transformers_variant(name, models, tok, items, cfg, shots_from))
+        if "bundle" in wanted:
+            if (ws.bundle / "genai_config.json").is_file():
+                log(f"eval: bundle ({len(items)} samples, onnxruntime-genai)")
+                results.append(_bundle_variant(ws.bundle, tok, items, cfg))
+            else:
+                skipped["bundle"] = f"not packaged yet: `edgeft package {ws.root}`"
+        report = {"data": str(data.resolve()), "samples": len(items), "shots": cfg.shots, "results": results,
+                  "skipped": skipped}
+        with atomic.atomic_dir(ws.eval_reports) as tmp:  # the three files of one report, or the previous one
+            atomic.write_json(tmp / "report.json", report)
+            atomic.write_text(tmp / "report.md", markdown(report))
+            chart(report, tmp / "report.png")
+        ws.write(Evaluated(data=report["data"], samples=len(items), report=str(ws.eval_reports / "report.md"),
+                           key=key(ws, data, cfg, shots_from),
+                           results={r["variant"]: {k: r[k] for k in ("loss", "exact_match")} for r in results}))
     return report
 
 
-def _train_data(ws: Workspace) -> Path | None:
-    rec = ws.stage("train")
-    path = rec and rec.get("data", {}).get("data")
-    return Path(path) if path and Path(path).is_file() else None
+class _Models:
+    """The transformers variants of a workspace. The base is loaded once for both base variants, then handed to
+    PEFT, which injects the adapter in place."""
+
+    def __init__(self, ws: Workspace, prep: Prepared):
+        self.ws, self.prep, self._base = ws, prep, None
+
+    def missing(self, name: str, shots_from: Path | None) -> str | None:
+        """Why a variant cannot run, or None."""
+        if name == "base few-shot" and (shots_from or self.train_data()) is None:
+            return "no training data recorded; pass --shots-from FILE"
+        if name in ("adapter", "merged") and not (self.ws.adapter / "adapter_config.json").is_file():
+            return f"not merged yet: `edgeft merge {self.ws.root}`"
+        return None
+
+    def train_data(self) -> Path | None:
+        trained = self.ws.read(Trained)
+        path = trained and trained.data.get("data")
+        return Path(path) if path and Path(path).is_file() else None
+
+    def load(self, name: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if name in ("base", "base few-shot"):
+            if self._base is None:
+                self._base = load_base(self.prep.model_dir)
+            return self._base
+        if name == "adapter":  # on the base it was trained against: a quantized base's dequantized values
+            from peft import PeftModel
+
+            base = self._base if self._base is not None else load_base(self.prep.model_dir)
+            self._base = None  # PEFT changes it in place: not the base any more
+            model = PeftModel.from_pretrained(base, self.ws.adapter)
+            quantize.fake_quantize_(model, self.prep.config.base_quant)
+            return model
+        return AutoModelForCausalLM.from_pretrained(self.ws.merged, dtype=torch.float32, local_files_only=True)
+
+
+def _transformers_variant(name: str, models: _Models, tok, items: list[Item], cfg: EvalConfig,
+                          shots_from: Path | None) -> dict:
+    import torch
+
+    started = time.time()
+    use_items = items
+    if name == "base few-shot":
+        examples = load_items(tok, shots_from or models.train_data(), cfg.shots)
+        use_items = [shot_item(tok, x, examples) for x in items]
+    model = models.load(name).eval()
+    with torch.no_grad():
+        loss = torch_loss(model, use_items)
+        answers = torch_answers(model, tok, [render_prompt(tok, x.prompt) for x in use_items], cfg.max_new_tokens)
+    return variant(name, "transformers", loss, answers, items, time.time() - started)
+
+
+def _bundle_variant(bundle: Path, tok, items: list[Item], cfg: EvalConfig) -> dict:
+    """The bundle as an app runs it (onnxruntime-genai); a base+adapters bundle with its fine-tune's adapter active."""
+    started = time.time()
+    model = open_model(bundle)
+    manifest = bundle / "manifest.json"
+    precision = state.read_json(manifest, "the bundle's manifest", REBUILD).get("precision", "?") \
+        if manifest.is_file() else "?"
+    name, active = f"bundle {precision}", None
+    if (adapter := own_adapter(bundle)) is not None:
+        name, active = f"{name} + {adapter.name}", load_adapter(model, adapter)
+    config_eos = state.read_json(bundle / "genai_config.json", "the bundle's genai_config.json", REBUILD,
+                                 keys=("model",))["model"].get("eos_token_id")
+    loss = genai_loss(model, items, active)
+    prompts = [render_prompt(tok, x.prompt) for x in items]
+    answers = genai_answers(model, tok, prompts, cfg.max_new_tokens, stop_ids(tok, config_eos), active)
+    return variant(name, "onnxruntime-genai", loss, answers, items, time.time() - started)
 
 
 def markdown(report: dict) -> str:

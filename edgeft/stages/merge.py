@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,12 +30,15 @@ from edgeft.core import compare, progress, rss
 from edgeft.core.atomic import atomic_dir, scratch_dir
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
-from edgeft.core.workspace import Workspace
+from edgeft.core.workspace import Record, Workspace, checkpoint_dir, key_of
 from edgeft.models import lazy
 from edgeft.quant import quantize
 from edgeft.runtime import launcher
-from edgeft.stages.export import check_artifacts
+from edgeft.stages.export import Exported, check_artifacts
+from edgeft.stages.prepare import Prepared
+from edgeft.stages.train import Trained
 from edgeft.trainer import checkpoints
+from edgeft.trainer.ort_engine import CHECKPOINT
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def resolve(root: Path, which: str) -> Path:
             raise EdgeftError("this run has no best checkpoint (it had no validation data); use --checkpoint last")
         return best
     if which.isdigit():
-        path = checkpoints.step_dir(root, int(which))
+        path = checkpoint_dir(root, int(which))
         if path in available:
             return path
     steps = ", ".join(str(checkpoints.read_state(p)["position"]["step"]) for p in available)
@@ -68,7 +72,7 @@ def trained_tensors(ckpt: Path, backend: str, work: Path) -> dict[str, np.ndarra
     if backend == "ort":
         out = work / "trained.npz"
         launcher.run("edgeft.trainer.ort_engine:read_trained",
-                     {"checkpoint": str(ckpt / "ort_checkpoint"), "out": str(out)})
+                     {"checkpoint": str(ckpt / CHECKPOINT), "out": str(out)})
         return dict(np.load(out))
     from safetensors.numpy import load_file
 
@@ -178,6 +182,39 @@ def _write_merged_streamed(peft_model, shards: lazy.Shards, quant: dict, out: Pa
     return len(written)
 
 
+@dataclass(frozen=True)
+class Merged(Record):
+    """What merge recorded: the checkpoint merged, the adapter and merged model it wrote, and their checks."""
+
+    STAGE: ClassVar[str] = "merge"
+    config: MergeConfig = spec("the options")
+    checkpoint: str = spec("the checkpoint merged (its folder's name)")
+    step: int = spec("its step")
+    backend: str = spec("the backend that trained it")
+    trained_at: str = spec("when that run finished")
+    verification: dict = spec("logit differences: PEFT against the training runtime, merged against PEFT")
+    outputs: dict[str, dict[str, str]] = spec("sha256 of the files of adapter/ and merged/")
+    seconds: float = spec("wall time", 0.0)
+    peak_rss_mb: float = spec("peak memory", 0.0)
+
+    @property
+    def files(self) -> dict[str, str]:
+        return {**self.outputs["adapter"], **self.outputs["merged"]}
+
+
+def key(cfg: MergeConfig, trained: Trained, checkpoint: Path) -> str:
+    """The merge stage's key: its options, the training run's key and the checkpoint it picks."""
+    return key_of("merge", dataclasses.asdict(cfg), trained.key, checkpoint.name)
+
+
+def unchanged(ws: Workspace, cfg: MergeConfig = MergeConfig()) -> Merged | None:
+    """The merge record if merging again would merge the same checkpoint, and what it wrote is intact."""
+    trained = ws.read(Trained)
+    if trained is None or not checkpoints.complete(ws.checkpoints):
+        return None
+    return ws.unchanged(Merged, key(cfg, trained, resolve(ws.checkpoints, cfg.checkpoint)))
+
+
 def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     """Write `WS/adapter/` and `WS/merged/` from a training checkpoint, both verified (holding the workspace's
     lock); returns the workspace."""
@@ -185,118 +222,141 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     if not ws.root.is_dir():
         raise EdgeftError(f"workspace {ws.root} does not exist")
     with ws.lock("merge"):
-        return _merge(ws, cfg)
+        trained = ws.require(Trained, f"train it first: `edgeft train {ws.root} --data FILE.jsonl`")
+        ckpt = _checkpoint(ws, trained, cfg)
+        started = time.time()
+        rss.reset_peak()
+        with scratch_dir(ws.root, "merge-work") as work:
+            verification = _merge(ws, ckpt, trained.config.backend, cfg, work)
+        state = checkpoints.read_state(ckpt)
+        ws.write(Merged(
+            config=cfg, checkpoint=ckpt.name, step=state["position"]["step"], backend=trained.config.backend,
+            trained_at=trained.finished_at, verification=verification, key=key(cfg, trained, ckpt),
+            outputs={name: ws.hashes.folder(ws.root / name, ws.root) for name in ("adapter", "merged")},
+            seconds=round(time.time() - started, 1), peak_rss_mb=round(rss.peak_mb(), 1)))
+    return ws.root
 
 
-def _merge(ws: Workspace, cfg: MergeConfig) -> Path:
+def _checkpoint(ws: Workspace, trained: Trained, cfg: MergeConfig) -> Path:
+    """The checkpoint `cfg.checkpoint` names, intact and written by the recorded run (and, for ORT, its artifacts
+    intact)."""
+    ckpt = resolve(ws.checkpoints, cfg.checkpoint)
+    state = checkpoints.read_state(ckpt)
+    checkpoints.verify(ckpt, ws.hashes)
+    if trained.config.backend == "ort":
+        check_artifacts(ws, ws.require(Exported, f"export it first: `edgeft export {ws.root}`"))
+    if state["identity"] != trained.identity or state["config_hash"] != trained.config_hash:
+        raise EdgeftError(f"checkpoint {ckpt.name} was written by another training run than the one the manifest "
+                          f"records; train again, or merge a checkpoint of the recorded run")
+    return ckpt
+
+
+def _merge(ws: Workspace, ckpt: Path, backend: str, cfg: MergeConfig, work: Path) -> dict:
+    """Load the base with the checkpoint's adapter, check its logits against the training runtime's, write the
+    adapter and the merged model, and check the merged model's logits; the verification figures."""
     import contextlib
-
-    from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from edgeft.graph import trace
 
-    trained = ws.require("train", f"train it first: `edgeft train {ws.root} --data FILE.jsonl`")
-    prep = ws.stage("prepare")
-    backend = trained["config"]["backend"]
-    ckpt = resolve(ws.root / "train" / "checkpoints", cfg.checkpoint)
-    state = checkpoints.read_state(ckpt)
-    checkpoints.verify(ckpt, ws.hashes)
+    prep = ws.read(Prepared)
+    quant, trust = prep.config.base_quant, prep.config.trust_remote_code
+    base, shards = lazy.base_model(prep.model_dir, trust, cfg.weights)
+    stream = shards is not None
+    peft_model = _with_checkpoint(ws, base, ckpt, backend, quant, stream, work)
+    config = base.config
+    batch = trace.probe_batch(config.vocab_size, 24, config.pad_token_id if isinstance(
+        config.pad_token_id, int) else 0, seed=11)
+    steps = progress.Steps("merge", 4 if backend == "ort" else 3)
+    n_layers = len(lazy.decoder_layers(peft_model))
+    streaming = ", one decoder layer at a time" if stream else ""
+    with steps.step(f"the adapter's logits (PEFT){streaming}", n_layers if stream else None) as tick, \
+            lazy.streamed(peft_model, shards, quantize.fake_quantizer(quant), tick) if stream else contextlib.nullcontext():
+        peft_logits = _logits(trace.CausalLMLoss(peft_model), batch)
+    check = _LogitCheck(peft_logits, cfg.tolerance, ckpt, prep.model_dir)
     if backend == "ort":
-        check_artifacts(ws, ws.require("export", f"export it first: `edgeft export {ws.root}`"))
-    if state["identity"] != trained["identity"] or state["config_hash"] != trained["config_hash"]:
-        raise EdgeftError(f"checkpoint {ckpt.name} was written by another training run than the one the manifest "
-                          f"records; train again, or merge a checkpoint of the recorded run")
-    started = time.time()
-    rss.reset_peak()
-    model_dir = Path(prep["config"]["model_dir"])
-    trust = prep["config"]["trust_remote_code"]
-    quant = quantize.settings(prep["config"])
-    with scratch_dir(ws.root, "merge-work") as work:
-        tensors = trained_tensors(ckpt, backend, work)
-        base, shards = lazy.base_model(model_dir, trust, cfg.weights)
-        stream = shards is not None
-        peft_model = PeftModel.from_pretrained(base, ws.root / "adapter_init", is_trainable=False)
-        if not stream:
-            quantize.fake_quantize_(peft_model, quant)  # what was trained against
-        wrapper = trace.CausalLMLoss(peft_model)
-        params = dict(wrapper.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise EdgeftError(f"checkpoint {ckpt} holds tensors this workspace's adapter lacks ({unknown[:3]}); "
-                              "it belongs to another model or adapter configuration")
-        if bad := sorted(name for name, value in tensors.items() if not compare.finite(value)):
-            raise EdgeftError(f"checkpoint {ckpt.name} holds NaN or infinite values ({len(bad)} tensors, first "
-                              f"{bad[0]}): the run diverged before it was saved. Merge an earlier checkpoint "
-                              "(--checkpoint STEP), or train again with a lower --lr")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if tuple(params[name].shape) != value.shape:
-                    raise EdgeftError(f"checkpoint tensor {name} has shape {value.shape}, the adapter expects "
-                                      f"{tuple(params[name].shape)}")
-                params[name].copy_(torch.from_numpy(np.asarray(value)))
-        config = base.config
-        batch = trace.probe_batch(config.vocab_size, 24, config.pad_token_id if isinstance(
-            config.pad_token_id, int) else 0, seed=11)
-        steps = progress.Steps("merge", 4 if backend == "ort" else 3)
-        n_layers = len(lazy.decoder_layers(peft_model))
-        streaming = ", one decoder layer at a time" if stream else ""
-        with steps.step(f"the adapter's logits (PEFT){streaming}", n_layers if stream else None) as tick, \
-                lazy.streamed(peft_model, shards, quantize.fake_quantizer(quant), tick) if stream else contextlib.nullcontext():
-            peft_logits = _logits(wrapper, batch)
+        np.savez(work / "probe.npz", **batch)
+        with steps.step("the training runtime's logits (eval model, trained checkpoint)"):
+            launcher.run("edgeft.trainer.artifacts:verify", {
+                "artifacts": str(ws.artifacts), "checkpoint": str(ckpt / CHECKPOINT),
+                "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
+        check("peft_vs_ort_eval", np.load(work / "ort_logits.npy"), "PEFT logits differ from the training runtime's",
+              "nothing was written")
+    with atomic_dir(ws.adapter) as tmp:
+        peft_model.save_pretrained(tmp)
+    with atomic_dir(ws.merged) as tmp:
+        with steps.step(f"the PEFT adapter and the merged model, written{streaming}"):
+            if stream:
+                _write_merged_streamed(peft_model, shards, quant, tmp)
+                config.architectures = [type(base).__name__]  # as save_pretrained records it
+                config.save_pretrained(tmp)
+                merged, merged_shards = lazy.empty_model(tmp, trust)  # checked from the files just written
+            else:
+                merged, merged_shards = peft_model.merge_and_unload(), None
+                merged.save_pretrained(tmp)
+        with steps.step(f"the merged model's logits{streaming}", n_layers if stream else None) as tick, \
+                lazy.streamed(merged, merged_shards, on_layer=tick) if stream else contextlib.nullcontext():
+            check("merged_vs_peft", _logits(trace.CausalLMLoss(merged), batch),
+                  "the merged model's logits differ from the adapter's", "the adapter was written, the merged model was not")
+        _copy_tokenizer(prep.model_dir, tmp)
+    return check.figures | {"batch": list(batch["input_ids"].shape), "weights": "streamed" if stream else "loaded"}
+
+
+def _with_checkpoint(ws: Workspace, base, ckpt: Path, backend: str, quant: dict, stream: bool, work: Path):
+    """PEFT on `base` with the checkpoint's trained tensors (finite, and of the adapter's names and shapes), the
+    base fake-quantized as it was trained (when loaded whole; streamed, as each layer loads)."""
+    from peft import PeftModel
+
+    from edgeft.graph import trace
+
+    tensors = trained_tensors(ckpt, backend, work)
+    peft_model = PeftModel.from_pretrained(base, ws.adapter_init, is_trainable=False)
+    if not stream:
+        quantize.fake_quantize_(peft_model, quant)  # what was trained against
+    params = dict(trace.CausalLMLoss(peft_model).named_parameters())
+    if unknown := sorted(set(tensors) - set(params)):
+        raise EdgeftError(f"checkpoint {ckpt} holds tensors this workspace's adapter lacks ({unknown[:3]}); "
+                          "it belongs to another model or adapter configuration")
+    if bad := sorted(name for name, value in tensors.items() if not compare.finite(value)):
+        raise EdgeftError(f"checkpoint {ckpt.name} holds NaN or infinite values ({len(bad)} tensors, first "
+                          f"{bad[0]}): the run diverged before it was saved. Merge an earlier checkpoint "
+                          "(--checkpoint STEP), or train again with a lower --lr")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if tuple(params[name].shape) != value.shape:
+                raise EdgeftError(f"checkpoint tensor {name} has shape {value.shape}, the adapter expects "
+                                  f"{tuple(params[name].shape)}")
+            params[name].copy_(torch.from_numpy(np.asarray(value)))
+    return peft_model
+
+
+class _LogitCheck:
+    """Logits compared with the adapter's (PEFT's): the largest difference, absolute and relative to the largest
+    PEFT logit, refused past the tolerance (relative: float32 rounding grows with the logits' scale, which a real
+    checkpoint's are many times a random one's). `figures` collects what each comparison measured."""
+
+    def __init__(self, peft_logits: np.ndarray, tolerance: float, ckpt: Path, model_dir: Path):
         if not compare.finite(peft_logits):
             raise EdgeftError(f"merge verification failed: the adapter's logits are not finite (NaN or infinity) at "
                               f"{ckpt.name}; the base weights in {model_dir} or the checkpoint hold non-finite values. "
                               "Nothing was written")
-        scale = float(np.abs(peft_logits).max())
-        verification = {"batch": list(batch["input_ids"].shape), "tolerance": cfg.tolerance, "logit_scale": scale,
-                        "weights": "streamed" if stream else "loaded"}
+        self.peft, self.tolerance = peft_logits, tolerance
+        self.scale = float(np.abs(peft_logits).max())
+        self.figures = {"tolerance": tolerance, "logit_scale": self.scale}
 
-        def check(name: str, logits: np.ndarray, differs: str, written: str) -> None:
-            """Record the largest logit difference from the PEFT model's, absolute and relative to the largest
-            PEFT logit, and refuse past the tolerance (relative: float32 rounding grows with the logits' scale,
-            which a real checkpoint's are many times a random one's)."""
-            diff = compare.max_abs_diff(logits, peft_logits)
-            verification[f"{name}_max_abs"] = diff
-            verification[f"{name}_relative"] = rel = diff / max(scale, float(np.finfo(np.float32).tiny))
-            if not compare.within(rel, cfg.tolerance):
-                raise EdgeftError(f"merge verification failed: {differs} by {compare.describe(diff)}, "
-                                  f"{compare.describe(rel)} of the largest logit ({scale:.3g}; tolerance "
-                                  f"{cfg.tolerance:g}); {written}")
+    def __call__(self, name: str, logits: np.ndarray, differs: str, written: str) -> None:
+        diff = compare.max_abs_diff(logits, self.peft)
+        rel = diff / max(self.scale, float(np.finfo(np.float32).tiny))
+        self.figures |= {f"{name}_max_abs": diff, f"{name}_relative": rel}
+        if not compare.within(rel, self.tolerance):
+            raise EdgeftError(f"merge verification failed: {differs} by {compare.describe(diff)}, "
+                              f"{compare.describe(rel)} of the largest logit ({self.scale:.3g}; tolerance "
+                              f"{self.tolerance:g}); {written}")
 
-        if backend == "ort":
-            np.savez(work / "probe.npz", **batch)
-            with steps.step("the training runtime's logits (eval model, trained checkpoint)"):
-                launcher.run("edgeft.trainer.artifacts:verify", {
-                    "artifacts": str(ws.root / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
-                    "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
-            check("peft_vs_ort_eval", np.load(work / "ort_logits.npy"),
-                  "PEFT logits differ from the training runtime's", "nothing was written")
-        with atomic_dir(ws.root / "adapter") as tmp:
-            peft_model.save_pretrained(tmp)
-        with atomic_dir(ws.root / "merged") as tmp:
-            with steps.step(f"the PEFT adapter and the merged model, written{streaming}"):
-                if stream:
-                    _write_merged_streamed(peft_model, shards, quant, tmp)
-                    config.architectures = [type(base).__name__]  # as save_pretrained records it
-                    config.save_pretrained(tmp)
-                    merged, merged_shards = lazy.empty_model(tmp, trust)  # checked from the files just written
-                else:
-                    merged, merged_shards = peft_model.merge_and_unload(), None
-                    merged.save_pretrained(tmp)
-            with steps.step(f"the merged model's logits{streaming}", n_layers if stream else None) as tick, \
-                    lazy.streamed(merged, merged_shards, on_layer=tick) if stream else contextlib.nullcontext():
-                check("merged_vs_peft", _logits(trace.CausalLMLoss(merged), batch),
-                      "the merged model's logits differ from the adapter's",
-                      "the adapter was written, the merged model was not")
-            AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
-            if (model_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
-                shutil.copy(model_dir / "generation_config.json", tmp / "generation_config.json")
-    outputs = {name: ws.hashes.folder(ws.root / name, ws.root) for name in ("adapter", "merged")}
-    ws.drop("package")
-    ws.record("merge", {
-        "config": dataclasses.asdict(cfg), "checkpoint": ckpt.name, "step": state["position"]["step"],
-        "backend": backend, "trained_at": trained["finished_at"], "verification": verification,
-        "outputs": outputs, "seconds": round(time.time() - started, 1), "peak_rss_mb": round(rss.peak_mb(), 1),
-    })
-    return ws.root
+
+def _copy_tokenizer(model_dir: Path, out: Path) -> None:
+    """The base's tokenizer (and generation config) beside the merged weights: a complete model folder."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(out)
+    if (model_dir / "generation_config.json").is_file() and not (out / "generation_config.json").exists():
+        shutil.copy(model_dir / "generation_config.json", out / "generation_config.json")

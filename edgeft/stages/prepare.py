@@ -10,13 +10,14 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from edgeft.core import schema
 from edgeft.core.atomic import atomic_dir
-from edgeft.core.errors import EdgeftError
+from edgeft.core.errors import EdgeftError, command
 from edgeft.core.lock import LOCK
 from edgeft.core.schema import spec
-from edgeft.core.workspace import Workspace
+from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.models import families, lazy
 from edgeft.quant import quantize
 
@@ -54,6 +55,39 @@ class PrepareConfig:
         schema.check(problems, not self.targets or all(t.strip() for t in self.targets),
                      "targets: empty module name; pass names like q_proj,v_proj")
         schema.raise_if(problems, "prepare options")
+
+    @property
+    def base_quant(self) -> dict:
+        """The frozen base's quantization, as export, the engines and the references apply it."""
+        return quantize.settings(self.base_precision or "fp32", self.int4_block_size, self.int4_symmetric)
+
+
+@dataclass(frozen=True)
+class Prepared(Record):
+    """What prepare recorded: the model and adapter every later stage starts from."""
+
+    STAGE: ClassVar[str] = "prepare"
+    config: PrepareConfig = spec("the options, with model_dir resolved and the precision the plan picked")
+    inputs: dict[str, str] = spec("sha256 of the model folder's config, weights and tokenizer files")
+    family: str = spec("model family (models/families.py)")
+    architecture: str = spec("transformers architecture")
+    targets: list[str] = spec("the adapted module names")
+    num_hidden_layers: int = spec("decoder layers")
+    vocab_size: int = spec("embedding rows")
+    max_seq_len: int = spec("longest sequence the exported graph is exact for")
+    device: str | None = spec("the device profile prepare planned for", None)
+    params: dict = spec("trainable, total and base parameter counts", default_factory=dict)
+    plan: dict | None = spec("the device plan's choice: base precision, recomputation, peak", None)
+    seconds: float = spec("wall time", 0.0)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.config.model_dir)
+
+    @property
+    def recompute(self) -> bool:
+        """Whether the device plan chose recomputed activations (False without a device)."""
+        return bool((self.plan or {}).get("recompute"))
 
 
 def lora_config(cfg: PrepareConfig, family: families.Family):
@@ -114,21 +148,20 @@ def dora_magnitudes_(peft_model, shards: lazy.Shards) -> None:
             lazy.unload_(base_layer)
 
 
-def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
-    """Validate the model folder and options, initialise the adapter, record the workspace `out`."""
-    out = Path(out)
-    check_out_dir(out)
-    with Workspace(out).lock("prepare") as ws:
-        _prepare(cfg, ws, device)
-    return out
+@dataclass(frozen=True)
+class _Target:
+    """A prepare run resolved against its model folder and device: the options as recorded, and the plan."""
+
+    cfg: PrepareConfig
+    config: dict
+    family: families.Family
+    chosen: object | None  # plan.Plan, when a device was given
+    picked: bool  # the plan picked the precision (none was given)
 
 
-def _prepare(cfg: PrepareConfig, ws: Workspace, device) -> None:
-    import torch
-    from peft import get_peft_model
-
-    started = time.time()
-    out = ws.root
+def resolve(cfg: PrepareConfig, device=None) -> _Target:
+    """The options as prepare records them: model_dir resolved, the base precision the device plan picks (when
+    none is given) and the profile's int4 blocks; refused when the model cannot fit the device."""
     model_dir = Path(cfg.model_dir).resolve()
     config = families.read_config(model_dir)
     family = families.detect(config, model_dir)
@@ -136,43 +169,107 @@ def _prepare(cfg: PrepareConfig, ws: Workspace, device) -> None:
     if device is not None:
         from edgeft.devices import plan
 
-        run = plan.Run(seq_len=min(plan.CHOICE_SEQ_LEN, families.max_train_seq_len(config)), batch_size=1, lora_r=cfg.lora_r,
-                       targets=tuple(cfg.targets or family.default_targets), train_modules=tuple(cfg.train_modules),
-                       backend=device.execution_providers.training_backend)
+        run = plan.Run(seq_len=min(plan.CHOICE_SEQ_LEN, families.max_train_seq_len(config)), batch_size=1,
+                       lora_r=cfg.lora_r, targets=tuple(cfg.targets or family.default_targets),
+                       train_modules=tuple(cfg.train_modules), backend=device.execution_providers.training_backend)
         chosen = plan.choose(model_dir, run, device, cfg.base_precision)
         if plan.largest_fit(model_dir, chosen.run, device, chosen.trainable) is None:
             plan.require_fit(chosen, device, "this model")
         cfg = dataclasses.replace(cfg, base_precision=chosen.run.base_precision)
-    cfg = dataclasses.replace(cfg, base_precision=cfg.base_precision or "fp32")
+    cfg = dataclasses.replace(cfg, model_dir=str(model_dir), base_precision=cfg.base_precision or "fp32")
     quantize.check(cfg.base_precision)
     if device is not None and cfg.base_precision == "int4":  # train against the blocks this profile's bundle ships
         cfg = dataclasses.replace(cfg, int4_block_size=device.quantization.block_size,
                                   int4_symmetric=device.quantization.symmetric)
-    hashes = ws.hashes.files(input_files(model_dir), model_dir)
-    record_cfg = dataclasses.asdict(cfg) | {"model_dir": str(model_dir)}
-    previous = ws.stage("prepare")
-    if previous and previous["config"] == record_cfg and previous["inputs"] == hashes:
-        print(f"prepare: inputs and options unchanged since {previous['finished_at']}; nothing to do")
-        return
-    n_layers = config.get("num_hidden_layers")
-    vocab = config.get("vocab_size")
-    check_tokenizer(model_dir, vocab)
-    bad_tokens = [i for i in cfg.trainable_token_indices if vocab and i >= vocab]
-    if bad_tokens:
-        raise EdgeftError(f"trainable_token_indices {bad_tokens} are outside the vocabulary (size {vocab})")
+    return _Target(cfg, config, family, chosen, picked)
 
-    if chosen is not None:
-        p = chosen
-        how = "picked to fit" if picked else "given"
-        print(f"plan for {device.name}: {p.run.base_precision} base ({how})"
-              f"{', activations recomputed' if p.run.recompute else ''}, peak {p.memory.total / 1e9:.2f} GB at batch 1 x "
-              f"{p.run.seq_len} tokens (budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.1f} "
-              f"tokens/s; `edgeft plan {out} --device {device.name}` for other settings")
-    base, shards = lazy.empty_model(model_dir, cfg.trust_remote_code)  # LoRA's init needs shapes, not weights
+
+def key(ws: Workspace, target: _Target) -> str:
+    """The prepare stage's key: its options and the content of the model folder's files."""
+    model_dir = Path(target.cfg.model_dir)
+    return key_of("prepare", dataclasses.asdict(target.cfg), ws.hashes.files(input_files(model_dir), model_dir))
+
+
+def unchanged(ws: Workspace, cfg: PrepareConfig, device=None) -> Prepared | None:
+    """The prepare record if preparing again would write the same workspace."""
+    return ws.unchanged(Prepared, key(ws, resolve(cfg, device)))
+
+
+def prepare(cfg: PrepareConfig, out: Path, device=None) -> Path:
+    """Validate the model folder and options, initialise the adapter, record the workspace `out`. Nothing to do
+    when its options and the model's files are unchanged."""
+    out = Path(out)
+    check_out_dir(out)
+    with Workspace(out).lock("prepare") as ws:
+        target = resolve(cfg, device)
+        if previous := ws.unchanged(Prepared, key(ws, target)):
+            print(f"prepare: inputs and options unchanged since {previous.finished_at}; nothing to do")
+            return out
+        _check_inputs(target)
+        if target.chosen is not None:
+            _say_plan(target, device, out)
+        started = time.time()
+        peft_model, targets = _init_adapter(target)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in peft_model.parameters())
+        with atomic_dir(ws.adapter_init) as tmp:
+            peft_model.save_pretrained(tmp)
+        record = _record(ws, target, targets, device, {"trainable": trainable, "total": total,
+                                                          "base": total - trainable}, time.time() - started)
+        if previous := ws.read(Prepared):
+            changed = sorted(k for k in previous.inputs.keys() | record.inputs.keys()
+                             if previous.inputs.get(k) != record.inputs.get(k))
+            what = f"inputs changed: {', '.join(changed)}" if changed else "options changed"
+            print(f"prepare: {what}; later stages will run again")
+        ws.write(record)
+    return out
+
+
+def _check_inputs(target: _Target) -> None:
+    """The tokenizer fits the embedding, and the trainable token rows exist."""
+    model_dir, vocab = Path(target.cfg.model_dir), target.config.get("vocab_size")
+    check_tokenizer(model_dir, vocab)
+    if bad := [i for i in target.cfg.trainable_token_indices if vocab and i >= vocab]:
+        raise EdgeftError(f"trainable_token_indices {bad} are outside the vocabulary (size {vocab})")
+
+
+def _say_plan(target: _Target, device, out: Path) -> None:
+    p = target.chosen
+    how = "picked to fit" if target.picked else "given"
+    print(f"plan for {device.name}: {p.run.base_precision} base ({how})"
+          f"{', activations recomputed' if p.run.recompute else ''}, peak {p.memory.total / 1e9:.2f} GB at batch 1 x "
+          f"{p.run.seq_len} tokens (budget {device.memory_budget_bytes / 1e9:.2f} GB), ~{p.tokens_per_s:,.1f} "
+          f"tokens/s; `{command('edgeft', 'plan', out, '--device', device.name)}` for other settings")
+
+
+def _init_adapter(target: _Target):
+    """The PEFT model with its adapter initialised, on placeholder weights (LoRA's init needs shapes and the seed
+    only): the modules PEFT copies (whole trained modules, token rows) and DoRA's magnitudes get real ones. Bad
+    targets, modules and ranks are refused before anything is allocated. Returns it and the targets."""
+    import torch
+    from peft import get_peft_model
+
+    cfg, family = target.cfg, target.family
+    model_dir = Path(cfg.model_dir)
+    base, shards = lazy.empty_model(model_dir, cfg.trust_remote_code)
     targets = list(cfg.targets or family.default_targets)
+    _check_modules(base, cfg, targets, model_dir)
+    copied = [m for name, m in base.named_modules()  # copied by PEFT (modules_to_save, token rows): real weights
+              if name.rsplit(".", 1)[-1] in cfg.train_modules
+              or (cfg.trainable_token_indices and m is base.get_input_embeddings())]
+    lazy.load_(base, shards, only={id(p) for m in copied for p in m.parameters()})  # once, so tied ones stay tied
+    torch.manual_seed(cfg.seed)
+    peft_model = get_peft_model(base, lora_config(cfg, family))
+    if cfg.dora:
+        dora_magnitudes_(peft_model, shards)
+    return peft_model, targets
+
+
+def _check_modules(base, cfg: PrepareConfig, targets: list[str], model_dir: Path) -> None:
+    import torch
+
     linears = linear_names(base)
-    missing = [t for t in targets if t not in linears]
-    if missing:
+    if missing := [t for t in targets if t not in linears]:
         raise EdgeftError(f"target modules {missing} not found in {model_dir.name}; Linear layers there: "
                           f"{', '.join(linears)}")
     smallest = min(min(m.in_features, m.out_features) for name, m in base.named_modules()
@@ -182,35 +279,19 @@ def _prepare(cfg: PrepareConfig, ws: Workspace, device) -> None:
                           f"a rank past it adds parameters and memory but no capacity; use --lora-r {smallest} or less "
                           "(8 to 64 is usual)")
     modules = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    missing = [m for m in cfg.train_modules if m not in modules]
-    if missing:
+    if missing := [m for m in cfg.train_modules if m not in modules]:
         raise EdgeftError(f"--train-modules {missing} not found; try lm_head or embed_tokens")
-    copied = [m for name, m in base.named_modules()  # copied by PEFT (modules_to_save, token rows): real weights
-              if name.rsplit(".", 1)[-1] in cfg.train_modules
-              or (cfg.trainable_token_indices and m is base.get_input_embeddings())]
-    lazy.load_(base, shards, only={id(p) for m in copied for p in m.parameters()})  # once, so tied ones stay tied
-    torch.manual_seed(cfg.seed)
-    peft_model = get_peft_model(base, lora_config(cfg, family))
-    if cfg.dora:
-        dora_magnitudes_(peft_model, shards)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
 
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out / "adapter_init") as tmp:
-        peft_model.save_pretrained(tmp)
-    if previous:
-        changed = [k for k in set(previous["inputs"]) | set(hashes) if previous["inputs"].get(k) != hashes.get(k)]
-        what = f"inputs changed: {', '.join(sorted(changed))}" if changed else "options changed"
-        print(f"prepare: {what}; later stages will run again")
-        ws.drop("export", "train", "merge", "package")
-    ws.record("prepare", {
-        "config": record_cfg, "inputs": hashes, "family": family.name, "architecture": family.architecture,
-        "targets": targets, "num_hidden_layers": n_layers, "vocab_size": vocab,
-        "max_seq_len": families.max_train_seq_len(config), "device": getattr(device, "name", None),
-        "params": {"trainable": trainable, "total": total, "base": total - trainable},
-        "plan": None if chosen is None else {
-            "base_precision": chosen.run.base_precision, "precision_picked": picked, "recompute": chosen.run.recompute,
-            "seq_len": chosen.run.seq_len, "peak_bytes": round(chosen.memory.total), "fits": chosen.fits},
-        "seconds": round(time.time() - started, 2),
-    })
+
+def _record(ws: Workspace, target: _Target, targets: list[str], device, params: dict, seconds: float) -> Prepared:
+    cfg, config, chosen = target.cfg, target.config, target.chosen
+    model_dir = Path(cfg.model_dir)
+    return Prepared(
+        config=cfg, inputs=ws.hashes.files(input_files(model_dir), model_dir), family=target.family.name,
+        architecture=target.family.architecture, targets=targets, num_hidden_layers=config.get("num_hidden_layers"),
+        vocab_size=config.get("vocab_size"), max_seq_len=families.max_train_seq_len(config),
+        device=getattr(device, "name", None), params=params, seconds=round(seconds, 2), key=key(ws, target),
+        plan=None if chosen is None else {
+            "base_precision": chosen.run.base_precision, "precision_picked": target.picked,
+            "recompute": chosen.run.recompute, "seq_len": chosen.run.seq_len, "peak_bytes": round(chosen.memory.total),
+            "fits": chosen.fits})

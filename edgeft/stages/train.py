@@ -10,21 +10,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from edgeft.core import atomic, plots, schema, state
 from edgeft.core.errors import EdgeftError, command
 from edgeft.core.schema import spec
-from edgeft.core.workspace import Workspace
+from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.data import formats
-from edgeft.data.dataset import DataConfig, build
+from edgeft.data.dataset import DataConfig, build, cache_key
 from edgeft.devices import plan, profiles
-from edgeft.quant import quantize
 from edgeft.runtime import launcher, training_build
-from edgeft.stages.export import check_artifacts
+from edgeft.stages import planning
+from edgeft.stages.export import Exported, check_artifacts
+from edgeft.stages.prepare import Prepared
 from edgeft.trainer import checkpoints
 from edgeft.trainer.batching import Split
 from edgeft.trainer.schedule import SCHEDULES
@@ -167,16 +170,19 @@ def plot(metrics_path: Path, out: Path) -> Path:
 
 
 def _identity(ws: Workspace, backend: str) -> str:
-    prep = ws.require("prepare", f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    """What a run trains from: the key of the export (ORT) or of the prepared workspace (torch). A checkpoint
+    records it, and resumes only onto the same."""
+    prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     if backend == "ort":
-        exp = ws.require("export", f"the ort backend trains exported artifacts; run `edgeft export {ws.root}` "
+        exp = ws.require(Exported, f"the ort backend trains exported artifacts; run `edgeft export {ws.root}` "
                                    "first (or train with --backend torch)")
-        return f"{prep['finished_at']}|{exp['finished_at']}"
-    return prep["finished_at"]
+        check_artifacts(ws, exp)
+        return exp.key
+    return prep.key
 
 
 def _recompute(ws: Workspace, cfg: TrainConfig) -> bool:
-    default = plan.recomputed(ws.manifest()["stages"])
+    default = planning.recomputes(ws)
     if cfg.backend == "ort" and cfg.recompute is not None and cfg.recompute != default:
         flag = "--recompute" if cfg.recompute else "--no-recompute"
         raise EdgeftError(f"{flag}: the ORT backend recomputes as its artifacts were exported; run "
@@ -188,11 +194,11 @@ def resume_command(ws: Workspace, data: Path) -> str:
     return command("edgeft", "train", ws.root, "--data", data, "--resume")
 
 
-def default_seq_len(cfg: TrainConfig, max_len: int) -> TrainConfig:
+def default_seq_len(cfg: TrainConfig, max_len: int, quiet: bool = False) -> TrainConfig:
     """The options with seq_len set: as given (refused past what the model takes), else DEFAULT_SEQ_LEN or the
-    model's longest sequence if that is shorter (said once)."""
+    model's longest sequence if that is shorter (said, unless `quiet`)."""
     if cfg.seq_len is None:
-        if max_len < DEFAULT_SEQ_LEN:
+        if max_len < DEFAULT_SEQ_LEN and not quiet:
             print(f"train: --seq-len {max_len}, the longest sequence this model takes (the default is "
                   f"{DEFAULT_SEQ_LEN})")
         return dataclasses.replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, max_len))
@@ -202,108 +208,193 @@ def default_seq_len(cfg: TrainConfig, max_len: int) -> TrainConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class Trained(Record):
+    """What train recorded: the finished run, its data and its checkpoints."""
+
+    STAGE: ClassVar[str] = "train"
+    config: TrainConfig = spec("the options, seq_len resolved")
+    config_hash: str = spec("hash of the options a checkpoint is bound to")
+    data_key: str = spec("the tokenized data's cache key (data, eval data, tokenizer, data options)")
+    identity: str = spec("the key of what was trained: the export (ort) or the prepared workspace (torch)")
+    data: dict = spec("the tokenized data's description")
+    device: str | None = spec("the device profile the run was checked against", None)
+    wall_s: float = spec("wall time", 0.0)
+    metrics: str = spec("the metrics log", "")
+    plot: str = spec("the metrics plot", "")
+    step: int = spec("the last step", 0)
+    total_steps: int = spec("steps of the run", 0)
+    best_eval_loss: float | None = spec("the best validation loss", None)
+    tokens_seen: int = spec("tokens trained on", 0)
+    tokens_per_s: float | None = spec("training throughput (none for a resumed run)", None)
+    peak_rss_mb: float = spec("peak memory of the training process", 0.0)
+    last: str = spec("the last checkpoint", "")
+    best: str | None = spec("the best checkpoint", None)
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A run stopped by Ctrl-C or SIGTERM after saving where it was."""
+
+    step: int
+    total_steps: int
+    checkpoint: str
+    resume_command: str
+
+
+def key(cfg: TrainConfig, data_key: str, identity: str) -> str:
+    """The train stage's key: its options, the tokenized data's key and what it trains from."""
+    return key_of("train", dataclasses.asdict(cfg), data_key, identity)
+
+
+def _data_config(cfg: TrainConfig) -> DataConfig:
+    return DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed)
+
+
+def unchanged(ws: Workspace, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None
+              ) -> Trained | None:
+    """The train record if training again would train the same run (options, data, what it trains from), and its
+    checkpoints are there."""
+    prep = ws.read(Prepared)
+    if prep is None or (cfg.backend == "ort" and ws.read(Exported) is None) or not checkpoints.latest(ws.checkpoints):
+        return None
+    cfg = default_seq_len(cfg, prep.max_seq_len, quiet=True)
+    data_key = cache_key(Path(data), Path(eval_data) if eval_data else None, prep.model_dir, _data_config(cfg),
+                         ws.hashes)
+    return ws.unchanged(Trained, key(cfg, data_key, _identity(ws, cfg.backend)))
+
+
 def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
-          device=None, resume: bool = False) -> dict:
-    """Train the workspace's adapter on `data` (holding the workspace's lock); the train record, or, when
-    interrupted, where it stopped and how to resume."""
+          device=None, resume: bool | None = False) -> Trained | Interrupted:
+    """Train the workspace's adapter on `data` (holding the workspace's lock); the record, or, when interrupted,
+    where it stopped. `resume`: continue the run the latest checkpoint belongs to; None (edgeft run): continue it
+    if it is this run, put a finished run of other options aside and start over."""
     ws = Workspace(ws_path)
     if not ws.root.is_dir():
         raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}`")
     data = formats.check_path(Path(data), "--data")
     eval_data = formats.check_path(Path(eval_data), "--eval-data") if eval_data else None
     with ws.lock("train"):
-        return _train(ws, data, cfg, eval_data, device, resume)
+        identity = _identity(ws, cfg.backend)
+        prep = ws.read(Prepared)
+        cfg = default_seq_len(cfg, prep.max_seq_len)
+        if cfg.backend == "ort" and training_build.unsupported_reason():
+            raise EdgeftError(training_build.unsupported_reason())
+        dataset = build(data, prep.model_dir, ws.data, _data_config(cfg), eval_data, ws.hashes)
+        device = _device(prep, device)
+        recompute = _recompute(ws, cfg)
+        if device:
+            longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
+            p = planning.for_workspace(ws, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend,
+                                       recompute=recompute)
+            plan.require_fit(p, device, f"training (longest sample {longest} tokens)")
+        stage_key = key(cfg, dataset.meta["key"], identity)
+        if resume is not True and (previous := ws.unchanged(Trained, stage_key)) and checkpoints.latest(ws.checkpoints):
+            print(f"train: finished with these data and options at {previous.finished_at}; nothing to do")
+            return previous
+        run = _Run(cfg, dataset, identity, recompute, stage_key)
+        resume_path = _start(ws, run, resume)
+        return _launch(ws, run, data, resume_path, device)
 
 
-def _train(ws: Workspace, data: Path, cfg: TrainConfig, eval_data: Path | None, device, resume: bool) -> dict:
-    identity = _identity(ws, cfg.backend)
-    prep = ws.stage("prepare")
-    cfg = default_seq_len(cfg, prep["max_seq_len"])
-    if cfg.backend == "ort" and training_build.unsupported_reason():
-        raise EdgeftError(training_build.unsupported_reason())
-    if cfg.backend == "ort":
-        check_artifacts(ws, ws.stage("export"))
-    model_dir = Path(prep["config"]["model_dir"])
-    dataset = build(data, model_dir, ws.root / "data",
-                    DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed),
-                    eval_data, ws.hashes)
-    if device is None and prep.get("device"):
+@dataclass(frozen=True)
+class _Run:
+    cfg: TrainConfig
+    dataset: object  # data.dataset.Dataset
+    identity: str
+    recompute: bool
+    key: str
+
+    @property
+    def bound(self) -> dict:
+        """What a checkpoint of this run records, and a resume must match."""
+        return {"identity": self.identity, "data_key": self.dataset.meta["key"], "config_hash": config_hash(self.cfg)}
+
+
+def _device(prep: Prepared, device):
+    """The profile to check the run against: the one given, else the one prepare planned for (if still known)."""
+    if device is None and prep.device:
         try:
-            device = profiles.load(prep["device"])
+            return profiles.load(prep.device)
         except EdgeftError:
-            print(f"train: the profile {prep['device']!r} used at prepare is not found; pass --device to check the "
+            print(f"train: the profile {prep.device!r} used at prepare is not found; pass --device to check the "
                   "run against its budget")
-    recompute = _recompute(ws, cfg)
-    if device:
-        longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
-        p = plan.for_target(ws.root, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend,
-                            recompute=recompute)
-        plan.require_fit(p, device, f"training (longest sample {longest} tokens)")
-    out = ws.root / "train"
-    root = out / "checkpoints"
-    chash = config_hash(cfg)
-    previous = ws.stage("train")
-    resume_state, resume_path = None, None
+    return device
+
+
+def _start(ws: Workspace, run: _Run, resume: bool | None) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), after clearing what a stopped run left. With resume
+    None (auto): this run's checkpoints are resumed, a finished run of other options goes to train.previous."""
+    latest = checkpoints.latest(ws.checkpoints)
+    if resume is None and latest is not None:
+        matches = {k: checkpoints.read_state(latest)[k] for k in run.bound} == run.bound
+        if not matches and ws.read(Trained) is not None:
+            previous = ws.previous_training
+            shutil.rmtree(previous, ignore_errors=True)
+            ws.training.rename(previous)
+            print(f"train: options or data changed; starting over (the finished run is kept in {previous})")
+            latest = None
+        resume = latest is not None
+        if resume:
+            print(f"train: resuming the interrupted run from {latest}")
     if resume:
-        resume_path = checkpoints.latest(root)
-        if resume_path is None:
-            raise EdgeftError(f"nothing to resume: {root} has no complete checkpoint; run without --resume")
-        resume_state = checkpoints.read_state(resume_path)
-        checkpoints.verify(resume_path, ws.hashes)
-        expected = (("model or export", "identity", identity), ("data", "data_key", dataset.meta["key"]),
-                    ("training options", "config_hash", chash))
-        mismatch = [label for label, key, want in expected if resume_state[key] != want]
-        if mismatch:
-            changed = changed_options(resume_state.get("options"), options(cfg)) \
-                if resume_state["config_hash"] != chash else ""
-            raise EdgeftError(f"cannot resume from {resume_path}: its {', '.join(mismatch)} differ from this run's"
-                              f"{f' ({changed})' if changed else ''}; resume with the original data and options "
-                              f"(a changed schedule or step count would not continue the same run), or remove {out} "
-                              "to start over")
-    elif previous and previous["config_hash"] == chash and previous["data_key"] == dataset.meta["key"] \
-            and previous["identity"] == identity and checkpoints.latest(root):
-        print(f"train: finished with these data and options at {previous['finished_at']}; nothing to do")
-        return previous
-    elif checkpoints.latest(root):
-        raise EdgeftError(f"{out} holds checkpoints of another run; continue it with --resume, or remove {out} "
-                          "to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    if swept := checkpoints.sweep(root):
+        if latest is None:
+            raise EdgeftError(f"nothing to resume: {ws.checkpoints} has no complete checkpoint; run without --resume")
+        _check_resume(ws, run, latest)
+    elif latest is not None:
+        raise EdgeftError(f"{ws.training} holds checkpoints of another run; continue it with --resume, or remove "
+                          f"{ws.training} to start over")
+    ws.training.mkdir(parents=True, exist_ok=True)
+    if swept := checkpoints.sweep(ws.checkpoints):
         print(f"train: removed {len(swept)} unfinished checkpoint folder(s) a stopped run left: {', '.join(swept)}")
     if not resume:
-        for stale in (out / "metrics.jsonl", root / "best.json"):
+        for stale in (ws.metrics, ws.checkpoints / "best.json"):
             stale.unlink(missing_ok=True)
+    return latest if resume else None
+
+
+def _check_resume(ws: Workspace, run: _Run, path: Path) -> None:
+    saved = checkpoints.read_state(path)
+    checkpoints.verify(path, ws.hashes)
+    labels = {"identity": "model or export", "data_key": "data", "config_hash": "training options"}
+    if mismatch := [labels[k] for k, want in run.bound.items() if saved[k] != want]:
+        changed = changed_options(saved.get("options"), options(run.cfg)) \
+            if saved["config_hash"] != run.bound["config_hash"] else ""
+        raise EdgeftError(f"cannot resume from {path}: its {', '.join(mismatch)} differ from this run's"
+                          f"{f' ({changed})' if changed else ''}; resume with the original data and options "
+                          f"(a changed schedule or step count would not continue the same run), or remove "
+                          f"{ws.training} to start over")
+
+
+def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, device) -> Trained | Interrupted:
+    """The training runtime (or the torch engine) runs the loop; progress is shown and logged as it comes."""
+    prep, cfg = ws.read(Prepared), run.cfg
+    resume_state = checkpoints.read_state(resume_path) if resume_path else None
     args = {
-        "config": dataclasses.asdict(cfg) | {"base_quant": quantize.settings(prep["config"]), "recompute": recompute},
-        "dataset": str(dataset.root), "pad_token_id": dataset.meta["pad_token_id"],
-        "checkpoints": str(root), "config_hash": chash, "options": options(cfg), "data_key": dataset.meta["key"], "identity": identity,
+        "config": dataclasses.asdict(cfg) | {"base_quant": prep.config.base_quant, "recompute": run.recompute},
+        "dataset": str(run.dataset.root), "pad_token_id": run.dataset.meta["pad_token_id"],
+        "checkpoints": str(ws.checkpoints), "options": options(cfg), **run.bound,
         "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,
-        "artifacts": str(ws.root / "artifacts"), "work": str(out / "work"), "device": cfg.ep,
-        "model_dir": str(model_dir), "adapter_init": str(ws.root / "adapter_init"),
+        "artifacts": str(ws.artifacts), "work": str(ws.training / "work"), "device": cfg.ep,
+        "model_dir": str(prep.model_dir), "adapter_init": str(ws.adapter_init),
     }
     entry = "edgeft.trainer.ort_engine:main" if cfg.backend == "ort" else "edgeft.trainer.torch_engine:main"
-    reporter = Reporter(out / "metrics.jsonl", resume_state["position"]["step"] if resume_state else 0)
+    reporter = Reporter(ws.metrics, resume_state["position"]["step"] if resume_state else 0)
     started = time.time()
     try:
-        result = launcher.run(entry, args, ep=cfg.ep, on_event=reporter, log_path=ws.root / "logs" / "train.log",
+        result = launcher.run(entry, args, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"),
                               runtime_name="training" if cfg.backend == "ort" else "main")
     except KeyboardInterrupt:  # before the loop could save: continue from the last checkpoint, if there is one
-        if checkpoints.latest(root):
+        if checkpoints.latest(ws.checkpoints):
             print(f"interrupted; continue with `{resume_command(ws, data)}` (with the same options)", file=sys.stderr)
         raise
     finally:
         reporter.close()
-    png = plot(out / "metrics.jsonl", out / "metrics.png")
+    png = plot(ws.metrics, ws.training / "metrics.png")
     if result["interrupted"]:
-        result["resume_command"] = resume_command(ws, data)
-        return result
-    record = {
-        "config": dataclasses.asdict(cfg), "config_hash": chash, "data_key": dataset.meta["key"], "identity": identity,
-        "data": dataset.meta, "device": getattr(device, "name", None), "wall_s": round(time.time() - started, 1),
-        "metrics": str(out / "metrics.jsonl"), "plot": str(png),
+        return Interrupted(result["step"], result["total_steps"], result["checkpoint"], resume_command(ws, data))
+    return ws.write(Trained(
+        config=cfg, **run.bound, data=run.dataset.meta, device=getattr(device, "name", None),
+        wall_s=round(time.time() - started, 1), metrics=str(ws.metrics), plot=str(png), key=run.key,
         **{k: result[k] for k in ("step", "total_steps", "best_eval_loss", "tokens_seen", "tokens_per_s",
-                                  "peak_rss_mb", "last", "best")},
-    }
-    ws.drop("merge", "package")
-    ws.record("train", record)
-    return ws.stage("train")
+                                  "peak_rss_mb", "last", "best")}))

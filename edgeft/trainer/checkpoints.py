@@ -16,12 +16,9 @@ from edgeft.core import atomic, fingerprint, state
 from edgeft.core.atomic import atomic_dir
 from edgeft.core.errors import EdgeftError, disk_full
 from edgeft.core.fingerprint import sha256_file
+from edgeft.core.workspace import checkpoint_dir
 
 STATE = "trainer_state.json"
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step-{step:06d}"
 
 
 def complete(root: Path) -> list[Path]:
@@ -53,7 +50,7 @@ def verify(path: Path, hashes) -> None:
 
 def save(root: Path, step: int, write_engine_files, trainer_state: dict) -> Path:
     """Write a checkpoint atomically: engine files, then the state, in a temp folder renamed into place."""
-    final = step_dir(root, step)
+    final = checkpoint_dir(root, step)
     try:
         with atomic_dir(final) as tmp:
             write_engine_files(tmp)

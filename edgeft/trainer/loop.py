@@ -28,6 +28,7 @@ import numpy as np
 
 from edgeft.core import rss
 from edgeft.core.errors import EdgeftError
+from edgeft.core.workspace import checkpoint_dir
 from edgeft.trainer import batching, checkpoints, events
 from edgeft.trainer.schedule import learning_rate
 
@@ -157,7 +158,7 @@ def run(engine, args: dict) -> dict:
                 save("last" if pos.step == total else "periodic")
                 last_saved = pos.step
     except KeyboardInterrupt:
-        path = save("interrupted") if pos.step != last_saved else checkpoints.step_dir(root, pos.step)
+        path = save("interrupted") if pos.step != last_saved else checkpoint_dir(root, pos.step)
         return {"interrupted": True, "step": pos.step, "total_steps": total, "checkpoint": str(path)}
     elapsed = time.time() - started
     best = checkpoints.best(root)

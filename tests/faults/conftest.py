@@ -22,7 +22,7 @@ def stages(model, tmp_path_factory) -> dict[str, Path]:
     trained adapter as a swappable .onnx_adapter)."""
     from edgeft.stages.export import export
     from edgeft.stages.merge import merge
-    from edgeft.stages.package import PackageConfig, package
+    from edgeft.stages.package.stage import PackageConfig, package
     from edgeft.stages.prepare import PrepareConfig, prepare
     from edgeft.stages.train import TrainConfig, train
 
