@@ -26,12 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
+from edgeft.runtime.jobs import Job  # noqa: E402
 
 DATA = REPO / "edgeft" / "tasks" / "home_data" / "train.jsonl"
 PROFILE = "dev-2core-avx512"
@@ -115,7 +118,15 @@ def _best(run, args: tuple, repeats: int) -> float:
     return best
 
 
-def ort_gemm(args: dict) -> dict:
+@dataclass(frozen=True)
+class OrtGemm(Job):
+    ENTRY: ClassVar[str] = "benchmarks.train_speed_memory:ort_gemm"
+    shapes: list
+    tokens: int
+    repeats: int
+
+
+def ort_gemm(job: OrtGemm) -> dict:
     """Inside the training runtime: GFLOP/s of the frozen-base matmuls as the training graph runs them, the
     weight [in, out] and not prepacked (trainer/session.py hands it over with add_initializer, which ORT does
     not prepack; a graph input measures the same): forward MatMul(x, W), backward FusedMatMul(dy, W, transB)."""
@@ -124,8 +135,8 @@ def ort_gemm(args: dict) -> dict:
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
-    m, seconds, flops = args["tokens"], 0.0, 0.0
-    for k, n in args["shapes"]:
+    m, seconds, flops = job.tokens, 0.0, 0.0
+    for k, n in job.shapes:
         w = rng.standard_normal((k, n), dtype=np.float32) * 0.02
         for rows, node in ((k, helper.make_node("MatMul", ["A", "W"], ["Y"])),
                            (n, helper.make_node("FusedMatMul", ["A", "W"], ["Y"], domain="com.microsoft", transB=1))):
@@ -136,7 +147,7 @@ def ort_gemm(args: dict) -> dict:
                                                             helper.make_opsetid("com.microsoft", 1)])
             session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
             a = rng.standard_normal((m, rows), dtype=np.float32)
-            seconds += _best(session.run, (None, {"A": a, "W": w}), args["repeats"])
+            seconds += _best(session.run, (None, {"A": a, "W": w}), job.repeats)
             flops += 2.0 * m * k * n
     return {"gflops": flops / seconds / 1e9, "library": f"onnxruntime {ort.__version__} (MLAS)"}
 
@@ -173,7 +184,7 @@ def gemm(model_dir: Path, tokens: int, repeats: int = 7) -> dict:
     from edgeft.runtime import launcher
 
     shapes = gemm_shapes(json.loads((model_dir / "config.json").read_text()))
-    ort = launcher.run("benchmarks.train_speed_memory:ort_gemm", {"shapes": shapes, "tokens": tokens, "repeats": repeats})
+    ort = launcher.run(OrtGemm(shapes=shapes, tokens=tokens, repeats=repeats))
     ref = reference_gemm(shapes, tokens, repeats)
     return {"tokens": tokens, "shapes": shapes, "ort": ort["gflops"], "torch": ref["torch"], "numpy": ref["numpy"],
             "libraries": f"{ort['library']}, {ref['libraries']}"}

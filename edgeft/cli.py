@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +20,6 @@ from pathlib import Path
 
 from edgeft.core import errors
 from edgeft.core.errors import EdgeftError, Terminated, command, storage_problem, terminate_like_interrupt
-from edgeft.quant import quantize
 
 
 def _parse(cls, args: argparse.Namespace, source: str, **given):
@@ -146,29 +148,14 @@ def cmd_devices_probe(args) -> int:
     return 0
 
 
-def _csv(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _ints(text: str | None) -> list[int | str] | None:
-    """Comma-separated integers; what is not one stays a string, for the schema to name it."""
-    return [int(t) if t.lstrip("-").isdigit() else t for t in _csv(text) or []] or None
-
-
 def cmd_prepare(args) -> int:
     """Load a Hugging Face model folder, add LoRA/DoRA adapters with PEFT, and start a workspace."""
-    from edgeft.core import schema
     from edgeft.core.workspace import Workspace
     from edgeft.devices import profiles
     from edgeft.stages.prepare import PrepareConfig, Prepared, prepare
 
+    cfg = _parse(PrepareConfig, args, "prepare options")
     device = profiles.load(args.device) if args.device else None
-    options = {"model_dir": args.model_dir, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-               "lora_dropout": args.lora_dropout, "targets": _csv(args.targets), "dora": args.dora,
-               "train_modules": _csv(args.train_modules) or [], "seed": args.seed,
-               "trainable_token_indices": _ints(args.trainable_tokens) or [],
-               "trust_remote_code": args.trust_remote_code, "base_precision": args.base_precision}
-    cfg = schema.parse(PrepareConfig, {k: v for k, v in options.items() if v is not None}, "prepare options")
     out = prepare(cfg, Path(args.out), device)
     p = Workspace(out).read(Prepared).params
     print(f"prepared {out}: {p['trainable']:,} trainable of {p['total']:,} parameters "
@@ -182,8 +169,7 @@ def cmd_export(args) -> int:
     from edgeft.core.workspace import Workspace
     from edgeft.stages.export import ExportConfig, Exported, export
 
-    cfg = ExportConfig(nominal_checkpoint=args.nominal_checkpoint, ort_format=args.ort_format,
-                       recompute=args.recompute, weights=args.weights)
+    cfg = _parse(ExportConfig, args, "export options")
     out = export(Path(args.workspace), cfg, force=args.force)
     rec = Workspace(args.workspace).read(Exported)
     v, m = rec.verification, rec.memory_mb
@@ -234,7 +220,7 @@ def cmd_merge(args) -> int:
     from edgeft.core.workspace import Workspace
     from edgeft.stages.merge import MergeConfig, Merged, merge
 
-    ws = Workspace(merge(Path(args.workspace), MergeConfig(checkpoint=args.checkpoint, weights=args.weights)))
+    ws = Workspace(merge(Path(args.workspace), _parse(MergeConfig, args, "merge options")))
     rec = ws.read(Merged)
     v = rec.verification
     check = (f"PEFT vs ORT eval logits {v['peft_vs_ort_eval_max_abs']:.1e}, " if "peft_vs_ort_eval_max_abs" in v else "")
@@ -247,17 +233,13 @@ def cmd_merge(args) -> int:
 
 def cmd_package(args) -> int:
     """Build an ONNX Runtime GenAI bundle of the merged model (int4 by default), verified against transformers."""
-    from edgeft.core import schema
     from edgeft.devices import profiles
     from edgeft.stages.bundle import own_adapter
     from edgeft.stages.package.stage import PackageConfig, package
 
+    cfg = _parse(PackageConfig, args, "package options")
     device = profiles.load(args.device) if args.device else None
-    options = {k: getattr(args, k) for k in ("precision", "ep", "force", "adapters", "weights")
-               if getattr(args, k) is not None}
-    if args.add_adapters:
-        options["add_adapters"] = args.add_adapters
-    out = package(Path(args.workspace), schema.parse(PackageConfig, options, "package options"), device)
+    out = package(Path(args.workspace), cfg, device)
     m = json.loads((out / "manifest.json").read_text())  # written just now by package
     v = m["verification"]
     print(f"packaged {out} ({m['precision']}, {m['execution_provider']}, {m['bytes'] / 2**20:.1f} MB)")
@@ -282,7 +264,7 @@ def cmd_eval(args) -> int:
     """Quality side by side: base (zero- and few-shot), adapter, merged model and packaged bundle."""
     from edgeft.stages import evaluate
 
-    cfg = _parse(evaluate.EvalConfig, args, "eval options", variants=_csv(args.only))
+    cfg = _parse(evaluate.EvalConfig, args, "eval options")
     report = evaluate.evaluate(Path(args.workspace), Path(args.data), cfg, Path(args.shots_from) if args.shots_from
                           else None)
     print(evaluate.markdown(report))
@@ -308,7 +290,7 @@ def cmd_run(args) -> int:
     from edgeft.pipeline import run
 
     recipe, base = run.load(Path(args.recipe), args.set or [])
-    result = run.run(recipe, base, force=tuple(_csv(args.force) or ()))
+    result = run.run(recipe, base, force=tuple(_list_of(str)(args.force or "")))
     print(f"done: {result['workspace']}  ({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items()) or 'all stages unchanged'})")
     return 0
 
@@ -325,8 +307,7 @@ def cmd_plan(args) -> int:
     """Predict peak memory and step time of a LoRA run on a device profile, before anything heavy runs."""
     from edgeft.devices import plan, profiles
 
-    o = _parse(plan.PlanOptions, args, "plan options", targets=_csv(args.targets),
-               train_modules=_csv(args.train_modules))
+    o = _parse(plan.PlanOptions, args, "plan options")
     profile = profiles.load(args.device)
     target = Path(args.target)
     if not target.is_dir():
@@ -359,6 +340,15 @@ def _int_or(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
 
 
+def _list_of(item: type):
+    """A comma-separated list flag; items that do not convert stay strings, for the schema to name them."""
+    def convert(text: str) -> list:
+        words = [t.strip() for t in text.split(",") if t.strip()]
+        return [int(w) if item is int and w.lstrip("-").isdigit() else w for w in words]
+
+    return convert
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -366,91 +356,85 @@ class Command:
     name: str
     run: Callable[[argparse.Namespace], int]
     arguments: tuple[tuple[tuple[str, ...], dict], ...] = ()
+    options: str | None = None  # "module:Class": a config dataclass whose fields are this command's flags
+    only: tuple[str, ...] | None = None  # of those fields, these (default: all)
 
 
 def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
     return flags, kwargs
 
 
+def options_of(cls: type, only: tuple[str, ...] | None = None) -> list[tuple[tuple[str, ...], dict]]:
+    """The flags of config dataclass `cls`, one per field (the one declaration of each option): `--seq-len` for
+    `seq_len`, its doc as the help, its choices; a bool that defaults to False is a switch, any other bool a pair
+    (`--recompute` / `--no-recompute`); a list is comma-separated, or repeated where the field says `repeat`.
+    Every flag defaults to None, so that what is not given takes the dataclass's default (and schema.parse checks
+    what is)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli") is False or (only is not None and f.name not in only):
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) in (
+            typing.Union, types.UnionType) else tp
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default is None or default is False or default == "" else f" (default {default})"
+        kwargs: dict = {"dest": f.name, "default": None, "help": meta.get("doc", "") + shown}
+        if base is bool:
+            out.append(arg(flag, action="store_true", **kwargs))
+            if default is not False:
+                out.append(arg("--no-" + flag[2:], dest=f.name, action="store_false", default=None,
+                               help=f"the opposite of {flag}"))
+            continue
+        if typing.get_origin(base) is list:
+            item = typing.get_args(base)[0]
+            if meta.get("repeat"):
+                kwargs.update(action="append", metavar=meta.get("metavar"))
+            else:
+                kwargs.update(type=_list_of(item), metavar=meta.get("metavar", "A,B"))
+        else:
+            kwargs["type"] = {int: _int_or, float: float}.get(base, str)
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+        out.append(arg(flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"}))
+    return out
+
+
+PREPARE = "edgeft.stages.prepare:PrepareConfig"
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", cmd_doctor, (arg("--json", action="store_true", help="machine-readable output"),)),
     Command("prepare", cmd_prepare, (
         arg("model_dir", help="Hugging Face causal-LM folder"),
         arg("--out", required=True, help="workspace folder to create"),
-        arg("--lora-r", type=_int_or), arg("--lora-alpha", type=float), arg("--lora-dropout", type=float),
-        arg("--targets", help="comma-separated module names (default: the family's attention + MLP Linears)"),
-        arg("--dora", action="store_true", help="DoRA instead of plain LoRA"),
-        arg("--train-modules", help="whole modules to train too, e.g. lm_head,embed_tokens"),
-        arg("--trainable-tokens", help="comma-separated embedding rows to train (new tokens)"),
-        arg("--trust-remote-code", action="store_true"), arg("--seed", type=_int_or),
-        arg("--base-precision", choices=quantize.CHOICES,
-            help="frozen base stored quantized: int8 per channel, or int4 in the blocks the int4 bundle ships "
-                 "(the --device profile's block size and symmetry); dequantized in the graph at each use"),
-        arg("--device", help="device profile name or file"))),
+        arg("--device", help="device profile name or file")), PREPARE),
     Command("export", cmd_export, (
         arg("workspace", help="a prepared workspace"),
-        arg("--nominal-checkpoint", action="store_true", help="also write a nominal (shapes-only) checkpoint"),
-        arg("--ort-format", action="store_true", help="also write .ort models"),
-        arg("--weights", choices=("auto", "load", "stream"), default="auto",
-            help="stream: read the base one tensor at a time from its safetensors files, never holding the fp32 "
-                 "model (auto: past 4 GiB of fp32 weights)"),
-        arg("--recompute", action="store_true", default=None,
-            help="recompute each layer's activations in the backward pass instead of holding them: "
-                 "a fraction of the activation memory for about a third more compute per step (default: as "
-                 "prepare's --device plan chose)"),
-        arg("--no-recompute", dest="recompute", action="store_false", help="hold the activations"),
-        arg("--force", action="store_true", help="export again even if unchanged (rebuilds damaged artifacts)"))),
+        arg("--force", action="store_true", help="export again even if unchanged (rebuilds damaged artifacts)")),
+        "edgeft.stages.export:ExportConfig"),
     Command("train", cmd_train, (
         arg("workspace"), arg("--data", required=True, help="training JSONL"),
         arg("--eval-data", help="validation JSONL (default: --val-fraction of --data)"),
         arg("--device", help="device profile name or file"),
-        arg("--epochs", type=_int_or), arg("--max-steps", type=_int_or), arg("--lr", type=float),
-        arg("--warmup-steps", type=_int_or), arg("--schedule", choices=("cosine", "linear", "constant")),
-        arg("--weight-decay", type=float), arg("--batch-size", type=_int_or), arg("--grad-accum", type=_int_or),
-        arg("--seq-len", type=_int_or), arg("--truncation", choices=("drop", "right")),
-        arg("--train-on-prompt", action="store_true", default=None), arg("--val-fraction", type=float),
-        arg("--seed", type=_int_or), arg("--eval-every", type=_int_or), arg("--save-every", type=_int_or),
-        arg("--keep-last", type=_int_or), arg("--max-grad-norm", type=float),
-        arg("--resume", action="store_true", help="continue from the latest checkpoint"),
-        arg("--backend", choices=("ort", "torch")), arg("--ep", choices=("cpu", "cuda")),
-        arg("--recompute", action="store_true", default=None,
-            help="torch backend: recompute each layer's activations in the backward pass (default: as exported or "
-                 "as prepare's --device plan chose)"),
-        arg("--no-recompute", dest="recompute", action="store_false"))),
-    Command("merge", cmd_merge, (
-        arg("workspace"), arg("--checkpoint", default="best", help="best, last, or a step number"),
-        arg("--weights", choices=("auto", "load", "stream"), default="auto",
-            help="stream: hold one decoder layer of the base at a time, and write the merged model layer by layer "
-                 "(auto: past 4 GiB of fp32 weights)"))),
+        arg("--resume", action="store_true", help="continue from the latest checkpoint")),
+        "edgeft.stages.train:TrainConfig"),
+    Command("merge", cmd_merge, (arg("workspace"),), "edgeft.stages.merge:MergeConfig"),
     Command("package", cmd_package, (
-        arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers"),
-        arg("--precision", choices=("int4", "int8", "fp16", "fp32")),
-        arg("--ep", choices=("cpu", "cuda", "dml", "webgpu")), arg("--force", action="store_true", default=None),
-        arg("--adapters", action="store_true", default=None,
-            help="the base once plus a swappable .onnx_adapter (instead of the merged model)"),
-        arg("--add-adapters", action="append", metavar="WS", help="another workspace's adapter to ship (repeatable)"),
-        arg("--weights", choices=("auto", "load", "stream"),
-            help="stream: the transformers reference the bundle is verified against holds one decoder layer at a "
-                 "time (default auto: past 4 GiB of fp32 weights)"))),
+        arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers")),
+        "edgeft.stages.package.stage:PackageConfig"),
     Command("eval", cmd_eval, (
         arg("workspace"), arg("--data", required=True, help="test JSONL (chat or prompt/completion)"),
-        arg("--shots", type=_int_or, help="solved examples in the few-shot baseline (default 3)"),
-        arg("--shots-from", help="file to take them from (default: the training data)"),
-        arg("--limit", type=_int_or, help="evaluate the first N records only"),
-        arg("--max-new-tokens", type=_int_or, help="tokens generated per answer (default 64)"),
-        arg("--only", help="comma-separated variants: base,base few-shot,adapter,merged,bundle"))),
+        arg("--shots-from", help="file to take the few-shot examples from (default: the training data)")),
+        "edgeft.stages.evaluate:EvalConfig"),
     Command("bench", cmd_bench, (
         arg("target", help="a workspace (training, and its bundle if packaged) or a bundle folder"),
         arg("--device", help="device profile whose budgets judge the figures"),
-        arg("--runs", type=_int_or, help="timed runs per figure (default 5)"),
-        arg("--seq-len", type=_int_or, help="training bench: tokens per sequence (default 256)"),
-        arg("--batch-size", type=_int_or, help="training bench: sequences per batch (default 1)"),
-        arg("--prompt-tokens", type=_int_or, help="inference bench: prompt length (default 128)"),
-        arg("--new-tokens", type=_int_or, help="inference bench: tokens generated (default 64)"),
-        arg("--backend", choices=("ort", "torch")),
+        arg("--backend", choices=("ort", "torch"), help="training backend (default: the profile's)"),
         arg("--data", help="text for the batches and prompts (default: the sample task)"),
         arg("--out", help="report folder (default: WS/bench, or BUNDLE-bench beside a bundle)"),
-        arg("--json", action="store_true"))),
+        arg("--json", action="store_true")), "edgeft.stages.bench:BenchConfig"),
     Command("run", cmd_run, (
         arg("recipe", help="recipe YAML (see recipes/)"),
         arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)"),
@@ -461,31 +445,16 @@ COMMANDS: tuple[Command, ...] = (
     Command("plan", cmd_plan, (
         arg("target", help="Hugging Face model folder or a prepared workspace"),
         arg("--device", required=True, help="device profile name or file"),
-        arg("--seq-len", type=_int_or, help="tokens per sequence (default 512)"),
-        arg("--batch-size", type=_int_or, help="sequences per micro-batch (default 1)"),
-        arg("--lora-r", type=_int_or), arg("--targets", help="comma-separated module names"),
-        arg("--train-modules", help="whole modules trained too, e.g. lm_head"),
-        arg("--backend", choices=("ort", "torch"), help="default: the profile's training backend"),
-        arg("--base-precision", choices=quantize.CHOICES,
-            help="frozen base stored quantized (as `prepare --base-precision`; default: as prepared, or for a "
-                 "model folder what `prepare --device` picks)"),
-        arg("--recompute", action="store_true", default=None,
-            help="activations recomputed in the backward pass (as `export --recompute`; a workspace's own setting "
-                 "is the default)"),
-        arg("--json", action="store_true"))),
+        arg("--json", action="store_true")), "edgeft.devices.plan:PlanOptions"),
     Command("chat", cmd_chat, (
         arg("bundle", help="a bundle folder, or a workspace (its bundle/)"),
-        arg("--adapter", help="a swappable adapter of the bundle to chat with (its name, or an .onnx_adapter file)"),
-        arg("--prompt", help="one prompt; without it, read prompts from stdin"),
-        arg("--system", help="system prompt (use the one the model was fine-tuned with)"),
-        arg("--max-new-tokens", type=_int_or, help="longest reply (default 256, capped at the model's context)"))),
+        arg("--prompt", help="one prompt; without it, read prompts from stdin")), "edgeft.stages.chat:ChatConfig"),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),
-        arg("--seq-len", type=_int_or, help="longest sample in tokens (default 512)"),
         arg("--device", help="device profile for the time estimate"),
-        arg("--train-on-prompt", action="store_true", default=None, help="count every token as trained"),
-        arg("--json", action="store_true"))),
+        arg("--json", action="store_true")), "edgeft.data.dataset:DataConfig",
+        ("seq_len", "truncation", "train_on_prompt")),
     Command("runtime install", cmd_runtime_install, (
         arg("--cuda", action="store_true",
             help="the CUDA training build with its CUDA 11.8 / cuDNN 8 libraries (about 2.9 GB) instead of the CPU one"),
@@ -501,9 +470,26 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _config(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def selected(argv: list[str]) -> Command | None:
+    """The command `argv` names (its first words), so that only its options' module is imported."""
+    words = [w for w in argv if not w.startswith("-")][:2]
+    for cmd in sorted(COMMANDS, key=lambda c: -len(c.name.split())):
+        if cmd.name.split() == words[: len(cmd.name.split())]:
+            return cmd
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the options of the command `argv` selects come from its config dataclass (a command's module is
+    imported only when it is the one called: torch is not loaded to list devices)."""
     from edgeft import __version__
 
+    chosen = selected(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="edgeft", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"edgeft {__version__}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -519,14 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
             parent = groups[key]
         doc = (cmd.run.__doc__ or "").strip()
         p = parent.add_parser(words[-1], help=doc.splitlines()[0] if doc else None, description=doc)
-        for flags, kwargs in cmd.arguments:
-            p.add_argument(*flags, **kwargs)
+        flags = list(cmd.arguments)
+        if cmd is chosen and cmd.options:
+            flags += options_of(_config(cmd.options), cmd.only)
+        for names, kwargs in flags:
+            p.add_argument(*names, **kwargs)
         p.set_defaults(func=cmd.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     # Deprecation notices between transformers and PEFT are for their developers, not for edgeft's users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
     if argv is None:  # the command itself, not a call from Python: SIGTERM stops it as Ctrl-C does

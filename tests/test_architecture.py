@@ -17,7 +17,7 @@ BELOW = {
     "runtime": {"core"},
     "devices": {"core", "models", "runtime"},
     "data": {"core", "devices"},
-    "trainer": {"core", "models", "quant", "graph"},
+    "trainer": {"core", "models", "quant", "graph", "runtime"},
     "tasks": {"core", "data"},
     "stages": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks"},
     "pipeline": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages"},

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from edgeft.graph.trace import CausalLMLoss, probe_batch
 from edgeft.models.lazy import load_base
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.export import ExportConfig, export
 from edgeft.stages.prepare import PrepareConfig, prepare
 from tests.tiny_models import CONFIGS
@@ -84,8 +84,7 @@ def test_loss_runs_the_head_on_labelled_positions_only(tiny_model, tmp_path, fam
 
 def ort_loss(ws, batch, tmp_path):
     np.savez(tmp_path / "batch.npz", **batch)
-    return launcher.run("edgeft.trainer.artifacts:verify",
-                        {"artifacts": str(ws / "artifacts"), "batch": str(tmp_path / "batch.npz")})
+    return launcher.run(jobs.Verify(artifacts=str(ws / "artifacts"), batch=str(tmp_path / "batch.npz")))
 
 
 def prepared(tiny_model, tmp_path, family, **options):
@@ -208,8 +207,7 @@ def test_artifacts_train_only_the_adapter(tiny_model, tmp_path):
     base_hash = hashlib.sha256((out / "base.data").read_bytes()).hexdigest()
     batch = probe_batch(320, seq_len=16, pad_id=3, seed=5)
     np.savez(tmp_path / "b.npz", **batch)
-    result = launcher.run("edgeft.trainer.artifacts:steps",
-                          {"artifacts": str(out), "batch": str(tmp_path / "b.npz"), "steps": 5, "lr": 1e-2})
+    result = launcher.run(jobs.Steps(artifacts=str(out), batch=str(tmp_path / "b.npz"), steps=5, lr=1e-2))
     losses = result["losses"]
     assert losses[-1] < losses[0] - 0.05, losses
     assert hashlib.sha256((out / "base.data").read_bytes()).hexdigest() == base_hash

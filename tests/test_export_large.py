@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgeft.graph.trace import probe_batch
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.export import export
 from edgeft.stages.prepare import PrepareConfig, prepare
 
@@ -33,6 +33,5 @@ def test_phi3_mini_slice_over_2gb_exports_verifies_and_trains(tmp_path):
     batch = probe_batch(32064, seq_len=64, pad_id=32000, seed=1)
     batch = {k: v[:1] for k, v in batch.items()}
     np.savez(tmp_path / "b.npz", **batch)
-    result = launcher.run("edgeft.trainer.artifacts:steps",
-                          {"artifacts": str(out), "batch": str(tmp_path / "b.npz"), "steps": 2, "lr": 1e-3})
+    result = launcher.run(jobs.Steps(artifacts=str(out), batch=str(tmp_path / "b.npz"), steps=2, lr=1e-3))
     assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))

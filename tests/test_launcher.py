@@ -3,7 +3,8 @@
 import pytest
 
 from edgeft.core.errors import EdgeftError
-from edgeft.runtime import launcher, training_build
+from edgeft.runtime import jobs, launcher, training_build
+from tests import runtime_entries as entries
 
 
 def test_parent_has_inference_build_and_genai():
@@ -16,7 +17,7 @@ def test_parent_has_inference_build_and_genai():
 
 
 def test_child_has_training_build():
-    info = launcher.run("edgeft.trainer.info:main")
+    info = launcher.run(jobs.Info())
     assert info["onnxruntime_version"] == training_build.ORT_TRAINING_VERSION == "1.19.2"
     assert info["onnx_version"] == training_build.ONNX_VERSION
     assert info["onnxruntime_path"].startswith(str(training_build.runtime_dir("cpu")))
@@ -28,7 +29,7 @@ def test_child_has_training_build():
 def test_events_stream_in_order_and_library_output_stays_out(tmp_path):
     seen = []
     log = tmp_path / "child.log"
-    result = launcher.run("tests.runtime_entries:chatty", {"steps": 5}, on_event=seen.append, log_path=log)
+    result = launcher.run(entries.Chatty(steps=5), on_event=seen.append, log_path=log)
     assert result == {"steps": 5, "modules": []}
     assert [e["step"] for e in seen if e["event"] == "progress"] == [1, 2, 3, 4, 5]
     assert seen[-1] == {**seen[-1], "event": "log", "message": "done"}
@@ -37,7 +38,7 @@ def test_events_stream_in_order_and_library_output_stays_out(tmp_path):
 
 def test_user_error_in_child_is_a_plain_message():
     with pytest.raises(EdgeftError) as info:
-        launcher.run("tests.runtime_entries:user_error")
+        launcher.run(entries.UserError())
     assert type(info.value) is EdgeftError
     assert str(info.value) == "the data file has 3 malformed lines; run `edgeft data check`"
 
@@ -45,7 +46,7 @@ def test_user_error_in_child_is_a_plain_message():
 def test_bug_in_child_names_exception_and_log(tmp_path):
     log = tmp_path / "child.log"
     with pytest.raises(launcher.TrainingRuntimeError) as info:
-        launcher.run("tests.runtime_entries:bug", log_path=log)
+        launcher.run(entries.Bug(), log_path=log)
     message = str(info.value)
     assert "ZeroDivisionError: division by zero" in message and str(log) in message
     assert "Traceback" not in message
@@ -54,7 +55,7 @@ def test_bug_in_child_names_exception_and_log(tmp_path):
 
 def test_killed_child_is_reported_with_its_last_output(tmp_path):
     with pytest.raises(launcher.TrainingRuntimeError, match=r"killed by signal 9(.|\n)*about to die"):
-        launcher.run("tests.runtime_entries:killed", log_path=tmp_path / "child.log")
+        launcher.run(entries.Killed(), log_path=tmp_path / "child.log")
 
 
 def test_install_is_idempotent():

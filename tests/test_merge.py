@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from edgeft.core.errors import EdgeftError
 from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss, probe_batch
 from edgeft.models.lazy import load_base
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.export import export
 from edgeft.stages.merge import MergeConfig, merge
 from edgeft.stages.prepare import PrepareConfig, prepare
@@ -38,9 +38,8 @@ def logits_of(model, batch):
 
 def ort_eval_logits(ws, ckpt, batch, tmp_path):
     np.savez(tmp_path / "b.npz", **batch)
-    launcher.run("edgeft.trainer.artifacts:verify", {
-        "artifacts": str(ws / "artifacts"), "checkpoint": str(ckpt / "ort_checkpoint"),
-        "batch": str(tmp_path / "b.npz"), "logits_out": str(tmp_path / "l.npy")})
+    launcher.run(jobs.Verify(artifacts=str(ws / "artifacts"), checkpoint=str(ckpt / "ort_checkpoint"),
+                             batch=str(tmp_path / "b.npz"), logits_out=str(tmp_path / "l.npy")))
     return np.load(tmp_path / "l.npy")
 
 

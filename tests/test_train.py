@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from edgeft.core.errors import EdgeftError
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
@@ -38,8 +38,7 @@ def losses(ws):
 
 def trained(checkpoint, tmp_path):
     out = tmp_path / f"{checkpoint.parent.parent.parent.name}-{checkpoint.name}.npz"
-    launcher.run("edgeft.trainer.ort_engine:read_trained",
-                 {"checkpoint": str(checkpoint / "ort_checkpoint"), "out": str(out)})
+    launcher.run(jobs.ReadTrained(checkpoint=str(checkpoint / "ort_checkpoint"), out=str(out)))
     return dict(np.load(out))
 
 

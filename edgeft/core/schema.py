@@ -184,6 +184,34 @@ def _build_dataclass(cls: Any, data: dict, path: str, problems: list[str], stric
         return None
 
 
+def section(cls: type, name: str) -> type:
+    """A recipe section made of the fields of config `cls` whose metadata says `recipe="NAME.key"`: the same type,
+    default, doc and constraints, under the recipe's key. The option is declared once, on `cls`."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        where = f.metadata.get("recipe", "")
+        if where.partition(".")[0] != name:
+            continue
+        kwargs = {"metadata": f.metadata}
+        if f.default is not _MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not _MISSING:
+            kwargs["default_factory"] = f.default_factory
+        fields.append((where.partition(".")[2], hints[f.name], dataclasses.field(**kwargs)))
+    return dataclasses.make_dataclass(f"{name.title()}Section", fields, frozen=True)
+
+
+def gather(cls: type[T], sections: dict[str, Any], **given: Any) -> T:
+    """`cls` from the recipe sections `section` made of it (and `given` fields)."""
+    values = dict(given)
+    for f in dataclasses.fields(cls):
+        name, _, key = f.metadata.get("recipe", "").partition(".")
+        if name in sections and f.name not in given:
+            values[f.name] = getattr(sections[name], key)
+    return cls(**values)
+
+
 def check(problems: list[str], ok: bool, message: str) -> None:
     """Collect a cross-field problem (for `__post_init__`, which raises them together)."""
     if not ok:

@@ -12,6 +12,7 @@ stage after one that changed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ from edgeft.core import schema
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
 from edgeft.core.workspace import STAGES, Record, Workspace
-from edgeft.quant import quantize
 from edgeft.stages.bench import BenchConfig
 from edgeft.stages.evaluate import EvalConfig
-from edgeft.stages.package.builder import BUILDER_EPS, BUILDER_PRECISIONS
+from edgeft.stages.package.stage import PackageConfig
+from edgeft.stages.prepare import PrepareConfig
 from edgeft.stages.train import TrainConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the edgeft package
@@ -36,21 +37,9 @@ SHIPPED = {"home_base": PACKAGE_ROOT / "tasks" / "home_base", "home_data": PACKA
 NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
-@dataclass(frozen=True)
-class ModelSection:
-    path: str = spec("Hugging Face model folder, or edgeft:home_base")
-    base_precision: str = spec("frozen base for training: fp32, int8 or int4 (the bundle's blocks)", "fp32", choices=quantize.CHOICES)
-
-
-@dataclass(frozen=True)
-class LoraSection:
-    r: int = spec("LoRA rank", 16, gt=0)
-    alpha: float = spec("LoRA alpha", 32.0, gt=0)
-    dropout: float = spec("LoRA dropout", 0.0, min=0, max=0.9)
-    targets: list[str] | None = spec("module names (default: the family's attention and MLP Linears)", None)
-    dora: bool = spec("DoRA instead of LoRA", False)
-    train_modules: list[str] = spec("whole modules to train as well: lm_head, embed_tokens", default_factory=list)
-    seed: int = spec("adapter initialisation seed", 0)
+# The model and lora sections are PrepareConfig's options under their recipe keys (declared there, once).
+ModelSection = schema.section(PrepareConfig, "model")
+LoraSection = schema.section(PrepareConfig, "lora")
 
 
 @dataclass(frozen=True)
@@ -58,13 +47,6 @@ class DataSection:
     train: str = spec("training JSONL")
     eval: str | None = spec("validation JSONL (default: a split of train)", None)
     test: str | None = spec("held-out JSONL for `eval` (default: eval)", None)
-
-
-@dataclass(frozen=True)
-class PackageSection:
-    precision: str | None = spec("int4, int8, fp16 or fp32 (default: the device profile's)", None,
-                                 choices=BUILDER_PRECISIONS)
-    ep: str = spec("execution provider of the bundle", "cpu", choices=BUILDER_EPS)
 
 
 @dataclass(frozen=True)
@@ -76,7 +58,8 @@ class Recipe:
     device: str | None = spec("device profile name or file", None)
     lora: LoraSection = spec("adapter settings", default_factory=LoraSection)
     train: TrainConfig = spec("training options (as `edgeft train`)", default_factory=TrainConfig)
-    package: PackageSection = spec("packaging options", default_factory=PackageSection)
+    package: PackageConfig = spec("packaging options (as `edgeft package`; a recipe always replaces the bundle)",
+                                  default_factory=PackageConfig)
     eval: EvalConfig = spec("evaluation options (as `edgeft eval`)", default_factory=EvalConfig)
     bench: BenchConfig = spec("bench options (as `edgeft bench`)", default_factory=BenchConfig)
     stages: list[str] = spec("stages to run, in pipeline order", default_factory=lambda: list(STAGES), choices=STAGES)
@@ -174,12 +157,8 @@ def _run(recipe: Recipe, base: Path, ws: Workspace, device, log, force: tuple[st
     train_data = resolve(recipe.data.train, base)
     eval_data = resolve(recipe.data.eval, base)
     test_data = resolve(recipe.data.test, base) or eval_data
-    lora = recipe.lora
-    prep_cfg = prepare.PrepareConfig(model_dir=str(model_dir), lora_r=lora.r, lora_alpha=lora.alpha,
-                                     lora_dropout=lora.dropout, targets=lora.targets, dora=lora.dora,
-                                     train_modules=list(lora.train_modules), seed=lora.seed,
-                                     base_precision=recipe.model.base_precision)
-    pkg_cfg = package.PackageConfig(precision=recipe.package.precision, ep=recipe.package.ep, force=True)
+    prep_cfg = schema.gather(PrepareConfig, {"model": recipe.model, "lora": recipe.lora}, model_dir=str(model_dir))
+    pkg_cfg = dataclasses.replace(recipe.package, force=True)
 
     def do_train() -> None:
         result = train.train(ws.root, train_data, recipe.train, eval_data, device, resume=None)

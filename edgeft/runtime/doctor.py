@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.runtime import training_build
+from edgeft.runtime import jobs, training_build
 
 MIN_ORT = (1, 31)
 PYTHON_RANGE = ((3, 10), (3, 12))
@@ -93,7 +93,7 @@ def check_training_runtime() -> Check:
     from edgeft.runtime import launcher
 
     try:
-        info = launcher.run("edgeft.trainer.info:main", {}, ep="cuda" if variant == "cuda" else "cpu")
+        info = launcher.run(jobs.Info(), ep="cuda" if variant == "cuda" else "cpu")
     except Exception as e:  # noqa: BLE001 - reported as a failed check
         return Check("training_runtime", False, None, f"installed at {path} but failed to start: {e}",
                      "run `edgeft runtime install --force`", extra={"path": str(path)})

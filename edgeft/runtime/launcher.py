@@ -1,6 +1,7 @@
 """Runs edgeft code inside the training runtime as a subprocess and streams its events back.
 
-The child is `python -m edgeft.trainer.child MODULE:FUNCTION` with the training build's directory first
+The child is `python -m edgeft.trainer.child MODULE:JOB` (a trainer/jobs.py dataclass, its fields as JSON on
+stdin) with the training build's directory first
 on PYTHONPATH. It talks over a pipe of its own (one JSON object per line); its stdout and stderr go to a
 log file, so library chatter never corrupts the protocol and a failure can point at the full log.
 """
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from edgeft.core.errors import EdgeftError, Terminated
 from edgeft.runtime import training_build
@@ -46,79 +48,96 @@ def child_env(runtime_path: Path | None) -> dict[str, str]:
     return env
 
 
-def run(entry: str, args: dict | None = None, *, ep: str = "cpu", on_event: EventHandler | None = None,
-        log_path: Path | None = None, cwd: Path | None = None, runtime_name: str = "training") -> dict:
-    """Call `entry` ("module:function") in the training runtime; return its result.
+class Call(Protocol):
+    """A job for a subprocess (trainer/jobs.py): its class as `module:Class`, where it runs, its JSON."""
 
-    `on_event` sees every progress and log event as it arrives. `cwd` is the child's working folder
-    (onnxblock writes temp files into it). A user error in the child is raised here
-    as EdgeftError with the child's message; a bug as TrainingRuntimeError naming the log.
-    `runtime_name="main"` runs the child in the main environment instead (the torch backend), with the
-    same protocol.
-    """
-    runtime_path = training_build.runtime_dir(training_build.active_variant(ep)) if runtime_name == "training" else None
-    if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="edgeft-runtime-", suffix=".log")
-        os.close(fd)
-        log_path = Path(name)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def side(self) -> str: ...
+
+    def to_json(self) -> str: ...
+
+
+def run(job: Call, *, ep: str = "cpu", on_event: EventHandler | None = None, log_path: Path | None = None,
+        cwd: Path | None = None) -> dict:
+    """Run `job` in a subprocess (the training runtime, or the main environment for a job of that side); return
+    its result.
+
+    `on_event` sees every progress and log event as it arrives. `cwd` is the child's working folder (onnxblock
+    writes temp files into it). A user error in the child is raised here as EdgeftError with the child's message;
+    a bug as TrainingRuntimeError naming the log; an interruption as KeyboardInterrupt."""
+    runtime_path = training_build.runtime_dir(training_build.active_variant(ep)) if job.side == "training" else None
+    log_path = log_path or _temporary_log()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     with open(log_path, "w", encoding="utf-8") as log:
-        env = child_env(runtime_path)
-        env["EDGEFT_EVENT_FD"] = str(write_fd)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeft.trainer.child", entry],
-            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,), cwd=cwd,
-        )
+        env = child_env(runtime_path) | {"EDGEFT_EVENT_FD": str(write_fd)}
+        proc = subprocess.Popen([sys.executable, "-m", "edgeft.trainer.child", job.name], stdin=subprocess.PIPE,
+                                stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,), cwd=cwd)
         os.close(write_fd)
-        proc.stdin.write(json.dumps(args or {}).encode())
+        proc.stdin.write(job.to_json().encode())
         proc.stdin.close()
-        outcome: dict = {"result": None, "error": None}
-
-        def handle(line: str) -> None:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                return
-            kind = event.get("event")
-            if kind == "result":
-                outcome["result"] = event.get("data")
-            elif kind == "error":
-                outcome["error"] = event
-            elif on_event is not None:
-                on_event(event)
-
-        interrupted: KeyboardInterrupt | None = None
+        outcome = _Outcome(on_event)
         with os.fdopen(read_fd, "r", encoding="utf-8") as events:
             try:
-                for line in events:
-                    handle(line)
+                outcome.read(events)
             except KeyboardInterrupt as e:
                 # Ctrl-C reached the child too (same process group); SIGTERM reached this process only, so it is
                 # passed on. The child stops where it can save: keep listening until it exits, so its final report
                 # (where it saved) reaches the user.
-                interrupted = e
+                outcome.interrupted = e
                 if isinstance(e, Terminated):
                     proc.send_signal(signal.SIGTERM)
-                for line in events:
-                    handle(line)
+                outcome.read(events)
             code = proc.wait()
-    result, error = outcome["result"], outcome["error"]
-    if interrupted is not None and result is None:
-        raise interrupted  # whatever the child made of the signal (libraries turn it into other errors)
-    if error is not None:
-        if error.get("kind") == "user":
-            raise EdgeftError(error["message"])
-        if error.get("kind") == "interrupted":
-            raise KeyboardInterrupt
-        raise TrainingRuntimeError(
-            f"the training runtime failed in {entry}: {error.get('type')}: {error.get('message')}\n"
-            f"  full traceback and runtime output: {log_path}",
-            traceback=error.get("traceback"), log_path=log_path)
-    if code != 0 or result is None:
-        tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-10:])
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        raise TrainingRuntimeError(
-            f"the training runtime {how} in {entry} before reporting a result; last output:\n{tail}\n"
-            f"  full output: {log_path}", log_path=log_path)
-    return result
+    return outcome.result_of(job.name, code, log_path)
+
+
+def _temporary_log() -> Path:
+    fd, name = tempfile.mkstemp(prefix="edgeft-runtime-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+class _Outcome:
+    """The child's events: progress and logs go to `on_event`; the result or the error is kept."""
+
+    def __init__(self, on_event: EventHandler | None):
+        self.on_event, self.result, self.error = on_event, None, None
+        self.interrupted: KeyboardInterrupt | None = None
+
+    def read(self, lines) -> None:
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "result":
+                self.result = event.get("data")
+            elif kind == "error":
+                self.error = event
+            elif self.on_event is not None:
+                self.on_event(event)
+
+    def result_of(self, name: str, code: int, log_path: Path) -> dict:
+        """The result, or the error the child reported (or its death) raised here."""
+        if self.interrupted is not None and self.result is None:
+            raise self.interrupted  # whatever the child made of the signal (libraries turn it into other errors)
+        if (error := self.error) is not None:
+            if error.get("kind") == "user":
+                raise EdgeftError(error["message"])
+            if error.get("kind") == "interrupted":
+                raise KeyboardInterrupt
+            raise TrainingRuntimeError(
+                f"the training runtime failed in {name}: {error.get('type')}: {error.get('message')}\n"
+                f"  full traceback and runtime output: {log_path}", traceback=error.get("traceback"), log_path=log_path)
+        if code != 0 or self.result is None:
+            tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-10:])
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise TrainingRuntimeError(
+                f"the training runtime {how} in {name} before reporting a result; last output:\n{tail}\n"
+                f"  full output: {log_path}", log_path=log_path)
+        return self.result

@@ -26,7 +26,7 @@ from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
 from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.devices.profiles import Profile
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages import planning
 from edgeft.stages.bundle import own_adapter
 from edgeft.stages.export import Exported, check_artifacts
@@ -78,12 +78,11 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
     predicted = planning.for_workspace(ws, profile, seq_len, batch_size, backend=backend)
     tokens_path = work / "tokens.npy"
     np.save(tokens_path, _tokens(prep.model_dir, data))
-    args = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
-            "tokens": str(tokens_path), "artifacts": str(ws.artifacts), "model_dir": str(prep.model_dir),
-            "adapter_init": str(ws.adapter_init), "base_quant": prep.config.base_quant,
-            "recompute": predicted.run.recompute}
-    result = launcher.run("edgeft.trainer.bench:main", args, log_path=ws.log("bench-train"),
-                          cwd=work, runtime_name="training" if backend == "ort" else "main")
+    job = jobs.BenchTraining(backend=backend, batch_size=batch_size, seq_len=seq_len, runs=runs,
+                             tokens=str(tokens_path), artifacts=str(ws.artifacts), model_dir=str(prep.model_dir),
+                             adapter_init=str(ws.adapter_init), base_quant=prep.config.base_quant,
+                             recompute=predicted.run.recompute)
+    result = launcher.run(job, log_path=ws.log("bench-train"), cwd=work)
     step = _stats(result["step_s"])
     tokens = batch_size * seq_len
     out = {"backend": backend, "batch_size": batch_size, "seq_len": seq_len, "step_s": step,
@@ -102,18 +101,17 @@ def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int
     if len(ids) < prompt_tokens:
         ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
     adapter = own_adapter(bundle)
-    args = {"bundle": str(bundle), "prompt": ids[:prompt_tokens].tolist(), "new_tokens": new_tokens, "runs": runs,
-            "adapter": adapter.relative_to(bundle).as_posix() if adapter else None}
-    result = launcher.run("edgeft.stages.bench:genai_child", args, log_path=log_dir / "bench-inference.log",
-                          runtime_name="main")
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": args["adapter"],
+    job = jobs.BenchInference(bundle=str(bundle), prompt=ids[:prompt_tokens].tolist(), new_tokens=new_tokens,
+                              runs=runs, adapter=adapter.relative_to(bundle).as_posix() if adapter else None)
+    result = launcher.run(job, log_path=log_dir / "bench-inference.log")
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": job.adapter,
             "ttft_ms": _stats([1000 * t for t in result["ttft_s"]]),
             "prompt_tokens_per_s": _stats([prompt_tokens / t for t in result["ttft_s"]]),
             "decode_tokens_per_s": _stats([(new_tokens - 1) / t for t in result["decode_s"]]),
             "peak_rss_mb": result["peak_rss_mb"], "bundle": str(bundle)}
 
 
-def genai_child(args: dict) -> dict:
+def genai_child(job: jobs.BenchInference) -> dict:
     """Runs in its own process so that its peak RSS is the app's: model load, prefill, decode (with the bundle's
     adapter active, if it ships swappable ones)."""
     import onnxruntime_genai as og
@@ -121,12 +119,12 @@ def genai_child(args: dict) -> dict:
     from edgeft.stages.bundle import generator, load_adapter, open_model
     from edgeft.trainer import events
 
-    model = open_model(Path(args["bundle"]))
-    active = load_adapter(model, Path(args["bundle"]) / args["adapter"]) if args.get("adapter") else None
-    prompt = np.asarray(args["prompt"], dtype=np.int32)
-    new = int(args["new_tokens"])
+    model = open_model(Path(job.bundle))
+    active = load_adapter(model, Path(job.bundle) / job.adapter) if job.adapter else None
+    prompt = np.asarray(job.prompt, dtype=np.int32)
+    new = job.new_tokens
     ttft, decode = [], []
-    for i in range(int(args["runs"]) + 1):  # the first run warms up
+    for i in range(job.runs + 1):  # the first run warms up
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
         gen = generator(model, params, active)
@@ -144,7 +142,7 @@ def genai_child(args: dict) -> dict:
         if i:
             ttft.append(t1 - t0)
             decode.append(t2 - t1)
-        events.progress(step=i, total=args["runs"], ttft_s=t1 - t0)
+        events.progress(step=i, total=job.runs, ttft_s=t1 - t0)
     return {"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": rss.peak_mb()}
 
 

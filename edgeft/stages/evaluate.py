@@ -46,7 +46,7 @@ class EvalConfig:
     limit: int | None = spec("evaluate the first N test records only", None, min=1)
     max_new_tokens: int = spec("tokens generated per answer", 64, min=1)
     variants: list[str] | None = spec(f"which variants to evaluate: {', '.join(VARIANTS)} (default: all the "
-                                      "workspace has)", None, choices=VARIANTS)
+                                      "workspace has)", None, choices=VARIANTS, flag="--only")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.graph import detach, frozen_base
 from edgeft.models import lazy
 from edgeft.quant import quantize
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.prepare import Prepared
 from edgeft.trainer.session import INPUTS_FILE
 
@@ -237,10 +237,9 @@ def _build(ws: Workspace, ref: _Reference, cfg: ExportConfig, tmp: Path, steps: 
     externalize_s, externalize_peak = round(time.time() - t0, 2), round(rss.peak_mb(), 1)
     with steps.step("training, eval and optimizer models (generate_artifacts" +
                     (", recomputation)" if recompute else ")")):
-        generated = launcher.run("edgeft.trainer.artifacts:generate", {
-            "model": str(tmp / "slim_model.onnx"), "out": str(tmp), "requires_grad": ref.trainable,
-            "recompute": recompute, "data_inputs": list(trace.INPUT_NAMES),
-            "nominal_checkpoint": cfg.nominal_checkpoint, "ort_format": cfg.ort_format},
+        generated = launcher.run(jobs.GenerateArtifacts(
+            model=str(tmp / "slim_model.onnx"), out=str(tmp), requires_grad=ref.trainable, recompute=recompute,
+            data_inputs=list(trace.INPUT_NAMES), nominal_checkpoint=cfg.nominal_checkpoint, ort_format=cfg.ort_format),
             on_event=on_event, log_path=ws.log("export-runtime"), cwd=tmp)
     (tmp / "slim_model.onnx").unlink()
     return {"stored": stored, "detached": len(detached), "generated": generated,
@@ -258,9 +257,8 @@ def _verify(ws: Workspace, ref: _Reference, cfg: ExportConfig, tmp: Path, steps:
 
     work = tmp / ".export"
     with steps.step("verify: a training step in ONNX Runtime against the reference"):
-        verified = launcher.run("edgeft.trainer.artifacts:verify",
-                                {"artifacts": str(tmp), "batch": str(work / "probe.npz"),
-                                 "grads_out": str(work / "ort_grads.npz")},
+        verified = launcher.run(jobs.Verify(artifacts=str(tmp), batch=str(work / "probe.npz"),
+                                            grads_out=str(work / "ort_grads.npz")),
                                 on_event=on_event, log_path=ws.log("export-runtime"))
     grad_error = trace.gradient_error(ref.grads, dict(np.load(work / "ort_grads.npz")))
     dropout = prep.config.lora_dropout > 0

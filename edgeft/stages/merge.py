@@ -33,7 +33,7 @@ from edgeft.core.schema import spec
 from edgeft.core.workspace import Record, Workspace, checkpoint_dir, key_of
 from edgeft.models import lazy
 from edgeft.quant import quantize
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.export import Exported, check_artifacts
 from edgeft.stages.prepare import Prepared
 from edgeft.stages.train import Trained
@@ -71,8 +71,7 @@ def resolve(root: Path, which: str) -> Path:
 def trained_tensors(ckpt: Path, backend: str, work: Path) -> dict[str, np.ndarray]:
     if backend == "ort":
         out = work / "trained.npz"
-        launcher.run("edgeft.trainer.ort_engine:read_trained",
-                     {"checkpoint": str(ckpt / CHECKPOINT), "out": str(out)})
+        launcher.run(jobs.ReadTrained(checkpoint=str(ckpt / CHECKPOINT), out=str(out)))
         return dict(np.load(out))
     from safetensors.numpy import load_file
 
@@ -276,9 +275,8 @@ def _merge(ws: Workspace, ckpt: Path, backend: str, cfg: MergeConfig, work: Path
     if backend == "ort":
         np.savez(work / "probe.npz", **batch)
         with steps.step("the training runtime's logits (eval model, trained checkpoint)"):
-            launcher.run("edgeft.trainer.artifacts:verify", {
-                "artifacts": str(ws.artifacts), "checkpoint": str(ckpt / CHECKPOINT),
-                "batch": str(work / "probe.npz"), "logits_out": str(work / "ort_logits.npy")})
+            launcher.run(jobs.Verify(artifacts=str(ws.artifacts), checkpoint=str(ckpt / CHECKPOINT),
+                                     batch=str(work / "probe.npz"), logits_out=str(work / "ort_logits.npy")))
         check("peft_vs_ort_eval", np.load(work / "ort_logits.npy"), "PEFT logits differ from the training runtime's",
               "nothing was written")
     with atomic_dir(ws.adapter) as tmp:

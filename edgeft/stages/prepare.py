@@ -27,23 +27,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    model_dir: str = spec("Hugging Face causal-LM folder (config.json, safetensors, tokenizer)")
-    lora_r: int = spec("LoRA rank", 16, gt=0)
-    lora_alpha: float = spec("LoRA alpha (scale = alpha / r)", 32.0, gt=0)
-    lora_dropout: float = spec("dropout on the LoRA input during training", 0.0, min=0.0, max=0.9)
-    targets: list[str] | None = spec("module names to adapt; default: the family's attention and MLP Linears", None)
-    dora: bool = spec("DoRA (weight-decomposed LoRA) instead of plain LoRA", False)
+    model_dir: str = spec("Hugging Face causal-LM folder (config.json, safetensors, tokenizer); in a recipe also "
+                          "edgeft:home_base, the demo's", recipe="model.path", cli=False)
+    lora_r: int = spec("LoRA rank", 16, gt=0, recipe="lora.r")
+    lora_alpha: float = spec("LoRA alpha (scale = alpha / r)", 32.0, gt=0, recipe="lora.alpha")
+    lora_dropout: float = spec("dropout on the LoRA input during training", 0.0, min=0.0, max=0.9,
+                               recipe="lora.dropout")
+    targets: list[str] | None = spec("module names to adapt (default: the family's attention and MLP Linears)", None,
+                                     recipe="lora.targets")
+    dora: bool = spec("DoRA (weight-decomposed LoRA) instead of plain LoRA", False, recipe="lora.dora")
     train_modules: list[str] = spec("whole modules to train as well (PEFT modules_to_save): lm_head, embed_tokens",
-                                    default_factory=list)
-    trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list)
+                                    default_factory=list, recipe="lora.train_modules")
+    trainable_token_indices: list[int] = spec("embedding rows to train (new tokens)", default_factory=list,
+                                              recipe="lora.trainable_tokens", flag="--trainable-tokens")
     base_precision: str | None = spec("frozen base stored as fp32, int8 (per channel) or int4 (the int4 bundle's "
-                                      "blocks), dequantized in the graph; default: with a device profile, the one "
-                                      "its plan picks (plan.choose), fp32 without", None, choices=quantize.CHOICES)
+                                      "blocks), dequantized in the graph at each use (default: with a device "
+                                      "profile, what its plan picks; fp32 without)", None, choices=quantize.CHOICES,
+                                      recipe="model.base_precision")
     int4_block_size: int = spec("int4 base: block size along the input dimension (the device profile's when one "
-                                "is given)", 32, choices=quantize.INT4_BLOCK_SIZES)
-    int4_symmetric: bool = spec("int4 base: symmetric blocks (the device profile's when one is given)", True)
-    trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False)
-    seed: int = spec("seed for the adapter initialisation", 0)
+                                "is given)", 32, choices=quantize.INT4_BLOCK_SIZES, recipe="model.int4_block_size")
+    int4_symmetric: bool = spec("int4 base: symmetric blocks (the device profile's when one is given)", True,
+                                recipe="model.int4_symmetric")
+    trust_remote_code: bool = spec("allow the folder's own Python code (never needed for supported families)", False,
+                                   recipe="model.trust_remote_code")
+    seed: int = spec("seed for the adapter initialisation", 0, recipe="lora.seed")
 
     def __post_init__(self):
         problems: list[str] = []

@@ -24,7 +24,7 @@ from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.data import formats
 from edgeft.data.dataset import DataConfig, build, cache_key
 from edgeft.devices import plan, profiles
-from edgeft.runtime import launcher, training_build
+from edgeft.runtime import jobs, launcher, training_build
 from edgeft.stages import planning
 from edgeft.stages.export import Exported, check_artifacts
 from edgeft.stages.prepare import Prepared
@@ -370,20 +370,17 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
     """The training runtime (or the torch engine) runs the loop; progress is shown and logged as it comes."""
     prep, cfg = ws.read(Prepared), run.cfg
     resume_state = checkpoints.read_state(resume_path) if resume_path else None
-    args = {
-        "config": dataclasses.asdict(cfg) | {"base_quant": prep.config.base_quant, "recompute": run.recompute},
-        "dataset": str(run.dataset.root), "pad_token_id": run.dataset.meta["pad_token_id"],
-        "checkpoints": str(ws.checkpoints), "options": options(cfg), **run.bound,
-        "resume_state": resume_state, "resume_path": str(resume_path) if resume_path else None,
-        "artifacts": str(ws.artifacts), "work": str(ws.training / "work"), "device": cfg.ep,
-        "model_dir": str(prep.model_dir), "adapter_init": str(ws.adapter_init),
-    }
-    entry = "edgeft.trainer.ort_engine:main" if cfg.backend == "ort" else "edgeft.trainer.torch_engine:main"
+    job_type = jobs.Train if cfg.backend == "ort" else jobs.TorchTrain
+    job = job_type(
+        config=dataclasses.asdict(cfg) | {"base_quant": prep.config.base_quant, "recompute": run.recompute},
+        dataset=str(run.dataset.root), pad_token_id=run.dataset.meta["pad_token_id"], checkpoints=str(ws.checkpoints),
+        options=options(cfg), **run.bound, artifacts=str(ws.artifacts), work=str(ws.training / "work"),
+        model_dir=str(prep.model_dir), adapter_init=str(ws.adapter_init), device=cfg.ep, resume_state=resume_state,
+        resume_path=str(resume_path) if resume_path else None)
     reporter = Reporter(ws.metrics, resume_state["position"]["step"] if resume_state else 0)
     started = time.time()
     try:
-        result = launcher.run(entry, args, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"),
-                              runtime_name="training" if cfg.backend == "ort" else "main")
+        result = launcher.run(job, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"))
     except KeyboardInterrupt:  # before the loop could save: continue from the last checkpoint, if there is one
         if checkpoints.latest(ws.checkpoints):
             print(f"interrupted; continue with `{resume_command(ws, data)}` (with the same options)", file=sys.stderr)

@@ -11,31 +11,31 @@ import numpy as np
 from edgeft.core import rss
 from edgeft.core.errors import EdgeftError
 from edgeft.graph import detach, frozen_base, recompute
+from edgeft.runtime import jobs
 from edgeft.trainer import events
 from edgeft.trainer.ort_engine import torch_adamw
 from edgeft.trainer.session import INPUTS_FILE, open_module
 
 
-def generate(args: dict) -> dict:
+def generate(job: jobs.GenerateArtifacts) -> dict:
     """generate_artifacts on the slim model: frozen weights stay initializers in base.data, never loaded."""
     import onnx
     from onnxruntime.training import artifacts
 
     started = time.time()
-    out = Path(args["out"])
-    model = onnx.load(str(args["model"]), load_external_data=False)
+    out = Path(job.out)
+    model = onnx.load(job.model, load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
-    missing = sorted(set(args["requires_grad"]) - inits)
+    missing = sorted(set(job.requires_grad) - inits)
     if missing:
         raise EdgeftError(f"trainable parameters missing from the exported graph: {missing[:5]}")
     inputs_file = out / INPUTS_FILE
     quantized = json.loads(inputs_file.read_text()).get("quantized_weights", {}) if inputs_file.exists() else {}
-    ort_format = bool(args.get("ort_format"))
-    events.log(f"generating artifacts: {len(args['requires_grad'])} trainable tensors")
+    events.log(f"generating artifacts: {len(job.requires_grad)} trainable tensors")
     artifacts.generate_artifacts(
-        model, requires_grad=list(args["requires_grad"]), frozen_params=[], loss=None,
+        model, requires_grad=list(job.requires_grad), frozen_params=[], loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
-        ort_format=False, nominal_checkpoint=bool(args.get("nominal_checkpoint")))
+        ort_format=False, nominal_checkpoint=job.nominal_checkpoint)
     onnx.save(torch_adamw(onnx.load(str(out / "optimizer_model.onnx"))), str(out / "optimizer_model.onnx"))
     recomputed, dequantizers = None, 0
     # Rewrite each graph once: the training graph loses its logits output, then recomputation, then dequantize_at_use.
@@ -43,16 +43,16 @@ def generate(args: dict) -> dict:
               for name in ("training_model.onnx", "eval_model.onnx")}
     dropped = drop_outputs(graphs["training_model.onnx"], {"logits"})
     events.log(f"training graph: logits output dropped with the {dropped} nodes that only it needed")
-    if args.get("recompute"):
+    if job.recompute:
         kept = {o.name for o in graphs["training_model.onnx"].graph.output}
         forward = tuple(o.name for o in graphs["eval_model.onnx"].graph.output if o.name in kept)
-        recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(args["data_inputs"]))
+        recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(job.data_inputs))
         events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
     if quantized:
         dequantizers = sum(frozen_base.dequantize_at_use(graph, quantized) for graph in graphs.values())
     for name, graph in graphs.items():
         onnx.save(graph, str(out / name))
-    if ort_format:
+    if job.ort_format:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
@@ -79,57 +79,56 @@ def drop_outputs(model, names: set[str]) -> int:
     return len(nodes) - len(kept)
 
 
-def verify(args: dict) -> dict:
+def verify(job: jobs.Verify) -> dict:
     """The training runtime's loss on a batch, in eval and in training mode (no update); optionally the
     eval logits and the gradients, written to .npz files. `checkpoint` picks a trained state."""
     started = time.time()
-    checkpoint = Path(args["checkpoint"]) if args.get("checkpoint") else None
-    opened = open_module(Path(args["artifacts"]), checkpoint)
-    batch = dict(np.load(args["batch"]))
+    opened = open_module(Path(job.artifacts), Path(job.checkpoint) if job.checkpoint else None)
+    batch = dict(np.load(job.batch))
     module = opened.module
     module.eval()
     eval_loss, logits = opened(batch)
-    if args.get("logits_out"):
-        np.save(args["logits_out"], logits)
+    if job.logits_out:
+        np.save(job.logits_out, logits)
     module.train()
     train_loss = float(opened(batch)[0])
     eval_loss = float(eval_loss)
     params = dict(iter(opened.state.parameters))
     trainable = sorted(name for name, p in params.items() if p.requires_grad)
-    if args.get("grads_out"):
-        np.savez(args["grads_out"], **{name: np.asarray(params[name].grad) for name in trainable})
+    if job.grads_out:
+        np.savez(job.grads_out, **{name: np.asarray(params[name].grad) for name in trainable})
     return {"eval_loss": eval_loss, "train_loss": train_loss, "trainable": trainable,
             "checkpoint_tensors": len(params),
             "trainable_count": int(sum(params[n].data.size for n in trainable)),
             "seconds": round(time.time() - started, 2), "peak_rss_mb": round(rss.peak_mb(), 1)}
 
 
-def prompt_logits(args: dict) -> dict:
+def prompt_logits(job: jobs.PromptLogits) -> dict:
     """The eval model's logits at the last position of each prompt (`prompts`: token id lists), with a trained
     `checkpoint`, written to `out` (.npy, one row per prompt)."""
-    opened = open_module(Path(args["artifacts"]), Path(args["checkpoint"]))
+    opened = open_module(Path(job.artifacts), Path(job.checkpoint))
     opened.module.eval()
     rows = []
-    for prompt in args["prompts"]:
+    for prompt in job.prompts:
         ids = np.asarray([prompt], dtype=np.int64)
         rows.append(opened({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids})[1][0, -1])
-    np.save(args["out"], np.stack(rows))
+    np.save(job.out, np.stack(rows))
     return {"prompts": len(rows), "peak_rss_mb": round(rss.peak_mb(), 1)}
 
 
-def steps(args: dict) -> dict:
+def steps(job: jobs.Steps) -> dict:
     """Run `steps` updates on one batch with the shipped optimizer_model.onnx (a smoke test of the artifacts as
     an app would load them; `edgeft train` is the real loop)."""
     from edgeft.trainer.ort_engine import OrtEngine
 
-    artifacts = Path(args["artifacts"])
+    artifacts = Path(job.artifacts)
     engine = OrtEngine(artifacts, artifacts / "optimizer_model.onnx")
-    batch = dict(np.load(args["batch"]))
+    batch = dict(np.load(job.batch))
     losses, times = [], []
-    for _ in range(int(args.get("steps", 1))):
+    for _ in range(job.steps):
         t = time.time()
         losses.append(engine.forward_backward(batch))
-        engine.step(float(args.get("lr", 1e-3)))
+        engine.step(job.lr)
         times.append(time.time() - t)
         events.progress(step=len(losses), loss=losses[-1], seconds=times[-1])
     return {"losses": losses, "step_seconds": times, "peak_rss_mb": round(rss.peak_mb(), 1)}

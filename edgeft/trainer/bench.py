@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.core import rss
+from edgeft.runtime import jobs
 from edgeft.trainer import events
 
 
@@ -26,20 +27,19 @@ def _batches(tokens: np.ndarray, batch: int, seq: int, n: int) -> list[dict]:
     return out
 
 
-def main(args: dict) -> dict:
-    batch, seq, runs = int(args["batch_size"]), int(args["seq_len"]), int(args["runs"])
-    tokens = np.load(args["tokens"])
-    if args["backend"] == "ort":
+def main(job: jobs.BenchTraining) -> dict:
+    batch, seq, runs = job.batch_size, job.seq_len, job.runs
+    tokens = np.load(job.tokens)
+    if job.backend == "ort":
         from edgeft.trainer.ort_engine import OrtEngine
 
-        engine = OrtEngine(Path(args["artifacts"]), Path(args["artifacts"]) / "optimizer_model.onnx",
-                           device=args.get("device", "cpu"))
+        engine = OrtEngine(Path(job.artifacts), Path(job.artifacts) / "optimizer_model.onnx", device=job.device)
     else:
         from edgeft.trainer.torch_engine import TorchEngine
 
         cfg = {"seed": 0, "lr": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0,
-               "base_quant": args["base_quant"], "recompute": args.get("recompute", False)}
-        engine = TorchEngine(Path(args["model_dir"]), Path(args["adapter_init"]), cfg)
+               "base_quant": job.base_quant, "recompute": job.recompute}
+        engine = TorchEngine(Path(job.model_dir), Path(job.adapter_init), cfg)
     steps = []
     for i, b in enumerate(_batches(tokens, batch, seq, runs + 1)):
         t = time.perf_counter()

@@ -1,19 +1,18 @@
-"""Entry point of the training-runtime subprocess: `python -m edgeft.trainer.child MODULE:FUNCTION`.
+"""Entry point of the training-runtime subprocess: `python -m edgeft.trainer.child MODULE:JOB`.
 
-Reads a JSON object of arguments on stdin, calls FUNCTION(args) and sends its return value as the
-`result` event. A user error (EdgeftError) becomes an `error` event of kind `user` and exit 2; anything
+Rebuilds the job (a trainer/jobs.py dataclass) from the JSON on stdin, calls its entry function with it and
+sends the return value as the `result` event. A user error (EdgeftError) becomes an `error` event of kind `user` and exit 2; anything
 else an `error` of kind `bug` with the traceback, and exit 1.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import sys
 import traceback
 
 from edgeft.core.errors import EdgeftError, storage_problem, terminate_like_interrupt
+from edgeft.runtime.jobs import Job
 from edgeft.trainer import events
 
 
@@ -45,13 +44,9 @@ def main() -> int:
     terminate_like_interrupt()  # `kill` on the training runtime saves a checkpoint as Ctrl-C does
     events.open_channel()
     try:
-        entry = sys.argv[1]
-        module_name, func_name = entry.split(":")
-        args = json.loads(sys.stdin.read() or "{}")
+        job = Job.load(sys.argv[1], sys.stdin.read())
         _check_runtime()
-        func = getattr(importlib.import_module(module_name), func_name)
-        result = func(args)
-        events.emit("result", data=result)
+        events.emit("result", data=job.call())
         return 0
     except EdgeftError as e:
         events.emit("error", kind="user", type=type(e).__name__, message=str(e))

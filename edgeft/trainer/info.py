@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 
-def main(args: dict) -> dict:
+def main(job) -> dict:
     import onnx
     import onnxruntime
 

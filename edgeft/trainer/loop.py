@@ -69,101 +69,117 @@ def evaluate(engine, split: batching.Split, batch_size: int, pad_id: int) -> flo
     return total / max(count, 1)
 
 
-def run(engine, args: dict) -> dict:
-    cfg = args["config"]
-    data = Path(args["dataset"])
-    train = batching.Split(data / "train.npz")
-    val = batching.Split(data / "val.npz")
-    pad_id = int(args["pad_token_id"])
-    root = Path(args["checkpoints"])
-    bs, accum = cfg["batch_size"], cfg["grad_accum"]
-    micro_per_epoch = math.ceil(len(train) / bs)
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
-    eval_every = cfg["eval_every"] or steps_per_epoch
-    pos = Position(**args["resume_state"]["position"]) if args.get("resume_state") else Position()
-    base_state = {k: args[k] for k in ("config_hash", "options", "data_key", "identity")}
+def train(engine, job) -> dict:
+    """Run `job` (jobs.Train) to its last step with `engine`; a summary, or where it stopped when interrupted."""
+    loop = _Loop(engine, job)
+    events.emit("start", total_steps=loop.total, steps_per_epoch=loop.steps_per_epoch, train_samples=len(loop.train),
+                val_samples=len(loop.val), resumed_from=loop.pos.step)
+    try:
+        while loop.pos.step < loop.total:
+            loop.step()
+            loop.evaluate_and_save()
+    except KeyboardInterrupt:
+        path = loop.save("interrupted") if loop.pos.step != loop.last_saved else checkpoint_dir(loop.root, loop.pos.step)
+        return {"interrupted": True, "step": loop.pos.step, "total_steps": loop.total, "checkpoint": str(path)}
+    return loop.summary()
 
-    def order(epoch: int) -> list[np.ndarray]:
-        return batching.length_grouped(train.lengths, bs, cfg["seed"], epoch)
 
-    def diverged(what: str, value: float) -> EdgeftError:
-        kept = checkpoints.latest(root)
-        saved = f"the last checkpoint, {kept.name}, is intact" if kept else "no checkpoint was written"
-        return EdgeftError(
-            f"training stopped at step {pos.step + 1}: the {what} is {value} (not finite), so the run diverged; "
-            f"nothing of the diverged state was saved, and {saved}. Lower --lr (this run: {cfg['lr']:g}) or clip "
-            f"with --max-grad-norm, remove {root.parent} and train again")
+class _Loop:
+    """One run's state: data, schedule, position, and what was last saved."""
 
-    def save(reason: str) -> Path:
-        if not engine.finite():
-            raise diverged("adapter", "NaN or infinite after the update")
-        state = {**base_state, "position": vars(pos), "total_steps": total, "reason": reason}
-        path = checkpoints.save(root, pos.step, engine.save, state)
-        best = checkpoints.best(root)
-        checkpoints.prune(root, cfg["keep_last"], best)
-        events.emit("checkpoint", step=pos.step, path=str(path), reason=reason)
+    def __init__(self, engine, job):
+        self.engine, self.cfg = engine, job.config
+        self.train = batching.Split(Path(job.dataset) / "train.npz")
+        self.val = batching.Split(Path(job.dataset) / "val.npz")
+        self.pad_id, self.root = int(job.pad_token_id), Path(job.checkpoints)
+        self.bs, self.accum = self.cfg["batch_size"], self.cfg["grad_accum"]
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train) / self.bs) / self.accum)
+        self.total = self.cfg["max_steps"] or self.cfg["epochs"] * self.steps_per_epoch
+        self.eval_every = self.cfg["eval_every"] or self.steps_per_epoch
+        self.pos = Position(**job.resume_state["position"]) if job.resume_state else Position()
+        self.bound = {"config_hash": job.config_hash, "options": job.options, "data_key": job.data_key,
+                      "identity": job.identity}
+        self.batches = self.order(self.pos.epoch)
+        self.started, self.done_at_start = time.time(), self.pos.step
+        self.last_saved = self.pos.step if job.resume_state else -1
+
+    def order(self, epoch: int) -> list[np.ndarray]:
+        return batching.length_grouped(self.train.lengths, self.bs, self.cfg["seed"], epoch)
+
+    def step(self) -> None:
+        """One optimizer step over `grad_accum` micro-batches, refused before the update if it diverged."""
+        t = time.time()
+        pos, engine = self.pos, self.engine
+        lr = learning_rate(pos.step, self.cfg["lr"], self.total, self.cfg["warmup_steps"], self.cfg["schedule"])
+        losses, tokens = [], 0
+        epoch, micro = pos.epoch, pos.micro
+        for _ in range(self.accum):
+            if micro >= len(self.batches):
+                epoch, micro = epoch + 1, 0
+                self.batches = self.order(epoch)
+            batch = batching.collate(self.train, self.batches[micro], self.pad_id)
+            micro += 1
+            loss = engine.forward_backward(batch)
+            if not math.isfinite(loss):
+                raise self.diverged("training loss", loss)
+            losses.append(loss)
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = engine.grad_norm()
+        if not math.isfinite(grad_norm):
+            raise self.diverged("gradient norm", grad_norm)
+        with _sigint_deferred():  # the update and the position that records it happen together
+            engine.step(lr)
+            pos.step, pos.epoch, pos.micro = pos.step + 1, epoch, micro
+            pos.tokens_seen += tokens
+        dt, elapsed = time.time() - t, time.time() - self.started
+        rate = (pos.step - self.done_at_start) / elapsed
+        events.progress(step=pos.step, total=self.total, epoch=round(epoch + micro / len(self.batches), 3),
+                        loss=float(np.mean(losses)), lr=lr, grad_norm=grad_norm, tokens=tokens,
+                        tokens_per_s=tokens / dt, step_s=dt, elapsed_s=elapsed,
+                        eta_s=(self.total - pos.step) / rate if rate else None,
+                        rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1))
+
+    def evaluate_and_save(self) -> None:
+        """Evaluate when it is time (a better validation loss is saved as the best checkpoint), and save when
+        `save_every` or the last step asks."""
+        pos = self.pos
+        if len(self.val) and (pos.step % self.eval_every == 0 or pos.step == self.total):
+            eval_loss = evaluate(self.engine, self.val, self.bs, self.pad_id)
+            if not math.isfinite(eval_loss):
+                raise self.diverged("validation loss", eval_loss)
+            improved = pos.best_eval is None or eval_loss < pos.best_eval
+            if improved:
+                pos.best_eval = eval_loss
+            events.emit("eval", step=pos.step, eval_loss=eval_loss, best=improved)
+            if improved:
+                checkpoints.mark_best(self.root, self.save("best"))
+        every = self.cfg["save_every"]
+        if pos.step != self.last_saved and ((every and pos.step % every == 0) or pos.step == self.total):
+            self.save("last" if pos.step == self.total else "periodic")
+
+    def save(self, reason: str) -> Path:
+        if not self.engine.finite():
+            raise self.diverged("adapter", "NaN or infinite after the update")
+        state = {**self.bound, "position": vars(self.pos), "total_steps": self.total, "reason": reason}
+        path = checkpoints.save(self.root, self.pos.step, self.engine.save, state)
+        checkpoints.prune(self.root, self.cfg["keep_last"], checkpoints.best(self.root))
+        events.emit("checkpoint", step=self.pos.step, path=str(path), reason=reason)
+        self.last_saved = self.pos.step
         return path
 
-    events.emit("start", total_steps=total, steps_per_epoch=steps_per_epoch, train_samples=len(train),
-                val_samples=len(val), resumed_from=pos.step)
-    batches = order(pos.epoch)
-    started, done_at_start = time.time(), pos.step
-    last_saved = pos.step if args.get("resume_state") else -1
-    try:
-        while pos.step < total:
-            t = time.time()
-            lr = learning_rate(pos.step, cfg["lr"], total, cfg["warmup_steps"], cfg["schedule"])
-            losses, tokens = [], 0
-            epoch, micro = pos.epoch, pos.micro
-            for _ in range(accum):
-                if micro >= len(batches):
-                    epoch, micro = epoch + 1, 0
-                    batches = order(epoch)
-                batch = batching.collate(train, batches[micro], pad_id)
-                micro += 1
-                loss = engine.forward_backward(batch)
-                if not math.isfinite(loss):
-                    raise diverged("training loss", loss)
-                losses.append(loss)
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = engine.grad_norm()
-            if not math.isfinite(grad_norm):
-                raise diverged("gradient norm", grad_norm)
-            with _sigint_deferred():  # the update and the position that records it happen together
-                engine.step(lr)
-                pos.step, pos.epoch, pos.micro = pos.step + 1, epoch, micro
-                pos.tokens_seen += tokens
-            dt = time.time() - t
-            elapsed = time.time() - started
-            rate = (pos.step - done_at_start) / elapsed
-            events.progress(step=pos.step, total=total, epoch=round(epoch + micro / len(batches), 3),
-                            loss=float(np.mean(losses)), lr=lr, grad_norm=grad_norm, tokens=tokens,
-                            tokens_per_s=tokens / dt,
-                            step_s=dt, elapsed_s=elapsed, eta_s=(total - pos.step) / rate if rate else None,
-                            rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1))
-            if len(val) and (pos.step % eval_every == 0 or pos.step == total):
-                eval_loss = evaluate(engine, val, bs, pad_id)
-                if not math.isfinite(eval_loss):
-                    raise diverged("validation loss", eval_loss)
-                improved = pos.best_eval is None or eval_loss < pos.best_eval
-                if improved:
-                    pos.best_eval = eval_loss
-                events.emit("eval", step=pos.step, eval_loss=eval_loss, best=improved)
-                if improved:
-                    checkpoints.mark_best(root, save("best"))
-                    last_saved = pos.step
-            if pos.step != last_saved and (
-                    (cfg["save_every"] and pos.step % cfg["save_every"] == 0) or pos.step == total):
-                save("last" if pos.step == total else "periodic")
-                last_saved = pos.step
-    except KeyboardInterrupt:
-        path = save("interrupted") if pos.step != last_saved else checkpoint_dir(root, pos.step)
-        return {"interrupted": True, "step": pos.step, "total_steps": total, "checkpoint": str(path)}
-    elapsed = time.time() - started
-    best = checkpoints.best(root)
-    return {"interrupted": False, "step": pos.step, "total_steps": total, "best_eval_loss": pos.best_eval,
-            "tokens_seen": pos.tokens_seen, "seconds": elapsed,
-            "tokens_per_s": pos.tokens_seen / elapsed if elapsed and not done_at_start else None,
-            "peak_rss_mb": round(rss.peak_mb(), 1), "last": str(checkpoints.latest(root)),
-            "best": str(best) if best else None}
+    def diverged(self, what: str, value) -> EdgeftError:
+        kept = checkpoints.latest(self.root)
+        saved = f"the last checkpoint, {kept.name}, is intact" if kept else "no checkpoint was written"
+        return EdgeftError(
+            f"training stopped at step {self.pos.step + 1}: the {what} is {value} (not finite), so the run "
+            f"diverged; nothing of the diverged state was saved, and {saved}. Lower --lr (this run: "
+            f"{self.cfg['lr']:g}) or clip with --max-grad-norm, remove {self.root.parent} and train again")
+
+    def summary(self) -> dict:
+        elapsed = time.time() - self.started
+        best = checkpoints.best(self.root)
+        return {"interrupted": False, "step": self.pos.step, "total_steps": self.total,
+                "best_eval_loss": self.pos.best_eval, "tokens_seen": self.pos.tokens_seen, "seconds": elapsed,
+                "tokens_per_s": self.pos.tokens_seen / elapsed if elapsed and not self.done_at_start else None,
+                "peak_rss_mb": round(rss.peak_mb(), 1), "last": str(checkpoints.latest(self.root)),
+                "best": str(best) if best else None}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.runtime import jobs
 from edgeft.trainer import events, loop
 from edgeft.trainer.session import open_module
 
@@ -138,28 +139,28 @@ class OrtEngine:
         CheckpointState.save_checkpoint(self.opened.state, str(Path(folder) / CHECKPOINT), include_optimizer_state=True)
 
 
-def main(args: dict) -> dict:
+def main(job: jobs.Train) -> dict:
     import onnxruntime
 
-    onnxruntime.set_seed(int(args["config"]["seed"]))
-    resume = Path(args["resume_path"]) / CHECKPOINT if args.get("resume_path") else None
-    work = Path(args["work"])
+    onnxruntime.set_seed(int(job.config["seed"]))
+    resume = Path(job.resume_path) / CHECKPOINT if job.resume_path else None
+    work = Path(job.work)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = args["config"]
+    cfg = job.config
 
     def optimizer(state) -> Path:
         return build_optimizer(state, work / "optimizer_model.onnx", cfg["weight_decay"], cfg["max_grad_norm"])
 
-    engine = OrtEngine(Path(args["artifacts"]), optimizer, resume, args.get("device", "cpu"))
+    engine = OrtEngine(Path(job.artifacts), optimizer, resume, job.device)
     events.log(f"ONNX Runtime {onnxruntime.__version__} engine ready")
-    return loop.run(engine, args)
+    return loop.train(engine, job)
 
 
-def read_trained(args: dict) -> dict:
+def read_trained(job: jobs.ReadTrained) -> dict:
     """Write the trainable tensors of an ORT checkpoint to an .npz (names as in the training graph)."""
     from onnxruntime.training.api import CheckpointState
 
-    state = CheckpointState.load_checkpoint(str(args["checkpoint"]))
+    state = CheckpointState.load_checkpoint(job.checkpoint)
     tensors = {name: np.asarray(p.data) for name, p in state.parameters if p.requires_grad}
-    np.savez(args["out"], **tensors)
+    np.savez(job.out, **tensors)
     return {"tensors": len(tensors)}

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss
+from edgeft.runtime import jobs
 from edgeft.trainer import events, loop
 
 ADAPTER = "adapter.safetensors"
@@ -75,9 +76,9 @@ class TorchEngine:
         torch.save(self.optimizer.state_dict(), Path(folder) / OPTIMIZER)
 
 
-def main(args: dict) -> dict:
+def main(job: jobs.TorchTrain) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    resume = Path(args["resume_path"]) if args.get("resume_path") else None
-    engine = TorchEngine(Path(args["model_dir"]), Path(args["adapter_init"]), args["config"], resume)
+    resume = Path(job.resume_path) if job.resume_path else None
+    engine = TorchEngine(Path(job.model_dir), Path(job.adapter_init), job.config, resume)
     events.log(f"PyTorch {torch.__version__} engine ready")
-    return loop.run(engine, args)
+    return loop.train(engine, job)

@@ -40,8 +40,8 @@ class PackageConfig:
     prompts: int = spec("verification prompts", 3, min=1)
     force: bool = spec("replace an existing bundle", False)
     adapters: bool = spec("build the base model once plus a swappable .onnx_adapter per trained adapter", False)
-    add_adapters: list[str] = spec("other workspaces (same base, same targets) whose adapters to ship too",
-                                   default_factory=list)
+    add_adapters: list[str] = spec("another workspace (same base, same targets) whose adapter to ship too "
+                                   "(repeatable)", default_factory=list, repeat=True, metavar="WS")
     weights: str = spec("how the transformers reference reads the fp32 weights: 'load' holds the model; 'stream' "
                         "one decoder layer at a time; 'auto' streams past 4 GiB", "auto",
                         choices=("auto", "load", "stream"))

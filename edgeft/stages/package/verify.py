@@ -14,7 +14,7 @@ from edgeft.core import compare, progress
 from edgeft.core.atomic import scratch_dir
 from edgeft.core.errors import EdgeftError
 from edgeft.core.workspace import Workspace
-from edgeft.runtime import launcher
+from edgeft.runtime import jobs, launcher
 from edgeft.stages.bundle import generator, load_adapter
 from edgeft.stages.package.builder import BuilderError, matmul_nbits
 
@@ -150,9 +150,8 @@ def shipped_base_check(ws: Workspace, bundle: Path, prompts: list[list[int]], ad
     if adapter is not None and checkpoint.exists():
         with scratch_dir(ws.root, "package-work") as work:
             out = work / "logits.npy"
-            launcher.run("edgeft.trainer.artifacts:prompt_logits", {
-                "artifacts": str(ws.artifacts), "prompts": prompts, "out": str(out), "checkpoint": str(checkpoint)},
-                log_path=ws.log("package-runtime"))
+            launcher.run(jobs.PromptLogits(artifacts=str(ws.artifacts), checkpoint=str(checkpoint), prompts=prompts,
+                                           out=str(out)), log_path=ws.log("package-runtime"))
             ort_logits = np.load(out)
         _, got = genai_generate(bundle, prompts, 1, adapter, cpu)
         error = max_error(ort_logits, got)
