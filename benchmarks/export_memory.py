@@ -22,30 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
+from tests.tiny_models import phi3_slice as build  # noqa: E402
 
 GOAL_RATIO = 2.5
-
-
-def build(kind: str, out: Path, layers: int) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, Phi3Config
-
-    from tests.tiny_models import build_tokenizer
-
-    if kind == "tiny":
-        cfg = Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=4096, original_max_position_embeddings=4096,
-                         pad_token_id=3, bos_token_id=1, eos_token_id=2)
-    else:
-        cfg = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                         original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
-    return out
 
 
 def run(cmd: list[str]) -> float:

@@ -75,7 +75,7 @@ print(json.dumps({"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": peak / 1024
 
 
 def build_model(out: Path, layers: int) -> Path:
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.export_memory import build; "
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.tiny_models import phi3_slice as build; "
             f"build('slice', __import__('pathlib').Path({str(out)!r}), {layers})")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return out

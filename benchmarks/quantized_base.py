@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    from benchmarks.export_memory import build
+    from tests.tiny_models import phi3_slice as build
 
     with tempfile.TemporaryDirectory(prefix="edgeft-qbase-") as tmp:
         root = Path(tmp)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -81,3 +83,46 @@ def wait_for(proc, text, timeout=120):
             return seen
     proc.kill()
     raise AssertionError(f"{text!r} never came; output:\n{''.join(seen)}\n{proc.stderr.read()}")
+
+
+def stages(ws: Path) -> dict:
+    """A workspace's stage records as they are written (read through the workspace, which owns the format)."""
+    from edgeft.core.workspace import Workspace
+
+    return Workspace(ws).manifest()["stages"]
+
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "edgeft" / "tasks" / "home_data"
+DATA = DATA_DIR / "train.jsonl"  # the sample task's training split
+FAST = {"batch_size": 4, "seq_len": 256, "lr": 1e-3}  # training options that run in seconds on a tiny model
+
+
+def fresh(exported: Path, tmp_path: Path, name: str = "ws") -> Path:
+    """A copy of an exported workspace, without its training run and tokenized data."""
+    ws = tmp_path / name
+    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("train", "data"))
+    return ws
+
+
+def losses(ws: Path) -> list[float]:
+    """The training losses a workspace's run logged, step by step."""
+    rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "progress"]
+
+
+def assert_backends_agree(ws: Path, tmp_path: Path, steps: int) -> None:
+    """Train copies of `ws` with ORT (in tmp_path/ort) and PyTorch (tmp_path/torch): the same losses."""
+    import numpy as np
+    import pytest
+
+    from edgeft.stages.train import TrainConfig, train
+
+    found = {}
+    for backend in ("ort", "torch"):
+        copy = tmp_path / backend
+        shutil.copytree(ws, copy)
+        train(copy, DATA, TrainConfig(max_steps=steps, batch_size=4, seq_len=256, lr=1e-2, backend=backend,
+                                      val_fraction=0.05, eval_every=100))
+        found[backend] = losses(copy)
+    assert found["ort"][0] == pytest.approx(found["torch"][0], rel=1e-5)
+    assert np.allclose(found["ort"], found["torch"], rtol=1e-4)

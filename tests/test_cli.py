@@ -40,8 +40,18 @@ def test_devices_show_json(capsys):
 def test_devices_list_shows_every_profile(capsys):
     assert main(["devices", "list"]) == 0
     out = capsys.readouterr().out
+    assert "invalid" not in out  # an invalid profile is listed too, flagged: none of the shipped ones may be
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     for name in profiles.available():
-        assert name in out
+        assert name in rows and " cores" in rows[name], rows.get(name)
+
+
+def test_devices_list_flags_an_invalid_profile(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken.yaml").write_text("name: broken\n")
+    monkeypatch.setenv("EDGEFT_DEVICES_PATH", str(tmp_path))
+    assert main(["devices", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("broken"))
+    assert "invalid: device profile" in row
 
 
 def test_runtime_path(capsys):

@@ -79,3 +79,24 @@ def build(name: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return Path(out)
+
+
+def phi3_slice(kind: str, out: Path, layers: int) -> Path:
+    """A Phi-3-mini model folder for measuring: "slice", the real widths (hidden 3072, ffn 8192, vocab 32064) with
+    `layers` decoder layers; "tiny", the tiny one. Random weights, seed 0."""
+    from transformers import AutoModelForCausalLM
+
+    if kind == "tiny":
+        cfg = Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                         pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    else:
+        cfg = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                         original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out

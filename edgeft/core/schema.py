@@ -80,58 +80,77 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, path: str, problems: list[str], strict: bool = True) -> Any:
+    """`value` as type `tp` (a dataclass, list, dict, optional, or scalar), its problems appended at `path`."""
     where = path or "(top level)"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path, problems, strict)
+        return None if value is None else _convert(args[0], value, path, problems, strict)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {type(value).__name__} {short(value)}")
             return None
         return _build_dataclass(tp, value, path, problems, strict)
-    if origin is list:
+    if origin is list or tp is dict or origin is dict:
+        return _collection(tp, value, path, problems, strict)
+    if tp is Any:
+        return value
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, where, problems)
+    raise TypeError(f"schema: unsupported field type {tp!r} at {where}")
+
+
+def _collection(tp: Any, value: Any, path: str, problems: list[str], strict: bool) -> Any:
+    """A list or a mapping, each item converted."""
+    where = path or "(top level)"
+    if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             problems.append(f"{where}: expected {_type_name(tp)}, got {short(value)}")
             return None
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{path}[{i}]", problems, strict) for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {short(value)}")
-            return None
-        if not typing.get_args(tp):
-            return value
-        key_tp, value_tp = typing.get_args(tp)
-        return {k: _convert(value_tp, v, f"{path}.{k}", problems, strict) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{where}: expected true or false, got {short(value)}")
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a mapping, got {short(value)}")
+        return None
+    if not typing.get_args(tp):
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{where}: expected an integer, got {short(value)}")
+    value_tp = typing.get_args(tp)[1]
+    return {k: _convert(value_tp, v, f"{path}.{k}", problems, strict) for k, v in value.items()}
+
+
+def _boolean(value: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(value, bool):
+        problems.append(f"{where}: expected true or false, got {short(value)}")
+    return value
+
+
+def _integer(value: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{where}: expected an integer, got {short(value)}")
+    return value
+
+
+def _number(value: Any, where: str, problems: list[str]) -> Any:
+    """A float, refused unless finite: NaN passes every `x > limit` test, so it is refused before any range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"{where}: expected a number, got {short(value)}")
         return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where}: expected a number, got {short(value)}")
-            return value
-        try:
-            value = float(value)
-        except OverflowError:  # an integer past float's range
-            value = math.inf
-        if not math.isfinite(value):
-            problems.append(f"{where}: {value!r} is not a finite number; pass a number such as 0.001")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{where}: expected a string, got {short(value)}")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"schema: unsupported field type {tp!r} at {where}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float's range
+        value = math.inf
+    if not math.isfinite(value):
+        problems.append(f"{where}: {value!r} is not a finite number; pass a number such as 0.001")
+    return value
+
+
+def _string(value: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(f"{where}: expected a string, got {short(value)}")
+    return value
+
+
+_SCALARS = {bool: _boolean, int: _integer, float: _number, str: _string}
 
 
 def _check_constraints(meta: dict, value: Any, where: str, problems: list[str]) -> None:

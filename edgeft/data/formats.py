@@ -66,27 +66,7 @@ def _check_chat(obj: dict, line: int) -> list[Problem]:
         return [Problem(line, "messages_not_list", f"'messages' must be a list, got {type(msgs).__name__}")]
     if not msgs:
         return [Problem(line, "empty_messages", "'messages' is empty")]
-    problems = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            problems.append(Problem(line, "message_not_object", f"messages[{i}] is not an object"))
-            continue
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            problems.append(Problem(line, "unknown_role",
-                                    f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}"))
-        if not isinstance(content, str):
-            problems.append(Problem(line, "content_not_string",
-                                    f"messages[{i}].content must be a string, got {type(content).__name__}"))
-        elif not content.strip():
-            problems.append(Problem(line, "empty_content", f"messages[{i}].content is empty"))
-        if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
-            problems.append(Problem(line, "bad_weight", f"messages[{i}].weight must be 0 or 1, got {m['weight']!r}"))
-        if "weight" in m and role != "assistant":
-            problems.append(Problem(line, "bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
-        unknown = set(m) - {"role", "content", "weight", "name"}
-        if unknown:
-            problems.append(Problem(line, "unknown_key", f"messages[{i}] has unknown keys {sorted(unknown)}"))
+    problems = [p for i, m in enumerate(msgs) for p in _check_message(m, i, line)]
     roles = [m.get("role") for m in msgs if isinstance(m, dict)]
     if "assistant" not in roles:
         problems.append(Problem(line, "no_assistant", "no assistant message: nothing to learn from"))
@@ -94,6 +74,28 @@ def _check_chat(obj: dict, line: int) -> list[Problem]:
         problems.append(Problem(line, "no_assistant", "every assistant message has weight 0: nothing to learn from"))
     if "system" in roles[1:]:
         problems.append(Problem(line, "system_not_first", "a system message may only come first"))
+    return problems
+
+
+def _check_message(m, i: int, line: int) -> list[Problem]:
+    """The problems of one message of a chat record (messages[i])."""
+    if not isinstance(m, dict):
+        return [Problem(line, "message_not_object", f"messages[{i}] is not an object")]
+    problems = []
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        problems.append(Problem(line, "unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}"))
+    if not isinstance(content, str):
+        problems.append(Problem(line, "content_not_string",
+                                f"messages[{i}].content must be a string, got {type(content).__name__}"))
+    elif not content.strip():
+        problems.append(Problem(line, "empty_content", f"messages[{i}].content is empty"))
+    if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+        problems.append(Problem(line, "bad_weight", f"messages[{i}].weight must be 0 or 1, got {m['weight']!r}"))
+    if "weight" in m and role != "assistant":
+        problems.append(Problem(line, "bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
+    if unknown := set(m) - {"role", "content", "weight", "name"}:
+        problems.append(Problem(line, "unknown_key", f"messages[{i}] has unknown keys {sorted(unknown)}"))
     return problems
 
 

@@ -22,18 +22,9 @@ def detach_norms(model: onnx.ModelProto, trainable: set[str]) -> dict[str, str]:
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     roots = [n for n in graph.node if n.op_type in DETACHED_OPS]
-    if not roots:
+    cone = _cone(roots, producer)
+    if not roots or not any(i in trainable for n in graph.node if id(n) in cone for i in n.input):
         return {}
-    cone: set[int] = set()
-    stack = [i for r in roots for i in r.input]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in cone:
-            cone.add(id(node))
-            stack.extend(node.input)
-    if not any(i in trainable for n in graph.node if id(n) in cone for i in n.input):
-        return {}
-
     aliases: dict[str, str] = {}
 
     def renamed(name: str) -> str:
@@ -58,12 +49,23 @@ def detach_norms(model: onnx.ModelProto, trainable: set[str]) -> dict[str, str]:
             nodes.append(clone)
     del graph.node[:]
     graph.node.extend(without_dead(nodes, {o.name for o in graph.output}))
-
     shapes = {i.name: (i.data_type, list(i.dims)) for i in graph.initializer}
     for alias, param in sorted(aliases.items()):
         dtype, dims = shapes.get(param, (TensorProto.FLOAT, None))
         graph.input.append(helper.make_tensor_value_info(alias, dtype, dims))
     return aliases
+
+
+def _cone(roots: list[onnx.NodeProto], producer: dict[str, onnx.NodeProto]) -> set[int]:
+    """The ids of the nodes the detached ops read from, all the way up."""
+    cone: set[int] = set()
+    stack = [i for r in roots for i in r.input]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in cone:
+            cone.add(id(node))
+            stack.extend(node.input)
+    return cone
 
 
 def without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

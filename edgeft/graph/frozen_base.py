@@ -77,90 +77,111 @@ def externalize(model_path: Path, out_dir: Path, frozen: set[str], quant: dict |
     """Move the frozen initializers of `model_path` into `out_dir/base.data`, streaming one tensor at a time.
 
     Everything else is made inline. `read` gives an initializer's values (default: its own data, or its
-    external file beside `model_path`; a traced model without weights reads them from the model's files). With an int8 or int4 `quant` (quantize.settings) the frozen Linear
-    weights are stored quantized (see quantize.py) and dequantized in the graph. Returns the slim model
-    (its frozen initializers point at base.data, so save it in `out_dir`) and a summary of what was stored.
+    external file beside `model_path`; a traced model without weights reads them from the model's files). With an
+    int8 or int4 `quant` (quantize.settings) the frozen Linear weights are stored quantized (see quantize.py) and
+    dequantized in the graph. Returns the slim model (its frozen initializers point at base.data, so save it in
+    `out_dir`) and a summary of what was stored.
     """
     quant = quant or {"precision": "fp32"}
-    precision = quant["precision"]
-    model_dir = Path(model_path).parent
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
-    nodes = list(graph.node)
-    outputs = {o.name for o in graph.output}
-    removed: list[onnx.NodeProto] = []
-    renames: dict[str, str] = {}
-    stored = transposed = quantized = 0
-    offset = 0
-    dequant_nodes: list[onnx.NodeProto] = []
-    # Quantized weights are graph inputs fed from base.data, not initializers: generate_artifacts would
-    # constant-fold a DequantizeLinear of initializers straight back to fp32.
-    fed: list[tuple[str, np.dtype, tuple[int, ...], int]] = []  # (input, dtype, shape, offset): not the values
-    dropped: set[str] = set()
-    specs: dict[str, dict] = {}
+    moves = _Moves(list(graph.node), {o.name for o in graph.output}, quant)
+    with open(out_dir / BASE_DATA, "wb") as f:
+        data = _BaseData(f)
+        for init in graph.initializer:
+            array = read(init) if read else initializer_array(init, Path(model_path).parent)
+            if init.name in frozen:
+                moves.store(init, array, data)
+            elif init.data_location == TensorProto.EXTERNAL:
+                _set_inline(init, array)
+            del array
+    moves.apply(graph)
+    return model, moves.summary(data.offset)
 
-    def append(f, array: np.ndarray) -> int:
-        nonlocal offset
-        pad = (-offset) % ALIGN
-        f.write(b"\0" * pad)
-        offset += pad
-        at = offset
-        f.write(array.tobytes())
-        offset += array.nbytes
+
+class _BaseData:
+    """base.data as it is written: each array at an offset aligned to ALIGN."""
+
+    def __init__(self, f):
+        self.f, self.offset = f, 0
+
+    def append(self, array: np.ndarray) -> int:
+        pad = (-self.offset) % ALIGN
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        at = self.offset
+        self.f.write(array.tobytes())
+        self.offset += array.nbytes
         return at
 
-    with open(out_dir / BASE_DATA, "wb") as f:
-        for init in graph.initializer:
-            array = read(init) if read else initializer_array(init, model_dir)
-            if init.name not in frozen:
-                if init.data_location == TensorProto.EXTERNAL:
-                    _set_inline(init, array)
-                continue
-            name = init.name
-            users = _only_transposed(name, nodes, outputs) if array.ndim == 2 else None
-            if users:
-                array = np.ascontiguousarray(array.T)
-                name = init.name + TRANSPOSED_SUFFIX
-                for n in users:
-                    renames[n.output[0]] = name
-                    removed.append(n)
-                transposed += 1
-                if precision != "fp32":
-                    spec, tensors = _quantize(name, array, quant)
-                    fed += [(tensor, value.dtype, value.shape, append(f, value)) for tensor, value in tensors.items()]
-                    del tensors
-                    specs[name] = spec
-                    dropped.add(init.name)
-                    one = f"{name}/one"
-                    dequant_nodes += [
-                        helper.make_node("Constant", [], [one], name=f"{DEQUANTIZE_PREFIX}{name}/one",
-                                         value=numpy_helper.from_array(np.array(1, np.int64))),
-                        *dequantize_nodes(spec, f"{name}/nk", one),
-                        helper.make_node("Transpose", [f"{name}/nk"], [name], perm=[1, 0],
-                                         name=f"{DEQUANTIZE_PREFIX}{name}/Transpose")]
-                    quantized += 1
-                    stored += 1
-                    continue
-            _set_external(init, name, array, append(f, array))
-            stored += 1
-            del array
-    keep = [n for n in nodes if not any(n is r for r in removed)]
-    for n in keep:
-        for i, inp in enumerate(n.input):
-            if inp in renames:
-                n.input[i] = renames[inp]
-    del graph.node[:]
-    graph.node.extend(dequant_nodes + keep)
-    if dropped:
-        kept = [i for i in graph.initializer if i.name not in dropped]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    inputs = {}
-    for name, dtype, shape, at in fed:
-        graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
-        inputs[name] = {"dtype": dtype.name, "shape": list(shape), "offset": at}
-    return model, {"tensors": stored, "transposed": transposed, "quantized": quantized, "precision": precision,
-                   "bytes": offset, "inputs": inputs, "quantized_weights": specs}
+
+class _Moves:
+    """What externalize does to the graph, gathered while base.data is written and applied after: Transposes
+    folded into stored weights, quantized weights turned into graph inputs with their dequantizing nodes."""
+
+    def __init__(self, nodes: list[onnx.NodeProto], outputs: set[str], quant: dict):
+        self.nodes, self.outputs, self.quant = nodes, outputs, quant
+        self.removed: list[onnx.NodeProto] = []
+        self.renames: dict[str, str] = {}
+        self.dequant_nodes: list[onnx.NodeProto] = []
+        # Quantized weights are graph inputs fed from base.data, not initializers: generate_artifacts would
+        # constant-fold a DequantizeLinear of initializers straight back to fp32.
+        self.fed: list[tuple[str, np.dtype, tuple[int, ...], int]] = []  # (input, dtype, shape, offset)
+        self.dropped: set[str] = set()
+        self.specs: dict[str, dict] = {}
+        self.stored = self.transposed = self.quantized = 0
+
+    def store(self, init: TensorProto, array: np.ndarray, data: _BaseData) -> None:
+        """One frozen initializer into base.data: transposed if its only consumers transpose it, then quantized
+        (as graph inputs) or kept an initializer whose data are external."""
+        name = init.name
+        users = _only_transposed(name, self.nodes, self.outputs) if array.ndim == 2 else None
+        self.stored += 1
+        if users:
+            array = np.ascontiguousarray(array.T)
+            name = init.name + TRANSPOSED_SUFFIX
+            for n in users:
+                self.renames[n.output[0]] = name
+                self.removed.append(n)
+            self.transposed += 1
+            if self.quant["precision"] != "fp32":
+                self._quantized(init.name, name, array, data)
+                return
+        _set_external(init, name, array, data.append(array))
+
+    def _quantized(self, original: str, name: str, array: np.ndarray, data: _BaseData) -> None:
+        spec, tensors = _quantize(name, array, self.quant)
+        self.fed += [(tensor, value.dtype, value.shape, data.append(value)) for tensor, value in tensors.items()]
+        self.specs[name] = spec
+        self.dropped.add(original)
+        one = f"{name}/one"
+        self.dequant_nodes += [
+            helper.make_node("Constant", [], [one], name=f"{DEQUANTIZE_PREFIX}{name}/one",
+                             value=numpy_helper.from_array(np.array(1, np.int64))),
+            *dequantize_nodes(spec, f"{name}/nk", one),
+            helper.make_node("Transpose", [f"{name}/nk"], [name], perm=[1, 0], name=f"{DEQUANTIZE_PREFIX}{name}/Transpose")]
+        self.quantized += 1
+
+    def apply(self, graph: onnx.GraphProto) -> None:
+        keep = [n for n in self.nodes if not any(n is r for r in self.removed)]
+        for n in keep:
+            for i, inp in enumerate(n.input):
+                if inp in self.renames:
+                    n.input[i] = self.renames[inp]
+        del graph.node[:]
+        graph.node.extend(self.dequant_nodes + keep)
+        if self.dropped:
+            kept = [i for i in graph.initializer if i.name not in self.dropped]
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+        for name, dtype, shape, _ in self.fed:
+            graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
+
+    def summary(self, size: int) -> dict:
+        inputs = {name: {"dtype": dtype.name, "shape": list(shape), "offset": at} for name, dtype, shape, at in self.fed}
+        return {"tensors": self.stored, "transposed": self.transposed, "quantized": self.quantized,
+                "precision": self.quant["precision"], "bytes": size, "inputs": inputs,
+                "quantized_weights": self.specs}
 
 
 def _quantize(name: str, w_in_out: np.ndarray, quant: dict) -> tuple[dict, dict[str, np.ndarray]]:

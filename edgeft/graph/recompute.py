@@ -45,65 +45,21 @@ def recompute_layers(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
     Returns what was done: layers rewritten, nodes copied, stashed tensors no longer held."""
     graph = model.graph
     _sort(graph)
-    nodes = list(graph.node)
-    producer = {o: n for n in nodes for o in n.output if o}
-    activations = _batch_dependent(nodes, data_inputs)
-    forward_ids = _upstream(forward_outputs, producer)
-    forward = [n for n in nodes if id(n) in forward_ids]
-    backward = [n for n in nodes if id(n) not in forward_ids]
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for name in n.input:
-            if name:
-                readers.setdefault(name, []).append(n)
-
-    by_layer: dict[int, list[onnx.NodeProto]] = {}
-    for n in forward:
-        if (layer := layer_of(n.name)) is not None:
-            by_layer.setdefault(layer, []).append(n)
-
+    g = _Graph(list(graph.node), forward_outputs, data_inputs)
     added: list[onnx.NodeProto] = []
     rewired: dict[int, list[tuple[int, str]]] = {}
     report = {"layers": 0, "copied_nodes": 0, "released_tensors": 0}
-    for layer, members in sorted(by_layer.items()):
+    for layer, members in g.layers():
         own = {o for n in members for o in n.output if o}
-        gradient = _output_gradient(own, members, readers, forward_ids, producer)
+        gradient = _output_gradient(own, members, g.readers, g.forward_ids, g.producer)
         if gradient is None:
             continue
-        before = _upstream([gradient], producer)  # reading a copy would close a cycle
-        stashed = {}
-        for n in backward:
-            if id(n) not in before:
-                for slot, name in enumerate(n.input):
-                    if name in own:
-                        stashed.setdefault(name, []).append((n, slot))
-        copies = _closure(stashed, producer, own, activations)
+        stashed = g.stashed(own, gradient)
+        copies = _closure(stashed, g.producer, own, g.activations)
         if not copies:
             continue
-        tag = f"{PREFIX}{layer}"
-        ready = f"{tag}/ready"
-        added += [helper.make_node("Size", [gradient], [f"{tag}/size"], name=f"{tag}/Size"),
-                  helper.make_node("Div", [f"{tag}/size", f"{tag}/size"], [f"{tag}/one"], name=f"{tag}/One"),
-                  helper.make_node("Cast", [f"{tag}/one"], [ready], name=f"{tag}/Ready", to=TensorProto.BOOL)]
-        held: dict[str, str] = {}
-        renamed = {o: o + SUFFIX for n in copies for o in n.output if o}
-        for n in copies:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(n)
-            copy.name = n.name + SUFFIX
-            for i, name in enumerate(copy.input):
-                if name in renamed:
-                    copy.input[i] = renamed[name]
-                elif name in activations:
-                    if name not in held:
-                        held[name] = f"{tag}/{len(held)}"
-                        added.append(helper.make_node("Where", [ready, name, name], [held[name]],
-                                                      name=f"{tag}/Wait{len(held)}"))
-                    copy.input[i] = held[name]
-            for i, name in enumerate(copy.output):
-                if name:
-                    copy.output[i] = renamed[name]
-            added.append(copy)
+        nodes, renamed = _copies(f"{PREFIX}{layer}", gradient, copies, g.activations)
+        added += nodes
         for name, uses in stashed.items():
             if name in renamed:
                 for user, slot in uses:
@@ -111,12 +67,78 @@ def recompute_layers(model: onnx.ModelProto, forward_outputs: tuple[str, ...], d
         report["layers"] += 1
         report["copied_nodes"] += len(copies)
         report["released_tensors"] += sum(1 for name in stashed if name in renamed)
-    for n in nodes:
+    for n in g.nodes:
         for slot, name in rewired.get(id(n), []):
             n.input[slot] = name
     graph.node.extend(added)
     _sort(graph)
     return report
+
+
+class _Graph:
+    """The training graph's nodes (topologically sorted), split into the forward and the backward pass."""
+
+    def __init__(self, nodes: list[onnx.NodeProto], forward_outputs: tuple[str, ...], data_inputs: tuple[str, ...]):
+        self.nodes = nodes
+        self.producer = {o: n for n in nodes for o in n.output if o}
+        self.activations = _batch_dependent(nodes, data_inputs)
+        self.forward_ids = _upstream(forward_outputs, self.producer)
+        self.backward = [n for n in nodes if id(n) not in self.forward_ids]
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in nodes:
+            for name in n.input:
+                if name:
+                    self.readers.setdefault(name, []).append(n)
+
+    def layers(self) -> list[tuple[int, list[onnx.NodeProto]]]:
+        """The forward nodes of each decoder layer, by layer."""
+        by_layer: dict[int, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            if id(n) in self.forward_ids and (layer := layer_of(n.name)) is not None:
+                by_layer.setdefault(layer, []).append(n)
+        return sorted(by_layer.items())
+
+    def stashed(self, own: set[str], gradient: str) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+        """The layer's forward tensors the backward pass reads (tensor -> (reader, input slot)), leaving out the
+        readers the gradient `gradient` depends on: reading a copy would close a cycle."""
+        before = _upstream([gradient], self.producer)
+        stashed: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for n in self.backward:
+            if id(n) not in before:
+                for slot, name in enumerate(n.input):
+                    if name in own:
+                        stashed.setdefault(name, []).append((n, slot))
+        return stashed
+
+
+def _copies(tag: str, gradient: str, copies: list[onnx.NodeProto], activations: set[str]
+            ) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    """The nodes that recompute `copies` once `gradient` exists: a `ready` flag from it, a Where that waits on it
+    for every activation read from outside the layer, and the copies themselves (outputs renamed)."""
+    ready = f"{tag}/ready"
+    added = [helper.make_node("Size", [gradient], [f"{tag}/size"], name=f"{tag}/Size"),
+             helper.make_node("Div", [f"{tag}/size", f"{tag}/size"], [f"{tag}/one"], name=f"{tag}/One"),
+             helper.make_node("Cast", [f"{tag}/one"], [ready], name=f"{tag}/Ready", to=TensorProto.BOOL)]
+    held: dict[str, str] = {}
+    renamed = {o: o + SUFFIX for n in copies for o in n.output if o}
+    for n in copies:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = n.name + SUFFIX
+        for i, name in enumerate(copy.input):
+            if name in renamed:
+                copy.input[i] = renamed[name]
+            elif name in activations:
+                if name not in held:
+                    held[name] = f"{tag}/{len(held)}"
+                    added.append(helper.make_node("Where", [ready, name, name], [held[name]],
+                                                  name=f"{tag}/Wait{len(held)}"))
+                copy.input[i] = held[name]
+        for i, name in enumerate(copy.output):
+            if name:
+                copy.output[i] = renamed[name]
+        added.append(copy)
+    return added, renamed
 
 
 def _batch_dependent(nodes, data_inputs: tuple[str, ...]) -> set[str]:

@@ -75,6 +75,13 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
     except (OSError, ValueError) as e:
         raise EdgeftError(f"cannot load the model in {model_dir}: {e}") from None
     shards = Shards(model_dir)
+    _to_placeholders(model, shards, model_dir)
+    return model.eval(), shards
+
+
+def _to_placeholders(model: torch.nn.Module, shards: Shards, model_dir: Path) -> None:
+    """Replace every parameter by a placeholder keyed to its tensor in the shards (one per shared parameter, so
+    tied ones stay tied); refuse weights the files lack, or whose shapes config.json does not describe."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -99,7 +106,6 @@ def empty_model(model_dir: Path, trust_remote_code: bool = False) -> tuple[torch
         raise EdgeftError(f"{model_dir}: config.json does not describe the weights in its safetensors files: "
                           f"{'; '.join(mismatched[:3])}{f'; and {len(mismatched) - 3} more' if len(mismatched) > 3 else ''}. "
                           "Use the config.json that came with these weights")
-    return model.eval(), shards
 
 
 def load_base(model_dir: Path, trust_remote_code: bool = False, dtype=None):

@@ -68,6 +68,7 @@ def _tokens(model_dir: Path, data: Path | None) -> np.ndarray:
 
 def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: int, batch_size: int,
                    backend: str, work: Path, data: Path | None) -> dict:
+    """The training side of a workspace: timed steps of its engine, the plan's prediction beside them."""
     prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
     if backend == "ort":
         check_artifacts(ws, ws.require(Exported, f"the ort backend benches exported artifacts; run "
@@ -97,6 +98,7 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
 
 def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int, data: Path | None,
                     log_dir: Path) -> dict:
+    """The bundle's time to first token and decode speed, in a process of its own (its adapter active)."""
     ids = _tokens(bundle, data)
     if len(ids) < prompt_tokens:
         ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
@@ -183,6 +185,7 @@ def judge(report: dict, profile: Profile | None) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
+    """The report as markdown: what was measured, and each figure against its budget."""
     lines = [f"# Bench on {report['device'] or 'no profile'}", "",
              f"Measured {report['date']} on {report['machine']}: median / min / max over {report['runs']} runs after "
              "one warm-up.", ""]
@@ -213,6 +216,7 @@ PANELS = {("training", "tokens_per_s"): ("training tokens/s", "training tokens/s
 
 
 def chart(report: dict, out: Path) -> Path:
+    """The report's figures as bars, with the budgets drawn in."""
     plt = plots.pyplot()
     panels = [key for key in PANELS if key[0] in report]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)

@@ -60,6 +60,7 @@ class Item:
 
 
 def load_items(tok, path: Path, limit: int | None = None) -> list[Item]:
+    """The test records of `path` (chat or prompt/completion) as scored items, the first `limit` of them."""
     read = formats.read(Path(path))
     if read.problems:
         p = read.problems[0]
@@ -84,6 +85,7 @@ def load_items(tok, path: Path, limit: int | None = None) -> list[Item]:
 
 
 def with_shots(prompt: list[dict] | str, shots: list[Item]) -> list[dict] | str:
+    """The prompt with solved examples before it, as earlier turns (or text)."""
     if isinstance(prompt, str):
         return "".join(f"{s.prompt}{s.answer}\n\n" for s in shots) + prompt
     system = [m for m in prompt[:1] if m["role"] == "system"]
@@ -104,12 +106,14 @@ def shot_item(tok, x: Item, shots: list[Item]) -> Item:
 
 
 def render_prompt(tok, prompt: list[dict] | str) -> str:
+    """The prompt as the model sees it: chat turns through the template, ending where the answer starts."""
     if isinstance(prompt, str):
         return prompt
     return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 def stop_ids(tok, config_eos) -> list[int]:
+    """Token ids that end an answer: the config's EOS and the chat templates' end-of-turn tokens."""
     ids = set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
     for special in ("<|end|>", "<|eot_id|>", "<|im_end|>"):
         i = tok.convert_tokens_to_ids(special)
@@ -123,6 +127,7 @@ def stop_ids(tok, config_eos) -> list[int]:
 # -- transformers -----------------------------------------------------------------------------------------
 
 def torch_answers(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16) -> list[str]:
+    """transformers' greedy answers to `prompts`, in left-padded batches."""
     import torch
 
     side, tok.padding_side = tok.padding_side, "left"
@@ -168,6 +173,7 @@ def torch_loss(model, items: list[Item], batch: int = 16) -> tuple[float, int]:
 
 def genai_answers(model, tok, prompts: list[str], max_new_tokens: int, stop: list[int],
                   adapter: tuple | None = None) -> list[str]:
+    """onnxruntime-genai's greedy answers to `prompts`, as an app gets them."""
     import onnxruntime_genai as og
 
     from edgeft.stages.bundle import generator
@@ -218,6 +224,7 @@ def genai_loss(model, items: list[Item], adapter: tuple | None = None) -> tuple[
 # -- scoring ----------------------------------------------------------------------------------------------
 
 def score(answers: list[str], items: list[Item]) -> dict:
+    """Exact match (and per-field accuracy for JSON actions) of the answers against the items'."""
     gold = [home.parse_action(x.answer) for x in items]
     if all(g is not None for g in gold) and all(x.answer.strip().startswith("{") for x in items):
         return home.score(answers, gold) | {"metric": "json_exact_match"}
@@ -226,6 +233,7 @@ def score(answers: list[str], items: list[Item]) -> dict:
 
 
 def variant(name: str, runner: str, loss: tuple[float, int], answers: list[str], items: list[Item], seconds: float) -> dict:
+    """One variant's row of the report: loss, perplexity, the task metric, time and a few examples."""
     metrics = score(answers, items)
     return {"variant": name, "runner": runner, "loss": loss[0], "perplexity": math.exp(min(loss[0], 50)),
             "target_tokens": loss[1], **metrics, "seconds": round(seconds, 1),
@@ -372,6 +380,7 @@ def _bundle_variant(bundle: Path, tok, items: list[Item], cfg: EvalConfig) -> di
 
 
 def markdown(report: dict) -> str:
+    """The report as a markdown table."""
     lines = [f"# Evaluation on {Path(report['data']).name} ({report['samples']} samples)", "",
              "| variant | runner | loss | perplexity | exact match | field accuracy | valid JSON | time |",
              "|---|---|---|---|---|---|---|---|"]
@@ -388,6 +397,7 @@ def markdown(report: dict) -> str:
 
 
 def chart(report: dict, out: Path) -> Path:
+    """Exact match and answer loss per variant, as bars."""
     plt = plots.pyplot()
     rows = report["results"]
     names = [r["variant"] for r in rows]

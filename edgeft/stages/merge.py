@@ -50,6 +50,7 @@ class MergeConfig:
 
 
 def resolve(root: Path, which: str) -> Path:
+    """The checkpoint folder `which` names (best, last or a step) among the run's complete ones."""
     available = checkpoints.complete(root)
     if not available:
         raise EdgeftError(f"{root} has no checkpoints; run `edgeft train` first")
@@ -69,6 +70,7 @@ def resolve(root: Path, which: str) -> Path:
 
 
 def trained_tensors(ckpt: Path, backend: str, work: Path) -> dict[str, np.ndarray]:
+    """The trained tensors of a checkpoint (an ORT one is read in the training runtime)."""
     if backend == "ort":
         out = work / "trained.npz"
         launcher.run(jobs.ReadTrained(checkpoint=str(ckpt / CHECKPOINT), out=str(out)))
@@ -133,52 +135,67 @@ def _write_merged_streamed(peft_model, shards: lazy.Shards, quant: dict, out: Pa
     """Write the merged model's weights into `out`, holding one decoder layer (and the parts outside the layers)
     at a time. PEFT merges each loaded part itself; a module trained whole (modules_to_save) replaces its
     original, untied from the embedding if it was tied to it. Returns how many tensors were written."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
     layers = lazy.decoder_layers(peft_model)
     in_layers = {id(m) for layer in layers for m in layer.modules()}
-    outer = [m for m in peft_model.modules() if id(m) not in in_layers]
-    paths = {id(m): name for name, m in peft_model.get_base_model().named_modules()}
-    writer, written, untied = _Shards(out), set(), set()
+    merging = _StreamedMerge(peft_model, shards, quant, out)
+    with torch.no_grad():
+        merging.write(peft_model, [m for m in peft_model.modules() if id(m) not in in_layers])
+        for layer in layers:
+            merging.write(layer, list(layer.modules()))
+    merging.writer.close()
+    if merging.untied:  # as merge_and_unload leaves it: the trained module has its own weight now
+        peft_model.get_base_model().config.tie_word_embeddings = False
+    return len(merging.written)
 
+
+class _StreamedMerge:
+    """The merged weights, written part by part into safetensors shards."""
+
+    def __init__(self, peft_model, shards: lazy.Shards, quant: dict, out: Path):
+        self.shards, self.quant = shards, quant
+        self.paths = {id(m): name for name, m in peft_model.get_base_model().named_modules()}
+        self.writer, self.written, self.untied = _Shards(out), set(), set()
+
+    @staticmethod
     def key_of(p) -> str | None:
+        """The safetensors key a loaded parameter was read from (None for one edgeft made, such as LoRA's)."""
         return getattr(getattr(p, lazy.PLACEHOLDER), lazy.KEY) if hasattr(p, lazy.PLACEHOLDER) else None
 
-    def write(part: torch.nn.Module, modules: list) -> None:
-        load = {id(p) for m in modules for p in m._parameters.values() if p is not None}
-        lazy.load_(part, shards, only=load)
+    def write(self, part: torch.nn.Module, modules: list) -> None:
+        """Load `modules`' own weights, merge them with PEFT, write them, and let them go."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        lazy.load_(part, self.shards, only={id(p) for m in modules for p in m._parameters.values() if p is not None})
         try:
-            quantize.fake_quantize_(part, quant)  # what was trained against; the rest are placeholders, skipped
+            quantize.fake_quantize_(part, self.quant)  # what was trained against; the rest are placeholders, skipped
             for m in modules:
                 if isinstance(m, BaseTunerLayer):
                     m.merge()
-            for m in modules:
-                if isinstance(m, ModulesToSaveWrapper):  # its trained copy, under the module's own names
-                    trained = m.modules_to_save[m.active_adapters[0]]
-                    for name, p in m.original_module.named_parameters():
-                        key = f"{paths[id(m)]}.{name}"
-                        if key_of(p) != key:  # it was tied to another weight (an LM head to the embedding)
-                            untied.add(key)
-                        writer.add(key, trained.get_parameter(name))
-                        written.add(key)
+            self._trained_whole(modules)
             for m in modules:
                 for p in m._parameters.values():
-                    key = key_of(p) if p is not None else None
-                    if key is not None and key not in written:
-                        writer.add(key, p)
-                        written.add(key)
+                    key = self.key_of(p) if p is not None else None
+                    if key is not None and key not in self.written:
+                        self._add(key, p)
         finally:
             lazy.unload_(part)
 
-    with torch.no_grad():
-        write(peft_model, outer)
-        for layer in layers:
-            write(layer, list(layer.modules()))
-    writer.close()
-    if untied:  # as merge_and_unload leaves it: the trained module has its own weight now
-        peft_model.get_base_model().config.tie_word_embeddings = False
-    return len(written)
+    def _trained_whole(self, modules: list) -> None:
+        """A module trained whole (modules_to_save): its trained copy, under the module's own names."""
+        from peft.utils import ModulesToSaveWrapper
+
+        for m in modules:
+            if isinstance(m, ModulesToSaveWrapper):
+                trained = m.modules_to_save[m.active_adapters[0]]
+                for name, p in m.original_module.named_parameters():
+                    key = f"{self.paths[id(m)]}.{name}"
+                    if self.key_of(p) != key:  # it was tied to another weight (an LM head to the embedding)
+                        self.untied.add(key)
+                    self._add(key, trained.get_parameter(name))
+
+    def _add(self, key: str, value) -> None:
+        self.writer.add(key, value)
+        self.written.add(key)
 
 
 @dataclass(frozen=True)

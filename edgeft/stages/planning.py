@@ -23,6 +23,7 @@ def recomputes(ws: Workspace) -> bool:
 def for_workspace(ws: Workspace, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                   lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
                   train_modules: list[str] | None = None, recompute: bool | None = None) -> plan.Plan:
+    """The plan of a run on the workspace (what is not given: as prepared, exported or planned)."""
     prep = ws.read(Prepared)
     if prep is None:
         raise EdgeftError(f"workspace {ws.root} is not prepared; run `edgeft prepare MODEL_DIR --out {ws.root}`")

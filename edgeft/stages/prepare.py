@@ -98,6 +98,7 @@ class Prepared(Record):
 
 
 def lora_config(cfg: PrepareConfig, family: families.Family):
+    """PEFT's LoraConfig for these options (the family's default targets when none are given)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -109,12 +110,14 @@ def lora_config(cfg: PrepareConfig, family: families.Family):
 
 
 def linear_names(model) -> list[str]:
+    """The distinct names of the model's Linear modules (what --targets may name)."""
     import torch
 
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def check_out_dir(out: Path) -> None:
+    """Refuse an output that is a file, or a folder of other files (a workspace may be prepared again)."""
     if out.exists() and not out.is_dir():
         raise EdgeftError(f"--out {out} is a file; pass a folder for the workspace")
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / "manifest.json").is_file():

@@ -75,6 +75,7 @@ def options(cfg: TrainConfig) -> dict:
 
 
 def config_hash(cfg: TrainConfig) -> str:
+    """The hash of the options a checkpoint is bound to."""
     return hashlib.sha256(json.dumps(options(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,6 +151,7 @@ class Reporter:
 
 
 def plot(metrics_path: Path, out: Path) -> Path:
+    """Loss (training and validation) and learning rate over the steps, from the metrics log."""
     plt = plots.pyplot()
     rows, _ = state.read_jsonl(metrics_path)
     prog = [r for r in rows if r.get("event") == "progress"]
@@ -191,6 +193,7 @@ def _recompute(ws: Workspace, cfg: TrainConfig) -> bool:
 
 
 def resume_command(ws: Workspace, data: Path) -> str:
+    """The command that continues this run, shell-quoted."""
     return command("edgeft", "train", ws.root, "--data", data, "--resume")
 
 

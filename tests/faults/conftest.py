@@ -16,7 +16,7 @@ def model(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stages(model, tmp_path_factory) -> dict[str, Path]:
+def stage_workspaces(model, tmp_path_factory) -> dict[str, Path]:
     """One workspace per stage reached, each a copy of the one before: prepared, exported, trained (4 steps,
     checkpoints at every step, the last two and the best kept), packaged (merged, then the int4 base with the
     trained adapter as a swappable .onnx_adapter)."""
@@ -40,11 +40,11 @@ def stages(model, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def workspace(stages, tmp_path):
+def workspace(stage_workspaces, tmp_path):
     """A private copy of the workspace at a stage, to damage: `workspace("trained")`."""
     def copy(stage: str) -> Path:
         dst = tmp_path / stage
-        shutil.copytree(stages[stage], dst)
+        shutil.copytree(stage_workspaces[stage], dst)
         return dst
 
     return copy

@@ -1,6 +1,5 @@
 """The file system refuses: a full disk, a read-only mount. A user error that leaves nothing half-written."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgeft.tasks.home import DATA_DIR
-from tests.helpers import cli, refused, tree
+from tests.helpers import cli, refused, stages, tree
 
 
 def run_cli(*argv):
@@ -35,7 +34,7 @@ def test_a_full_disk_is_a_user_error_that_leaves_nothing_behind(tiny_model, tmp_
         assert "error: no space left on the device" in proc.stderr and "Free some space" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert sorted(p.name for p in ws.iterdir()) == before  # no artifacts/, no hidden temporary
-        assert "export" not in json.loads((ws / "manifest.json").read_text())["stages"]
+        assert "export" not in stages(ws)
         assert subprocess.run(["df", "--output=used", str(disk)], capture_output=True, text=True).stdout == used
 
         with open(disk / "filler", "wb", buffering=0) as f:  # fill what is left, then prepare a second workspace
@@ -83,4 +82,4 @@ def test_a_read_only_file_system_is_named_in_every_stage(model, workspace, read_
     refused(cli("package", packaged, "--force"), fix)
     refused(cli("eval", packaged, "--data", DATA_DIR / "test.jsonl"), fix)
     assert tree(trained) == before
-    assert json.loads((trained / "manifest.json").read_text())["stages"]["train"]
+    assert stages(trained)["train"]

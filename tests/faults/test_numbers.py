@@ -13,7 +13,7 @@ from edgeft.core import compare
 from edgeft.core.fingerprint import sha256_file
 from edgeft.graph.trace import gradient_error
 from edgeft.tasks.home import DATA_DIR
-from tests.helpers import cli, refused
+from tests.helpers import cli, refused, stages
 
 DATA = DATA_DIR / "train.jsonl"
 
@@ -38,7 +38,7 @@ def test_training_that_diverges_stops_and_keeps_the_last_finite_checkpoint(works
             "the last checkpoint, step-000001, is intact", "Lower --lr (this run: 1e+30)")
     kept = sorted(p.name for p in (ws / "train" / "checkpoints").glob("step-*"))
     assert kept == ["step-000001"]
-    assert "train" not in json.loads((ws / "manifest.json").read_text())["stages"]
+    assert "train" not in stages(ws)
     rows = [json.loads(line) for line in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["event"] == "progress"] == [1]
     assert all(math.isfinite(r["grad_norm"]) for r in rows if r["event"] == "progress")
@@ -89,4 +89,4 @@ def test_export_refuses_a_model_whose_weights_are_not_finite(model, tmp_path):
     assert cli("prepare", folder, "--out", ws, "--lora-r", "4").code == 0
     refused(cli("export", ws), "PyTorch's loss on the probe batch is nan (not finite)", "nothing was written")
     assert not (ws / "artifacts").exists()
-    assert "export" not in json.loads((ws / "manifest.json").read_text())["stages"]
+    assert "export" not in stages(ws)

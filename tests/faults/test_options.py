@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from edgeft.tasks.home import DATA_DIR
-from tests.helpers import cli, refused, tree
+from tests.helpers import cli, refused, stages, tree
 
 TEST = DATA_DIR / "test.jsonl"
 PI = "raspberry-pi-5-8gb"
@@ -145,4 +145,4 @@ def test_a_default_the_model_cannot_take_is_capped_and_said_once(tiny_model, tmp
     result = cli("train", ws, "--data", DATA_DIR / "train.jsonl", "--max-steps", "1", "--batch-size", "4")
     assert result.code == 0, result.err
     assert result.out.count("--seq-len 256, the longest sequence this model takes") == 1
-    assert json.loads((ws / "manifest.json").read_text())["stages"]["train"]["config"]["seq_len"] == 256
+    assert stages(ws)["train"]["config"]["seq_len"] == 256

@@ -6,7 +6,7 @@ import signal
 import time
 
 from edgeft.tasks.home import DATA_DIR
-from tests.helpers import cli, start, wait_for
+from tests.helpers import cli, stages, start, wait_for
 
 DATA = DATA_DIR / "train.jsonl"
 LONG = ["--data", DATA, "--max-steps", "300", "--batch-size", "4", "--seq-len", "128", "--eval-every", "150"]
@@ -27,10 +27,10 @@ def test_sigterm_during_training_saves_a_checkpoint_and_resume_finishes(workspac
     [ckpt] = (ws / "train" / "checkpoints").glob("step-*")
     step = json.loads((ckpt / "trainer_state.json").read_text())["position"]["step"]
     assert 15 <= step < 300 and f"interrupted at step {step}/300" in out
-    assert "train" not in json.loads((ws / "manifest.json").read_text())["stages"]
+    assert "train" not in stages(ws)
     result = cli("train", ws, *LONG, "--resume")
     assert result.code == 0, result.err
-    assert json.loads((ws / "manifest.json").read_text())["stages"]["train"]["step"] == 300
+    assert stages(ws)["train"]["step"] == 300
 
 
 def test_ctrl_c_during_export_is_an_interruption_that_leaves_nothing(workspace):

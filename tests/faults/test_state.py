@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edgeft.tasks.home import DATA_DIR
-from tests.helpers import cli, refused, tree
+from tests.helpers import cli, refused, stages, tree
 
 DATA = DATA_DIR / "train.jsonl"
 TRAINED = ["--data", DATA, "--max-steps", "4", "--batch-size", "4", "--seq-len", "128", "--lr", "0.01",
@@ -138,7 +138,7 @@ def test_run_reruns_training_when_the_data_file_is_edited_in_place(model, tmp_pa
         "data": {"train": str(data)}, "train": {"max_steps": 1, "batch_size": 4, "seq_len": 128},
         "stages": ["prepare", "export", "train"]}))
     assert cli("run", recipe).code == 0
-    key = json.loads((tmp_path / "ws" / "manifest.json").read_text())["stages"]["train"]["data_key"]
+    key = stages(tmp_path / "ws")["train"]["data_key"]
     again = cli("run", recipe)
     assert again.code == 0 and "[train] unchanged; skipped" in again.out
     data.write_text("\n".join(lines[200:400]) + "\n")  # the same path, other records
@@ -146,7 +146,7 @@ def test_run_reruns_training_when_the_data_file_is_edited_in_place(model, tmp_pa
     assert edited.code == 0, edited.err
     assert "[prepare] unchanged; skipped" in edited.out and "[export] unchanged; skipped" in edited.out
     assert "[train]\n" in edited.out and "[train] unchanged" not in edited.out
-    assert json.loads((tmp_path / "ws" / "manifest.json").read_text())["stages"]["train"]["data_key"] != key
+    assert stages(tmp_path / "ws")["train"]["data_key"] != key
 
 
 def bundle_copy(workspace):

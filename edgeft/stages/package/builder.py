@@ -32,6 +32,7 @@ class BuilderError(EdgeftError):
 
 def run_builder(src: Path, out: Path, cache: Path, precision: str, ep: str, quant: Quantization,
                 extra: dict[str, str] | None = None) -> float:
+    """The GenAI builder's command line on `src` into `out`; its seconds. Failures name the builder's reason."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
            "-p", precision, "-e", ep, "-c", str(cache)]
     options = dict(extra or {})

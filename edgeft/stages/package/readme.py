@@ -46,5 +46,6 @@ generator.set_active_adapter(adapters, "NAME")
 
 
 def readme(name: str, precision: str, ep: str, version: str, adapters: list[str]) -> str:
+    """The bundle's README: loading it in an app, and switching its adapters when it ships them."""
     return USAGE.format(name=name, precision=precision, ep=ep, version=version) + (
         ADAPTER_USAGE.format(names=", ".join(adapters)) if adapters else "")

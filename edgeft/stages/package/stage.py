@@ -204,13 +204,8 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                 "precision": precision, "execution_provider": cfg.ep, "cpu_threads": threads,
                 "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None,
                 "build": built, "device": device.name if device else None,
-                "source": {"model_dir": str(prep.model_dir), "model_sha256": prep.inputs,
-                           "adapter_sha256": merged_rec.outputs["adapter"], "checkpoint": merged_rec.checkpoint},
-                "adapters": {name: {"file": f"adapters/{path.name}", "workspace": str(src.root),
-                                    "adapter_sha256": src.read(Merged).outputs["adapter"]}
-                             for (name, path), src in zip(adapter_files.items(), sources, strict=True)},
-                "verification": verification, "versions": library_versions(),
-                "files": fingerprint.Hashes().files([tmp / "README.md", *files], tmp),
+                **_sources(prep, merged_rec, adapter_files, sources), "verification": verification,
+                "versions": library_versions(), "files": fingerprint.Hashes().files([tmp / "README.md", *files], tmp),
                 "bytes": sum(p.stat().st_size for p in files),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -220,6 +215,16 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                           seconds=round(time.time() - started, 1), build_seconds=round(build_s, 1),
                           peak_rss_mb=round(rss.peak_mb(), 1)))
     return ws.bundle
+
+
+def _sources(prep: Prepared, merged: Merged, adapter_files: dict[str, Path], sources: list[Workspace]) -> dict:
+    """What the bundle was built from, for its manifest: the model, the merged adapter, and each shipped adapter."""
+    return {
+        "source": {"model_dir": str(prep.model_dir), "model_sha256": prep.inputs,
+                   "adapter_sha256": merged.outputs["adapter"], "checkpoint": merged.checkpoint},
+        "adapters": {name: {"file": f"adapters/{path.name}", "workspace": str(src.root),
+                            "adapter_sha256": src.read(Merged).outputs["adapter"]}
+                     for (name, path), src in zip(adapter_files.items(), sources, strict=True)}}
 
 
 def _build(ws: Workspace, prep: Prepared, cfg: PackageConfig, sources: list[Workspace], tmp: Path, precision: str,

@@ -20,6 +20,7 @@ from edgeft.stages.package.builder import BuilderError, matmul_nbits
 
 
 def prompts_of(merged: Path, n: int) -> list[list[int]]:
+    """Token ids of the first `n` sample-task prompts, rendered with the merged model's chat template."""
     from transformers import AutoTokenizer
 
     from edgeft.tasks.home import DATA_DIR
@@ -105,6 +106,7 @@ def max_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of positions where two greedy generations agree (over the longer of each pair)."""
     same = total = 0
     for x, y in zip(a, b, strict=True):
         n = max(len(x), len(y))

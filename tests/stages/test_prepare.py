@@ -8,6 +8,7 @@ from safetensors.numpy import load_file
 
 from edgeft.core.errors import EdgeftError
 from edgeft.stages.prepare import PrepareConfig, prepare
+from tests.helpers import stages
 
 
 def lora_params(r, layer_shapes, layers):
@@ -22,7 +23,7 @@ PHI3_SHAPES = [(64, 192), (64, 64), (64, 192), (96, 64)]
 @pytest.mark.parametrize("r", [4, 16])
 def test_trainable_count_worked_out_by_hand(tiny_model, tmp_path, r):
     ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=r), tmp_path / "ws")
-    stage = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    stage = stages(ws)["prepare"]
     assert stage["params"]["trainable"] == lora_params(r, PHI3_SHAPES, 2)
     assert stage["family"] == "phi3"
     assert stage["targets"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -39,14 +40,14 @@ def test_trainable_count_worked_out_by_hand(tiny_model, tmp_path, r):
 def test_targets_and_dora_counts(tiny_model, tmp_path):
     ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8, targets=["o_proj"], dora=True),
                  tmp_path / "ws")
-    params = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]["params"]
+    params = stages(ws)["prepare"]["params"]
     # LoRA 8 * (64 + 64) plus one magnitude per output feature (64), per layer
     assert params["trainable"] == 2 * (8 * 128 + 64)
 
 
 def test_qwen_llama_use_split_projections(tiny_model, tmp_path):
     ws = prepare(PrepareConfig(model_dir=str(tiny_model("qwen2.5")), lora_r=2), tmp_path / "ws")
-    stage = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    stage = stages(ws)["prepare"]
     # hidden 64, 2 kv heads of 16: q 64->64, k,v 64->32, o 64->64, gate,up 64->96, down 96->64
     shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64)]
     assert stage["params"]["trainable"] == lora_params(2, shapes, 2)
@@ -55,12 +56,12 @@ def test_qwen_llama_use_split_projections(tiny_model, tmp_path):
 def test_rerun_unchanged_does_nothing_and_changed_reruns(tiny_model, tmp_path, capsys):
     cfg = PrepareConfig(model_dir=str(tiny_model("llama3.2")), lora_r=4)
     prepare(cfg, tmp_path / "ws")
-    first = json.loads((tmp_path / "ws" / "manifest.json").read_text())["stages"]["prepare"]["finished_at"]
+    first = stages(tmp_path / "ws")["prepare"]["finished_at"]
     prepare(cfg, tmp_path / "ws")
     assert "nothing to do" in capsys.readouterr().out
     prepare(PrepareConfig(model_dir=cfg.model_dir, lora_r=8), tmp_path / "ws")
     assert "options changed" in capsys.readouterr().out
-    stage = json.loads((tmp_path / "ws" / "manifest.json").read_text())["stages"]["prepare"]
+    stage = stages(tmp_path / "ws")["prepare"]
     assert stage["config"]["lora_r"] == 8 and stage["finished_at"] >= first
 
 

@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from edgeft.models.lazy import load_base
 from edgeft.runtime import jobs, launcher
 from edgeft.stages.export import ExportConfig, export
 from edgeft.stages.prepare import PrepareConfig, prepare
+from tests.helpers import stages
 from tests.tiny_models import CONFIGS
 
 TOLERANCE = 1e-4  # relative, on the mean cross-entropy
@@ -100,7 +100,7 @@ def test_export_matches_peft_for_every_family(tiny_model, tmp_path, family):
     out = export(ws)
     assert sorted(p.name for p in out.iterdir()) == ["base.data", "checkpoint", "edgeft_inputs.json", "eval_model.onnx",
                                                     "optimizer_model.onnx", "training_model.onnx"]
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(ws)["export"]
     assert rec["verification"]["relative_difference"] <= TOLERANCE
     assert rec["verification"]["gradient_relative_error"] <= 1e-3
     assert rec["memory_mb"]["generate_artifacts_peak_rss"] > 0 and rec["timing_s"]["total"] > 0
@@ -137,14 +137,14 @@ def test_modules_to_save_and_trainable_tokens_are_trainable(tiny_model, tmp_path
     result = ort_loss(ws, batch, tmp_path)
     assert result["eval_loss"] == pytest.approx(peft_loss(ws, model_dir, batch), rel=TOLERANCE)
     assert any(marker in n for n in result["trainable"])
-    prep = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    prep = stages(ws)["prepare"]
     assert result["trainable_count"] == prep["params"]["trainable"]
 
 
 def test_long_rope_export_records_its_valid_length(tiny_model, tmp_path):
     ws, _ = prepared(tiny_model, tmp_path, "phi3-mini-128k")
     export(ws)
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(ws)["export"]
     assert rec["max_seq_len"] == 4096
 
 
@@ -162,7 +162,7 @@ def test_options_rerun_and_errors(tiny_model, tmp_path, capsys):
 def test_dora_exports_with_peft_gradients(tiny_model, tmp_path, family):
     ws, model_dir = prepared(tiny_model, tmp_path, family, dora=True)
     export(ws)
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(ws)["export"]
     assert rec["detached_inputs"] > 0
     assert rec["verification"]["gradient_relative_error"] <= 1e-3
     batch = probe_batch(320, seq_len=10, pad_id=3, seed=4)
@@ -186,7 +186,7 @@ def test_verification_failure_writes_nothing(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="gradients differ from PyTorch's"):
         export(ws)
     assert not (ws / "artifacts").exists()
-    assert "export" not in json.loads((ws / "manifest.json").read_text())["stages"]
+    assert "export" not in stages(ws)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

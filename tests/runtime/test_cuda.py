@@ -4,7 +4,6 @@ The build is optional and large (about 3 GB with its libraries), so CI does not 
 links runs where `edgeft runtime install --cuda` was run, and the training test where there is a GPU too.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgeft.runtime import launcher, training_build
-from tests.test_train import DATA, FAST, fresh, losses
+from tests.helpers import DATA, FAST, fresh, losses, stages
 
 CUDA_BUILD = training_build.is_complete("cuda")
 
@@ -64,6 +63,6 @@ def test_cuda_training_follows_the_cpu_run(exported, tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         runs[ep] = np.array(losses(ws))
-        assert json.loads((ws / "manifest.json").read_text())["stages"]["train"]["config"]["ep"] == ep
+        assert stages(ws)["train"]["config"]["ep"] == ep
     # Stated tolerance: 1e-3 absolute per step (GPU kernels sum in another order, TF32 is off in ORT's CUDA EP).
     assert np.max(np.abs(runs["cpu"] - runs["cuda"])) < 1e-3, runs

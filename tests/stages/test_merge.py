@@ -17,6 +17,7 @@ from edgeft.stages.merge import MergeConfig, merge
 from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
+from tests.helpers import stages
 
 DATA = DATA_DIR / "train.jsonl"
 TOL = 1e-4  # absolute, on logits
@@ -51,7 +52,7 @@ def test_adapter_and_merged_model_reproduce_ort_eval_logits(tiny_model, tmp_path
 
     ws = trained_ws(tiny_model, tmp_path, **options)
     merge(ws)
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    rec = stages(ws)["merge"]
     ckpt = ws / "train" / "checkpoints" / rec["checkpoint"]
     batch = probe_batch(320, seq_len=13, pad_id=3, seed=21)
     reference = ort_eval_logits(ws, ckpt, batch, tmp_path)
@@ -75,7 +76,7 @@ def test_torch_backend_merges_too(tiny_model, tmp_path):
 
     ws = trained_ws(tiny_model, tmp_path, backend="torch")
     merge(ws, MergeConfig(checkpoint="last"))
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    rec = stages(ws)["merge"]
     assert rec["backend"] == "torch" and rec["step"] == 6
     trained = load_file(ws / "train" / "checkpoints" / "step-000006" / "adapter.safetensors")
     adapter = PeftModel.from_pretrained(load_base(tiny_model("phi3-mini-4k")), ws / "adapter")
@@ -100,7 +101,7 @@ def test_bad_input(tiny_model, tmp_path):
         merge(ws, MergeConfig(checkpoint="2", tolerance=1e-12))
     assert not (ws / "adapter").exists() and not (ws / "merged").exists()
     merge(ws, MergeConfig(checkpoint="2"))
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    rec = stages(ws)["merge"]
     v = rec["verification"]
     assert rec["step"] == 2 and v["logit_scale"] > 0
     for check in ("peft_vs_ort_eval", "merged_vs_peft"):  # the tolerance is relative to the largest logit
@@ -144,7 +145,7 @@ def test_streamed_merge_writes_what_the_loaded_merge_writes(tiny_model, tmp_path
     shutil.copytree(ws / "adapter", tmp_path / "adapter-loaded")
     monkeypatch.setattr(merge_module, "SHARD_BYTES", 2**16)  # several shards and their index
     merge(ws, MergeConfig(weights="stream"))
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["merge"]
+    rec = stages(ws)["merge"]
     assert rec["verification"]["weights"] == "streamed" and rec["verification"]["merged_vs_peft_max_abs"] < TOL
     ours, theirs = merged_tensors(ws / "merged"), merged_tensors(tmp_path / "loaded")
     assert sorted(ours) == sorted(theirs)

@@ -14,6 +14,7 @@ from edgeft.stages.export import export
 from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
+from tests.helpers import stages
 
 
 def profile_file(tmp_path, name: str, budget_gb: float):
@@ -31,7 +32,7 @@ def profile_file(tmp_path, name: str, budget_gb: float):
 def test_trainable_count_matches_peft(tiny_model, tmp_path, family, train_modules):
     model = tiny_model(family)
     ws = prepare(PrepareConfig(model_dir=str(model), lora_r=8, train_modules=train_modules), tmp_path / "ws")
-    prep = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    prep = stages(ws)["prepare"]
     p = plan.make(model, plan.Run(seq_len=64, batch_size=1, lora_r=8, targets=tuple(prep["targets"]),
                                   train_modules=tuple(train_modules)), None)
     assert p.trainable == prep["params"]["trainable"]
@@ -140,9 +141,9 @@ def test_profile_picks_base_precision_and_recomputation_and_export_follows(tiny_
 
     lean = _with_budget(profile, totals[("int4", True)] + 1)
     ws = prepare(PrepareConfig(model_dir=str(model)), tmp_path / "ws", lean)  # lora_r 16, as `run`
-    record = json.loads((ws / "manifest.json").read_text())["stages"]["prepare"]
+    record = stages(ws)["prepare"]
     assert record["config"]["base_precision"] == "int4" and record["plan"]["precision_picked"]
     assert record["plan"]["recompute"] and record["plan"]["fits"]
     export(ws)
-    exported = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    exported = stages(ws)["export"]
     assert exported["recompute"]["layers"] == 2 and exported["base_weights"]["precision"] == "int4"

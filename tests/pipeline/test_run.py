@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from edgeft.tasks.home import DATA_DIR
+from tests.helpers import stages
 
 
 def edgeft(*argv, cwd=None):
@@ -49,12 +50,12 @@ def pipeline(tiny_model, tmp_path_factory):
 def test_run_goes_through_every_stage(pipeline):
     tmp, _, proc = pipeline
     ws = tmp / "ws"
-    stages = json.loads((ws / "manifest.json").read_text())["stages"]
+    records = stages(ws)
     for name in ("prepare", "export", "train", "merge", "package", "eval", "bench", "run"):
-        assert name in stages, name
+        assert name in records, name
     for name in ("prepare", "export", "train", "merge", "package", "eval", "bench"):
         assert f"[{name}]" in proc.stdout
-    assert stages["train"]["step"] == 6 and (ws / "train" / "metrics.png").is_file()
+    assert records["train"]["step"] == 6 and (ws / "train" / "metrics.png").is_file()
     assert (ws / "bundle" / "genai_config.json").is_file()
 
 
@@ -109,8 +110,7 @@ def test_rerun_skips_unchanged_stages_and_an_override_reruns_from_train(pipeline
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "[prepare] unchanged" in changed.stdout and "[export] unchanged" in changed.stdout
     assert "[train]\n" in changed.stdout and "[eval]\n" in changed.stdout
-    stages = json.loads((tmp / "ws" / "manifest.json").read_text())["stages"]
-    assert stages["train"]["step"] == 7
+    assert stages(tmp / "ws")["train"]["step"] == 7
 
 
 def test_an_interrupted_training_stage_resumes(tiny_model, tmp_path):
@@ -142,7 +142,7 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command():
 
     from edgeft.pipeline import run
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     paths = sorted((repo / "recipes").glob("*.yaml")) + sorted(run.SHIPPED["recipes"].glob("*.yaml"))
     assert len(paths) >= 3
     for path in paths:

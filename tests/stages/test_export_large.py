@@ -3,7 +3,6 @@
 Opt in: `make test-slow` (about 4 minutes and 5 GB of memory on 2 cores).
 """
 
-import json
 
 import numpy as np
 import pytest
@@ -12,17 +11,18 @@ from edgeft.graph.trace import probe_batch
 from edgeft.runtime import jobs, launcher
 from edgeft.stages.export import export
 from edgeft.stages.prepare import PrepareConfig, prepare
+from tests.helpers import stages
 
 pytestmark = pytest.mark.slow
 
 
 def test_phi3_mini_slice_over_2gb_exports_verifies_and_trains(tmp_path):
-    from benchmarks.export_memory import build
+    from tests.tiny_models import phi3_slice as build
 
     model_dir = build("slice", tmp_path / "model", layers=4)
     ws = prepare(PrepareConfig(model_dir=str(model_dir)), tmp_path / "ws")
     out = export(ws)
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(ws)["export"]
     weights_mb = rec["memory_mb"]["fp32_weights"]
     assert weights_mb * 2**20 > 2 * 2**30
     assert rec["verification"]["relative_difference"] <= 1e-4

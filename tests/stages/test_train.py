@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,23 +16,9 @@ from edgeft.core.errors import EdgeftError
 from edgeft.runtime import jobs, launcher
 from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
-from edgeft.tasks.home import DATA_DIR
 from edgeft.trainer import checkpoints
 from edgeft.trainer.torch_engine import ADAPTER
-
-DATA = DATA_DIR / "train.jsonl"
-FAST = {"batch_size": 4, "seq_len": 256, "lr": 1e-3}
-
-
-def fresh(exported, tmp_path, name="ws"):
-    ws = tmp_path / name
-    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("train", "data"))
-    return ws
-
-
-def losses(ws):
-    rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "progress"]
+from tests.helpers import DATA, FAST, fresh, losses, stages
 
 
 def trained(checkpoint, tmp_path):
@@ -56,7 +41,7 @@ def test_ort_and_torch_agree_over_20_steps(exported, tmp_path):
     assert abs(ort.best_eval_loss - ref.best_eval_loss) < 1e-4
     for ws in (ort_ws, torch_ws):
         assert (ws / "train" / "metrics.png").stat().st_size > 10_000
-    rec = json.loads((ort_ws / "manifest.json").read_text())["stages"]["train"]
+    rec = stages(ort_ws)["train"]
     assert rec["step"] == 20 and rec["tokens_per_s"] > 0 and rec["peak_rss_mb"] > 0
 
 

@@ -2,7 +2,6 @@
 transformers' from_pretrained model computes: same adapter initialisation, same loss and gradients, same
 exported artifacts."""
 
-import json
 import shutil
 
 import numpy as np
@@ -16,6 +15,7 @@ from edgeft.models import lazy, shapes
 from edgeft.models.lazy import load_base
 from edgeft.quant import quantize
 from edgeft.stages.prepare import PrepareConfig, lora_config, prepare
+from tests.helpers import stages
 
 
 @pytest.mark.parametrize("family,options", [
@@ -108,7 +108,7 @@ def test_streamed_export_writes_the_artifacts_loading_writes(tiny_model, tmp_pat
     shutil.copytree(ws, tmp_path / "load")
     export(tmp_path / "stream", ExportConfig(weights="stream"))
     export(tmp_path / "load", ExportConfig(weights="load"))
-    records = [json.loads((tmp_path / w / "manifest.json").read_text())["stages"]["export"] for w in ("stream", "load")]
+    records = [stages(tmp_path / w)["export"] for w in ("stream", "load")]
     assert [r["weights"] for r in records] == ["stream", "load"]
     assert records[0]["verification"]["gradient_relative_error"] < 1e-5
     for name in ("base.data", "training_model.onnx", "eval_model.onnx", "checkpoint"):

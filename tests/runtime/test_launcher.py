@@ -4,7 +4,7 @@ import pytest
 
 from edgeft.core.errors import EdgeftError
 from edgeft.runtime import jobs, launcher, training_build
-from tests import runtime_entries as entries
+from tests.runtime import entries
 
 
 def test_parent_has_inference_build_and_genai():

@@ -13,22 +13,22 @@ from edgeft.trainer import events
 
 @dataclass(frozen=True)
 class UserError(Job):
-    ENTRY: ClassVar[str] = "tests.runtime_entries:user_error"
+    ENTRY: ClassVar[str] = "tests.runtime.entries:user_error"
 
 
 @dataclass(frozen=True)
 class Bug(Job):
-    ENTRY: ClassVar[str] = "tests.runtime_entries:bug"
+    ENTRY: ClassVar[str] = "tests.runtime.entries:bug"
 
 
 @dataclass(frozen=True)
 class Killed(Job):
-    ENTRY: ClassVar[str] = "tests.runtime_entries:killed"
+    ENTRY: ClassVar[str] = "tests.runtime.entries:killed"
 
 
 @dataclass(frozen=True)
 class Chatty(Job):
-    ENTRY: ClassVar[str] = "tests.runtime_entries:chatty"
+    ENTRY: ClassVar[str] = "tests.runtime.entries:chatty"
     steps: int
 
 

@@ -20,13 +20,8 @@ from edgeft.tasks.home import DATA_DIR
 
 
 @pytest.fixture(scope="module")
-def merged_ws(tiny_model, tmp_path_factory):
-    ws = tmp_path_factory.mktemp("pkg") / "ws"
-    prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), ws)
-    export(ws)
-    train(ws, DATA_DIR / "train.jsonl", TrainConfig(max_steps=4, batch_size=4, seq_len=256, lr=1e-2))
-    merge(ws)
-    return ws
+def merged_ws(built):
+    return built("merged", lora_r=8)
 
 
 def copy(ws, tmp_path):

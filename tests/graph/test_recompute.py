@@ -1,24 +1,20 @@
 """Recomputed activations (export --recompute): the backward pass holds only each layer's input, and training
 is unchanged: ORT with recomputation trains the same losses as PyTorch."""
 
-import json
 
 import onnx
 import pytest
 
 from edgeft.graph import recompute
 from edgeft.graph.trace import INPUT_NAMES
-from edgeft.stages.export import ExportConfig, export
+from edgeft.stages.export import export
 from edgeft.stages.prepare import PrepareConfig, prepare
-from tests.test_quantized_base import assert_backends_agree
+from tests.helpers import assert_backends_agree, stages
 
 
 @pytest.fixture(scope="module")
-def recomputed(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rc")
-    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8, base_precision="int4"), root / "ws")
-    export(ws, ExportConfig(recompute=True))
-    return ws
+def recomputed(built):
+    return built("exported", lora_r=8, base_precision="int4", export_options={"recompute": True})
 
 
 def _held(ws) -> set[str]:
@@ -27,15 +23,20 @@ def _held(ws) -> set[str]:
 
 
 def test_backward_holds_only_each_layers_input(recomputed, tmp_path):
-    rec = json.loads((recomputed / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(recomputed)["export"]
     assert rec["config"]["recompute"] and rec["recompute"]["layers"] == 2
     assert rec["verification"]["gradient_relative_error"] < 1e-5  # the export checks the gradients against PEFT's
     held = _held(recomputed)
     in_layers = {t for t in held if recompute.layer_of(t) is not None}
-    # Each layer's output (the next one's input) and the rotary tables the first layer computes for all.
-    assert {t.rsplit("/", 1)[-1] for t in in_layers} <= {"Add_1_output_0", "Unsqueeze_24_output_0",
-                                                        "Unsqueeze_25_output_0"}
-    plain = prepare(PrepareConfig(model_dir=json.loads((recomputed / "manifest.json").read_text())["stages"][
+    # Only what crosses from a layer to another is held: each layer's output (the next one's input) and the rotary
+    # tables the first layer computes for all. No activation used only inside its own layer (whatever the exporter
+    # names it) is.
+    graph = onnx.load(str(recomputed / "artifacts" / "training_model.onnx"), load_external_data=False).graph
+    for t in in_layers:
+        readers = [n for n in graph.node if t in n.input]
+        assert any(recompute.layer_of(n.name) != recompute.layer_of(t) for n in readers), t
+    assert 0 < len(in_layers) <= 2 + 2 * rec["recompute"]["layers"]
+    plain = prepare(PrepareConfig(model_dir=stages(recomputed)[
         "prepare"]["config"]["model_dir"], lora_r=8, base_precision="int4"), tmp_path / "plain")
     export(plain)
     assert len(_held(plain)) > 4 * len(held)

@@ -8,21 +8,15 @@ import pytest
 
 from edgeft.core.errors import EdgeftError
 from edgeft.quant import quantize
-from edgeft.stages.export import export
 from edgeft.stages.merge import merge
-from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
 from edgeft.tasks.home import DATA_DIR
+from tests.helpers import assert_backends_agree, stages
 
 
 @pytest.fixture(scope="module")
-def exported_int8(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("q")
-    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8, base_precision="int8"), root / "q8")
-    export(ws)
-    fp = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8), root / "fp32")
-    export(fp)
-    return ws, fp
+def exported_int8(built, exported):
+    return built("exported", lora_r=8, base_precision="int8"), exported
 
 
 def test_int8_round_trip_error_is_bounded():
@@ -34,7 +28,7 @@ def test_int8_round_trip_error_is_bounded():
 
 def test_export_stores_int8_behind_dequantize_linear(exported_int8):
     ws, fp = exported_int8
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(ws)["export"]
     assert rec["base_weights"]["precision"] == "int8" and rec["base_weights"]["quantized"] == 9  # 4 per layer + lm_head
     graph = onnx.load(str(ws / "artifacts" / "training_model.onnx"), load_external_data=False).graph
     dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
@@ -45,32 +39,16 @@ def test_export_stores_int8_behind_dequantize_linear(exported_int8):
     assert base_int8 < 0.6 * base_fp32  # only the embedding and norms stay fp32 in this tiny model
     # Exact against PyTorch on the same quantized base, and a real quantization (the loss moved).
     v8 = rec["verification"]
-    v32 = json.loads((fp / "manifest.json").read_text())["stages"]["export"]["verification"]
+    v32 = stages(fp)["export"]["verification"]
     assert v8["relative_difference"] < 1e-6 and v8["gradient_relative_error"] < 1e-5
     assert v8["torch_loss"] != v32["torch_loss"] and abs(v8["torch_loss"] / v32["torch_loss"] - 1) < 0.01
-
-
-def assert_backends_agree(ws, tmp_path, steps: int) -> None:
-    """Train copies of `ws` with ORT (in tmp_path/ort) and PyTorch (tmp_path/torch): the same losses."""
-    import shutil
-
-    losses = {}
-    for backend in ("ort", "torch"):
-        copy = tmp_path / backend
-        shutil.copytree(ws, copy)
-        train(copy, DATA_DIR / "train.jsonl", TrainConfig(max_steps=steps, batch_size=4, seq_len=256, lr=1e-2,
-                                                           backend=backend, val_fraction=0.05, eval_every=100))
-        rows = [json.loads(x) for x in (copy / "train" / "metrics.jsonl").read_text().splitlines()]
-        losses[backend] = [r["loss"] for r in rows if r["event"] == "progress"]
-    assert losses["ort"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
-    assert np.allclose(losses["ort"], losses["torch"], rtol=1e-4)
 
 
 def test_ort_and_torch_train_the_same_int8_base_and_merge_checks_it(exported_int8, tmp_path):
     ws, _ = exported_int8
     assert_backends_agree(ws, tmp_path, steps=8)
     merge(tmp_path / "ort")  # PEFT on the same int8 base reproduces the ORT eval logits within 1e-4
-    v = json.loads((tmp_path / "ort" / "manifest.json").read_text())["stages"]["merge"]["verification"]
+    v = stages(tmp_path / "ort")["merge"]["verification"]
     assert v["peft_vs_ort_eval_max_abs"] < 1e-4
 
 
@@ -117,16 +95,13 @@ def test_int4_blocks_are_the_builders_own(k, symmetric):
 
 
 @pytest.fixture(scope="module")
-def trained_int4(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("q4")
-    ws = prepare(PrepareConfig(model_dir=str(tiny_model("phi3-mini-4k")), lora_r=8, base_precision="int4"), root / "q4")
-    export(ws)
-    return ws
+def trained_int4(built):
+    return built("exported", lora_r=8, base_precision="int4")
 
 
 def test_int4_export_dequantizes_each_use_just_in_time(trained_int4):
     ws = trained_int4
-    rec = json.loads((ws / "manifest.json").read_text())["stages"]["export"]
+    rec = stages(ws)["export"]
     assert rec["base_weights"]["precision"] == "int4" and rec["base_weights"]["quantized"] == 9
     v = rec["verification"]
     assert v["relative_difference"] < 1e-6 and v["gradient_relative_error"] < 1e-5
@@ -160,7 +135,7 @@ def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_p
     assert_backends_agree(trained_int4, tmp_path, steps=6)
     ws = tmp_path / "ort"
     merge(ws)
-    assert json.loads((ws / "manifest.json").read_text())["stages"]["merge"]["verification"][
+    assert stages(ws)["merge"]["verification"][
         "peft_vs_ort_eval_max_abs"] < 1e-4
     profile = yaml.safe_load((profiles.DEVICES_DIR / "dev-2core-avx512.yaml").read_text())
     profile["name"], profile["quantization"]["accuracy_level"] = "fp32-compute", 1
