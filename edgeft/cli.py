@@ -290,7 +290,7 @@ def cmd_run(args) -> int:
     from edgeft.pipeline import run
 
     recipe, base = run.load(Path(args.recipe), args.set or [])
-    result = run.run(recipe, base, force=tuple(_list_of(str)(args.force or "")))
+    result = run.run_recipe(recipe, base, force=tuple(_list_of(str)(args.force or "")))
     print(f"done: {result['workspace']}  ({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items()) or 'all stages unchanged'})")
     return 0
 

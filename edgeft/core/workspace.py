@@ -81,6 +81,15 @@ class Workspace:
         self.root = Path(root).absolute()  # the training runtime runs elsewhere: never hand it a relative path
         self._hashes: fingerprint.Hashes | None = None
 
+    @classmethod
+    def existing(cls, root: Path) -> Workspace:
+        """The workspace at `root`, which a stage after prepare needs to exist."""
+        ws = cls(root)
+        if not ws.root.is_dir():
+            raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}` "
+                              "first")
+        return ws
+
     # -- the folder layout --------------------------------------------------------------------------------------
     manifest_path = property(lambda self: self.root / MANIFEST)
     adapter_init = property(lambda self: self.root / "adapter_init", doc="the freshly initialised adapter (PEFT)")

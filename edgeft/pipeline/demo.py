@@ -30,7 +30,7 @@ def demo(seed: int = 0, workspace: Path | None = None, device: str | None = None
         overrides.append(f"device={device}")
     recipe, base = run.load(RECIPE, overrides)
     started = time.time()
-    result = run.run(recipe, base, log=log)
+    result = run.run_recipe(recipe, base, log=log)
     summary = summarize(Path(result["workspace"]), time.time() - started)
     log(table(summary))
     return summary

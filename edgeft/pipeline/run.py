@@ -131,7 +131,7 @@ class Ran(Record):
     timings: dict = spec("seconds per stage that ran (the unchanged ones were skipped)")
 
 
-def run(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> dict:
+def run_recipe(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> dict:
     """Run the recipe's stages in its workspace, holding the workspace's lock throughout; skips each stage whose
     options, inputs (by content) and upstream stages are unchanged, unless it is in `force`."""
     from edgeft.devices import profiles

@@ -9,7 +9,7 @@ the builder emits those blocks as MatMulNBits without touching them.
 
 So `package` quantizes each decoder Linear here, one tensor at a time, with the same MLAS quantizer and
 settings the builder runs (`quantize.nbits_blocks`), and gives the builder that folder. The bundle computes
-the same function (tests/test_package.py checks that the dequantized weights are identical and that logits
+the same function (tests/stages/test_package.py checks that the dequantized weights are identical and that logits
 agree), and no process holds the fp32 model. The embeddings and the LM head stay as they are, and the
 builder quantizes the LM head itself, as it always did.
 

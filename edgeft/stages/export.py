@@ -107,9 +107,7 @@ def unchanged(ws: Workspace, cfg: ExportConfig = ExportConfig()) -> Exported | N
 def export(ws_path: Path, cfg: ExportConfig = ExportConfig(), on_event=None, force: bool = False) -> Path:
     """Write and verify `WS/artifacts/`; nothing to do when the artifacts of these options are intact, unless
     `force` (which also rebuilds damaged ones)."""
-    ws = Workspace(ws_path)
-    if not ws.root.is_dir():
-        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}` first")
+    ws = Workspace.existing(ws_path)
     from edgeft.graph import trace
 
     with ws.lock("export"):

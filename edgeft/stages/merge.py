@@ -11,7 +11,7 @@ Past 4 GiB of fp32 weights (or with `weights="stream"`) nothing holds the whole 
 layer at a time. Each layer is loaded, fake-quantized as it was trained, merged by PEFT's own `merge()`
 (LoRA, DoRA, trainable token rows) and written to a safetensors shard before the next one is loaded. Its
 logits are then computed from the written files the same way. Both routes write the same tensors
-(tests/test_merge.py).
+(tests/stages/test_merge.py).
 """
 
 from __future__ import annotations
@@ -234,9 +234,7 @@ def unchanged(ws: Workspace, cfg: MergeConfig = MergeConfig()) -> Merged | None:
 def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
     """Write `WS/adapter/` and `WS/merged/` from a training checkpoint, both verified (holding the workspace's
     lock); returns the workspace."""
-    ws = Workspace(ws_path)
-    if not ws.root.is_dir():
-        raise EdgeftError(f"workspace {ws.root} does not exist")
+    ws = Workspace.existing(ws_path)
     with ws.lock("merge"):
         trained = ws.require(Trained, f"train it first: `edgeft train {ws.root} --data FILE.jsonl`")
         ckpt = _checkpoint(ws, trained, cfg)

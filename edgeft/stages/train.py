@@ -272,9 +272,7 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
     """Train the workspace's adapter on `data` (holding the workspace's lock); the record, or, when interrupted,
     where it stopped. `resume`: continue the run the latest checkpoint belongs to; None (edgeft run): continue it
     if it is this run, put a finished run of other options aside and start over."""
-    ws = Workspace(ws_path)
-    if not ws.root.is_dir():
-        raise EdgeftError(f"workspace {ws.root} does not exist; run `edgeft prepare MODEL_DIR --out {ws.root}`")
+    ws = Workspace.existing(ws_path)
     data = formats.check_path(Path(data), "--data")
     eval_data = formats.check_path(Path(eval_data), "--eval-data") if eval_data else None
     with ws.lock("train"):

@@ -159,9 +159,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
     is replaced only with `force`."""
     from edgeft import __version__
 
-    ws = Workspace(ws_path)
-    if not ws.root.is_dir():
-        raise EdgeftError(f"workspace {ws.root} does not exist")
+    ws = Workspace.existing(ws_path)
     with ws.lock("package"):
         merged_rec = _check_merged(ws)
         prep = ws.read(Prepared)
