@@ -295,6 +295,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_fleet_sim(args) -> int:
+    """Federated fine-tuning of a recipe on a simulated fleet (Flower): each device trains on its own data."""
+    from edgeft.core import schema
+    from edgeft.pipeline import run
+
+    fleet = _config(FLEET)
+    recipe, base = run.load(Path(args.recipe), args.set or [])
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(fleet) if getattr(args, f.name) is not None}
+    if given.get("data_dir"):  # a flag's path is the shell's, not the recipe's
+        given["data_dir"] = str(Path(given["data_dir"]).resolve())
+    options = schema.parse(fleet, schema.to_dict(recipe.fleet) | given, "fleet options")
+    result = run.run_fleet(dataclasses.replace(recipe, fleet=options), base)
+    print(f"done: {result['workspace']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The main job on the embedded default: fine-tune, package int4, evaluate and bench, no downloads."""
     from edgeft.pipeline import demo
@@ -404,6 +420,7 @@ def options_of(cls: type, only: tuple[str, ...] | None = None) -> list[tuple[tup
 
 
 PREPARE = "edgeft.stages.prepare:PrepareConfig"
+FLEET = "edgeft.fleet.config:FleetConfig"
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", cmd_doctor, (arg("--json", action="store_true", help="machine-readable output"),)),
     Command("prepare", cmd_prepare, (
@@ -439,6 +456,10 @@ COMMANDS: tuple[Command, ...] = (
         arg("recipe", help="recipe YAML (see recipes/)"),
         arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)"),
         arg("--force", help="comma-separated stages to run even if unchanged"))),
+    Command("fleet sim", cmd_fleet_sim, (
+        arg("recipe", help="recipe YAML (its fleet: section; these flags override it)"),
+        arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")),
+        FLEET),
     Command("demo", cmd_demo, (
         arg("--seed", type=_int_or, default=0), arg("--workspace", help="default: artifacts/home-demo-seed<SEED>"),
         arg("--device", help="device profile to judge against (default: the recipe's)"))),

@@ -50,8 +50,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-echo "setup: installing edgeft with dev extras"
-"${PIP[@]}" install -e ".[dev]"
+echo "setup: installing edgeft with the dev and fleet extras"
+"${PIP[@]}" install -e ".[dev,fleet]"
 echo "setup: installing the ONNX Runtime training build"
 install_runtime
 echo "$WANT" > "$STAMP"

@@ -20,7 +20,9 @@ BELOW = {
     "trainer": {"core", "models", "quant", "graph", "runtime"},
     "tasks": {"core", "data"},
     "stages": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks"},
-    "pipeline": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages"},
+    "fleet": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages"},
+    "pipeline": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages",
+                 "fleet"},
 }
 
 

@@ -40,6 +40,16 @@ def write_json(final: Path, data: object) -> Path:
     return write_text(final, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def write_npz(final: Path, arrays: dict) -> Path:
+    """Named numpy arrays as an .npz (no pickled objects)."""
+    import numpy as np
+
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return Path(final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; it replaces `final` only if the block succeeds. What a killed

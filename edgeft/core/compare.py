@@ -33,3 +33,24 @@ def max_abs_diff(a, b) -> float:
 def describe(value: float) -> str:
     """A measured difference for a message: its value, or what it means when it is not finite."""
     return f"{value:.2e}" if math.isfinite(value) else "not finite (NaN or infinity in the outputs)"
+
+
+def weights_problem(expected: dict, arrays: dict) -> str | None:
+    """What is wrong with `arrays` as a set of trainable tensors shaped as `expected` (name -> array or shape):
+    missing or unknown names, another shape, a dtype that is not floating point, or a non-finite value; None
+    when they fit. A fleet's server judges each client's update by it, and a client the global adapter."""
+    missing, unknown = sorted(expected.keys() - arrays.keys()), sorted(arrays.keys() - expected.keys())
+    if missing or unknown:
+        parts = ([f"lacks {len(missing)} tensor(s) ({', '.join(missing[:3])})"] if missing else []) + \
+                ([f"has {len(unknown)} unknown tensor(s) ({', '.join(unknown[:3])})"] if unknown else [])
+        return " and ".join(parts)
+    for name, want in expected.items():
+        shape = tuple(getattr(want, "shape", want))
+        got = np.asarray(arrays[name])
+        if tuple(got.shape) != shape:
+            return f"has {name} shaped {tuple(got.shape)}, not {shape}"
+        if not np.issubdtype(got.dtype, np.floating):
+            return f"has {name} of dtype {got.dtype}, not floating point"
+        if not finite(got):
+            return f"has NaN or infinite values in {name}"
+    return None

@@ -25,6 +25,7 @@ from edgeft.core import schema
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
 from edgeft.core.workspace import STAGES, Record, Workspace
+from edgeft.fleet.config import FleetConfig
 from edgeft.stages.bench import BenchConfig
 from edgeft.stages.evaluate import EvalConfig
 from edgeft.stages.package.stage import PackageConfig
@@ -63,6 +64,8 @@ class Recipe:
     eval: EvalConfig = spec("evaluation options (as `edgeft eval`)", default_factory=EvalConfig)
     bench: BenchConfig = spec("bench options (as `edgeft bench`)", default_factory=BenchConfig)
     stages: list[str] = spec("stages to run, in pipeline order", default_factory=lambda: list(STAGES), choices=STAGES)
+    fleet: FleetConfig = spec("federated training options (as `edgeft fleet sim`; its train stage is the fleet's)",
+                              default_factory=FleetConfig)
 
     def __post_init__(self):
         problems: list[str] = []
@@ -131,6 +134,31 @@ class Ran(Record):
     timings: dict = spec("seconds per stage that ran (the unchanged ones were skipped)")
 
 
+def workspace_of(recipe: Recipe) -> Workspace:
+    root = Path(recipe.workspace).expanduser() if recipe.workspace else Path("artifacts") / recipe.name
+    return Workspace(root if root.is_absolute() else (Path.cwd() / root))
+
+
+def run_fleet(recipe: Recipe, base: Path, log=print) -> dict:
+    """The recipe with its train stage run by a simulated fleet (fleet/simulate.py): prepare and export as
+    `run` does, the fleet's rounds, then the recipe's stages after training (merge, package, eval, bench)."""
+    from edgeft.fleet import simulate
+
+    before = [s for s in ("prepare", "export") if s in recipe.stages and (s == "prepare" or recipe.train.backend == "ort")]
+    run_recipe(dataclasses.replace(recipe, stages=before), base, log)
+    data = resolve(recipe.data.train, base)
+    fleet = recipe.fleet
+    if fleet.data_dir:  # relative to the recipe, like every path in it
+        fleet = dataclasses.replace(fleet, data_dir=str(resolve(fleet.data_dir, base)))
+    log("[fleet]")
+    ws = workspace_of(recipe)
+    record = simulate.simulate(ws.root, data, fleet, recipe.train, log)
+    log(simulate.summary(record))
+    after = [s for s in recipe.stages if s not in ("prepare", "export", "train")]
+    result = run_recipe(dataclasses.replace(recipe, stages=after), base, log) if after else {"workspace": ws.root}
+    return result | {"fleet": record}
+
+
 def run_recipe(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = ()) -> dict:
     """Run the recipe's stages in its workspace, holding the workspace's lock throughout; skips each stage whose
     options, inputs (by content) and upstream stages are unchanged, unless it is in `force`."""
@@ -140,9 +168,7 @@ def run_recipe(recipe: Recipe, base: Path, log=print, force: tuple[str, ...] = (
         raise EdgeftError(f"--force {','.join(unknown)}: no such stage; the stages are {', '.join(STAGES)}")
     device = profiles.load(resolve(recipe.device, base) if recipe.device and recipe.device.endswith(".yaml")
                           else recipe.device) if recipe.device else None
-    root = Path(recipe.workspace).expanduser() if recipe.workspace else Path("artifacts") / recipe.name
-    root = root if root.is_absolute() else (Path.cwd() / root)
-    ws = Workspace(root)
+    ws = workspace_of(recipe)
     with ws.lock("run"):
         return _run(recipe, base, ws, device, log, force)
 

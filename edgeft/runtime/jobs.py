@@ -102,6 +102,16 @@ class ReadTrained(Job):
 
 
 @dataclass(frozen=True)
+class WriteTrained(Job):
+    """An ORT checkpoint of the artifacts' model holding the trainable tensors of an .npz."""
+
+    ENTRY: ClassVar[str] = "edgeft.trainer.ort_engine:write_trained"
+    artifacts: str
+    weights: str
+    out: str
+
+
+@dataclass(frozen=True)
 class Train(Job):
     """The training loop (trainer/loop.py) with one engine: ort_engine in the training runtime, or torch_engine in
     the main environment (`RUNTIME` of TorchTrain)."""
@@ -122,6 +132,13 @@ class Train(Job):
     device: str = "cpu"
     resume_state: dict | None = None
     resume_path: str | None = None
+    # A fleet client's round (fleet/client.py): start from `weights_in` (an .npz of the trainable tensors, the
+    # round's global adapter) with a fresh optimizer; `mode` "train" runs the steps without evaluation or
+    # checkpoints and writes the trained tensors to `weights_out`; "evaluate" reports the validation loss of
+    # `weights_in`; "weights" only writes the starting tensors (the adapter's initial values) to `weights_out`.
+    weights_in: str | None = None
+    weights_out: str | None = None
+    mode: str | None = None
 
 
 @dataclass(frozen=True)

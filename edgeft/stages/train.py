@@ -171,7 +171,7 @@ def plot(metrics_path: Path, out: Path) -> Path:
     return plots.save(fig, out)
 
 
-def _identity(ws: Workspace, backend: str) -> str:
+def trained_from(ws: Workspace, backend: str) -> str:
     """What a run trains from: the key of the export (ORT) or of the prepared workspace (torch). A checkpoint
     records it, and resumes only onto the same."""
     prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
@@ -183,7 +183,7 @@ def _identity(ws: Workspace, backend: str) -> str:
     return prep.key
 
 
-def _recompute(ws: Workspace, cfg: TrainConfig) -> bool:
+def recomputes(ws: Workspace, cfg: TrainConfig) -> bool:
     default = planning.recomputes(ws)
     if cfg.backend == "ort" and cfg.recompute is not None and cfg.recompute != default:
         flag = "--recompute" if cfg.recompute else "--no-recompute"
@@ -250,7 +250,7 @@ def key(cfg: TrainConfig, data_key: str, identity: str) -> str:
     return key_of("train", dataclasses.asdict(cfg), data_key, identity)
 
 
-def _data_config(cfg: TrainConfig) -> DataConfig:
+def data_config(cfg: TrainConfig) -> DataConfig:
     return DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed)
 
 
@@ -262,9 +262,9 @@ def unchanged(ws: Workspace, data: Path, cfg: TrainConfig = TrainConfig(), eval_
     if prep is None or (cfg.backend == "ort" and ws.read(Exported) is None) or not checkpoints.latest(ws.checkpoints):
         return None
     cfg = default_seq_len(cfg, prep.max_seq_len, quiet=True)
-    data_key = cache_key(Path(data), Path(eval_data) if eval_data else None, prep.model_dir, _data_config(cfg),
+    data_key = cache_key(Path(data), Path(eval_data) if eval_data else None, prep.model_dir, data_config(cfg),
                          ws.hashes)
-    return ws.unchanged(Trained, key(cfg, data_key, _identity(ws, cfg.backend)))
+    return ws.unchanged(Trained, key(cfg, data_key, trained_from(ws, cfg.backend)))
 
 
 def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
@@ -276,14 +276,14 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
     data = formats.check_path(Path(data), "--data")
     eval_data = formats.check_path(Path(eval_data), "--eval-data") if eval_data else None
     with ws.lock("train"):
-        identity = _identity(ws, cfg.backend)
+        identity = trained_from(ws, cfg.backend)
         prep = ws.read(Prepared)
         cfg = default_seq_len(cfg, prep.max_seq_len)
         if cfg.backend == "ort" and training_build.unsupported_reason():
             raise EdgeftError(training_build.unsupported_reason())
-        dataset = build(data, prep.model_dir, ws.data, _data_config(cfg), eval_data, ws.hashes)
+        dataset = build(data, prep.model_dir, ws.data, data_config(cfg), eval_data, ws.hashes)
         device = _device(prep, device)
-        recompute = _recompute(ws, cfg)
+        recompute = recomputes(ws, cfg)
         if device:
             longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
             p = planning.for_workspace(ws, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend,

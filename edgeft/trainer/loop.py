@@ -7,6 +7,7 @@ It sees the model only through an engine:
     finite() -> bool                    whether every trained value is finite
     eval_loss(batch) -> float           mean loss over the batch's target tokens, no gradients
     save(folder) -> None                adapter weights and optimizer state
+    weights() / load_weights(arrays)    the trainable tensors as numpy arrays, by the engine's names
 Gradients are summed over the micro-batches of a step (each micro-batch loss is its own token mean);
 AdamW is scale-invariant, and --max-grad-norm clips that sum, in both backends alike.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.core import rss
+from edgeft.core import compare, rss
 from edgeft.core.errors import EdgeftError
 from edgeft.core.workspace import checkpoint_dir
 from edgeft.trainer import batching, checkpoints, events
@@ -70,7 +71,10 @@ def evaluate(engine, split: batching.Split, batch_size: int, pad_id: int) -> flo
 
 
 def train(engine, job) -> dict:
-    """Run `job` (jobs.Train) to its last step with `engine`; a summary, or where it stopped when interrupted."""
+    """Run `job` (jobs.Train) to its last step with `engine`; a summary, or where it stopped when interrupted.
+    A fleet client's job (`job.mode` set) runs one round instead: see `local`."""
+    if job.mode is not None:
+        return local(engine, job)
     loop = _Loop(engine, job)
     events.emit("start", total_steps=loop.total, steps_per_epoch=loop.steps_per_epoch, train_samples=len(loop.train),
                 val_samples=len(loop.val), resumed_from=loop.pos.step)
@@ -82,6 +86,45 @@ def train(engine, job) -> dict:
         path = loop.save("interrupted") if loop.pos.step != loop.last_saved else checkpoint_dir(loop.root, loop.pos.step)
         return {"interrupted": True, "step": loop.pos.step, "total_steps": loop.total, "checkpoint": str(path)}
     return loop.summary()
+
+
+def local(engine, job) -> dict:
+    """One fleet client's part of a round, from the round's global tensors (`job.weights_in`): "train" runs
+    max_steps updates (no evaluation, no checkpoint) and writes the trained tensors to `job.weights_out`;
+    "evaluate" is the validation loss of the global tensors; "weights" writes the engine's initial tensors."""
+    if job.weights_in:
+        with np.load(job.weights_in, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        if problem := compare.weights_problem(engine.weights(), arrays):
+            raise EdgeftError(f"the round's global adapter {problem}; this client does not train on it")
+        engine.load_weights(arrays)
+    if job.mode == "weights":
+        _write_weights(engine, job.weights_out)
+        return {}
+    if job.mode == "evaluate":
+        val = batching.Split(Path(job.dataset) / "val.npz")
+        loss = evaluate(engine, val, job.config["batch_size"], int(job.pad_token_id)) if len(val) else None
+        if loss is not None and not math.isfinite(loss):
+            raise EdgeftError(f"the validation loss of the global adapter is {loss} (not finite)")
+        return {"eval_loss": loss, "val_samples": len(val)}
+    loop = _Loop(engine, job)
+    events.emit("start", total_steps=loop.total, steps_per_epoch=loop.steps_per_epoch, train_samples=len(loop.train),
+                val_samples=len(loop.val), resumed_from=0)
+    losses = []
+    while loop.pos.step < loop.total:
+        losses.append(loop.step())
+    if not engine.finite():
+        raise loop.diverged("adapter", "NaN or infinite after the update")
+    _write_weights(engine, job.weights_out)
+    return {"train_loss": float(np.mean(losses)), "steps": loop.pos.step, "tokens": loop.pos.tokens_seen,
+            "train_samples": len(loop.train), "seconds": time.time() - loop.started,
+            "peak_rss_mb": round(rss.peak_mb(), 1)}
+
+
+def _write_weights(engine, path: str) -> None:
+    from edgeft.core.atomic import write_npz
+
+    write_npz(Path(path), engine.weights())
 
 
 class _Loop:
@@ -106,8 +149,9 @@ class _Loop:
     def order(self, epoch: int) -> list[np.ndarray]:
         return batching.length_grouped(self.train.lengths, self.bs, self.cfg["seed"], epoch)
 
-    def step(self) -> None:
-        """One optimizer step over `grad_accum` micro-batches, refused before the update if it diverged."""
+    def step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches, refused before the update if it diverged; its mean
+        loss."""
         t = time.time()
         pos, engine = self.pos, self.engine
         lr = learning_rate(pos.step, self.cfg["lr"], self.total, self.cfg["warmup_steps"], self.cfg["schedule"])
@@ -138,6 +182,7 @@ class _Loop:
                         tokens_per_s=tokens / dt, step_s=dt, elapsed_s=elapsed,
                         eta_s=(self.total - pos.step) / rate if rate else None,
                         rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1))
+        return float(np.mean(losses))
 
     def evaluate_and_save(self) -> None:
         """Evaluate when it is time (a better validation loss is saved as the best checkpoint), and save when

@@ -124,6 +124,14 @@ class OrtEngine:
         """Whether every trained value is finite (checked before a checkpoint is written)."""
         return all(np.isfinite(np.asarray(p.data)).all() for _, p in self.opened.state.parameters if p.requires_grad)
 
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: np.array(p.data) for name, p in self.opened.state.parameters if p.requires_grad}
+
+    def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, p in self.opened.state.parameters:
+            if p.requires_grad:
+                p.data = np.ascontiguousarray(arrays[name], dtype=np.float32)
+
     def step(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)
         self.optimizer.step()
@@ -164,3 +172,18 @@ def read_trained(job: jobs.ReadTrained) -> dict:
     tensors = {name: np.asarray(p.data) for name, p in state.parameters if p.requires_grad}
     np.savez(job.out, **tensors)
     return {"tensors": len(tensors)}
+
+
+def write_trained(job: jobs.WriteTrained) -> dict:
+    """An ORT checkpoint (no optimizer state) of the artifacts' model with the trainable tensors of an .npz: a
+    fleet's global adapter, as merge and package read a trained one. The parameters are set through a training
+    module over the state (ORT 1.19 crashes on setting them in a bare CheckpointState)."""
+    from onnxruntime.training.api import CheckpointState
+
+    opened = open_module(Path(job.artifacts))
+    with np.load(job.weights, allow_pickle=False) as arrays:
+        for name, p in opened.state.parameters:
+            if p.requires_grad:
+                p.data = np.ascontiguousarray(arrays[name], dtype=np.float32)
+    CheckpointState.save_checkpoint(opened.state, job.out, include_optimizer_state=False)
+    return {}

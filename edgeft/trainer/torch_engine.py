@@ -32,6 +32,8 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-6,
                                            weight_decay=cfg["weight_decay"])
         self.max_grad_norm = cfg["max_grad_norm"]
+        self.proximal_mu = float(cfg.get("proximal_mu") or 0.0)  # FedProx: pulls a fleet round toward its start
+        self.anchor: dict[str, torch.Tensor] = {}
         if resume is not None:
             weights = load_file(resume / ADAPTER)
             with torch.no_grad():
@@ -58,9 +60,22 @@ class TorchEngine:
         """Whether every trained value is finite (checked before a checkpoint is written)."""
         return all(bool(torch.isfinite(p).all()) for p in self.params.values())
 
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: p.detach().numpy().copy() for name, p in self.params.items()}
+
+    def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)))
+        if self.proximal_mu:
+            self.anchor = {name: p.detach().clone() for name, p in self.params.items()}
+
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for name, p in self.params.items():  # the gradient of mu/2 * |w - w_round_start|^2 (FedProx)
+            if name in self.anchor and p.grad is not None:
+                p.grad.add_(p.detach() - self.anchor[name], alpha=self.proximal_mu)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
         self.optimizer.step()

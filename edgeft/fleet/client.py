@@ -1,0 +1,113 @@
+"""The ClientApp edgeft ships: one device's part of a round, trained by edgeft's engine in its own subprocess.
+
+On a `train` message it writes the round's global tensors to an .npz, runs the training job from them for the
+round's local steps on the device's data (the ONNX Runtime training build, or the torch engine), and replies with
+the trained tensors and its metrics; on `evaluate`, the validation loss of the global tensors on its own data.
+Only trainable tensors and metrics leave the device. It imports no tokenizer and no transformers: a device
+needs the training runtime, numpy, Flower and the files its federation file names.
+
+In a simulation the device is the node's `partition-id`; a deployed node names its federation file in its node
+config (`flower-supernode --node-config "federation='/path/node.json'"`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edgeft.core.atomic import write_npz
+from edgeft.core.errors import EdgeftError
+from edgeft.fleet.federation import Federation, round_seed
+from edgeft.runtime import jobs, launcher
+from edgeft.trainer.schedule import learning_rate
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def job(fed: Federation, device: int, mode: str, weights_in: Path | None, weights_out: Path | None,
+        server_round: int = 1, **options) -> jobs.Train:
+    """The training job of one device for one round (`mode` train or evaluate), or, device 0 with mode "weights",
+    the job that writes the adapter's initial tensors."""
+    d = fed.devices[device]
+    step = (server_round - 1) * fed.local_steps
+    t = fed.train
+    lr = learning_rate(step, t["lr"], fed.rounds * fed.local_steps, t["warmup_steps"], t["schedule"])
+    config = t | {"max_steps": fed.local_steps, "lr": lr, "warmup_steps": 0, "schedule": "constant",
+                  "seed": round_seed(fed.seed, server_round, device), "epochs": 1} | options
+    job_type = jobs.Train if fed.backend == "ort" else jobs.TorchTrain
+    work = Path(fed.work) / f"device-{device:05d}"
+    return job_type(config=config, dataset=d.dataset, pad_token_id=d.pad_token_id, checkpoints=str(work / "unused"),
+                    options={}, identity=fed.identity, data_key=d.data_key, config_hash="", artifacts=fed.artifacts,
+                    work=str(work), model_dir=fed.model_dir, adapter_init=fed.adapter_init, device=fed.ep,
+                    weights_in=str(weights_in) if weights_in else None,
+                    weights_out=str(weights_out) if weights_out else None, mode=mode)
+
+
+def run_job(fed: Federation, device: int, mode: str, arrays: dict | None, server_round: int, **options) -> tuple:
+    """Run one device's job on `arrays`; (its result, the trained tensors or None)."""
+    work = Path(fed.work)
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"device-{device:05d}-", dir=work) as tmp:
+        given = write_npz(Path(tmp) / "global.npz", arrays) if arrays is not None else None
+        out = Path(tmp) / "trained.npz"
+        the_job = job(fed, device, mode, given, out if mode != "evaluate" else None, server_round, **options)
+        log = work / "logs" / f"device-{device:05d}-round-{server_round:04d}-{mode}.log"
+        result = launcher.run(the_job, ep=fed.ep, log_path=log)
+        return result, load_npz(out) if out.exists() else None
+
+
+def client_app(federation: Path | None = None) -> ClientApp:
+    """The ClientApp; `federation`: the file of every simulated device (None: the node config names it)."""
+    app = ClientApp()
+
+    def device_of(context: Context) -> tuple[Federation, int]:
+        if federation is not None:
+            return Federation.load(federation), int(context.node_config["partition-id"])
+        path = context.node_config.get("federation")
+        if not path:
+            raise EdgeftError("this SuperNode has no federation file: start it with --node-config "
+                              "\"federation='/path/node.json'\" (written by `edgeft fleet node`)")
+        return Federation.load(Path(str(path))), 0
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        fed, device = device_of(context)
+        config = msg.content["config"]
+        server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+        options = {"proximal_mu": float(config["proximal-mu"])} if "proximal-mu" in config else {}
+        result, trained = run_job(fed, device, "train", from_record(msg.content["arrays"]), server_round, **options)
+        metrics = MetricRecord({"num-examples": int(result["train_samples"]), "train_loss": result["train_loss"],
+                                "steps": int(result["steps"]), "tokens": int(result["tokens"]),
+                                "seconds": float(result["seconds"]), "peak_rss_mb": float(result["peak_rss_mb"])})
+        return Message(RecordDict({"arrays": to_record(trained), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        fed, device = device_of(context)
+        config = msg.content["config"]
+        server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+        result, _ = run_job(fed, device, "evaluate", from_record(msg.content["arrays"]), server_round)
+        metrics = {"num-examples": int(result["val_samples"])}
+        if result["eval_loss"] is not None:
+            metrics["eval_loss"] = float(result["eval_loss"])
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = client_app()  # a deployed node's ClientApp (`edgeft.fleet.client:app`)
