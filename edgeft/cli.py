@@ -297,6 +297,29 @@ def cmd_run(args) -> int:
 
 def cmd_fleet_sim(args) -> int:
     """Federated fine-tuning of a recipe on a simulated fleet (Flower): each device trains on its own data."""
+    return _fleet(args)
+
+
+def cmd_fleet_run(args) -> int:
+    """Federated fine-tuning of a recipe on real devices: Flower's SuperLink at --superlink, a SuperNode per device."""
+    link = {"superlink": args.superlink, "insecure": args.insecure,
+            "root_certificates": Path(args.root_certificates) if args.root_certificates else None}
+    return _fleet(args, link)
+
+
+def cmd_fleet_node(args) -> int:
+    """A device's folder for a deployed fleet: the artifacts, its data tokenized, and node.json."""
+    from edgeft.fleet import deploy
+    from edgeft.stages.train import TrainConfig
+
+    path = deploy.node(Path(args.workspace), Path(args.data), Path(args.out), _parse(TrainConfig, args, "train options"))
+    print(f"wrote {path.parent}; copy it to the device and start its node there:\n"
+          f"  flower-supernode --superlink HOST:PORT --root-certificates CA.pem "
+          f"--auth-supernode-private-key KEY --node-config \"federation='{path}'\"")
+    return 0
+
+
+def _fleet(args, superlink: dict | None = None) -> int:
     from edgeft.core import schema
     from edgeft.pipeline import run
 
@@ -306,7 +329,7 @@ def cmd_fleet_sim(args) -> int:
     if given.get("data_dir"):  # a flag's path is the shell's, not the recipe's
         given["data_dir"] = str(Path(given["data_dir"]).resolve())
     options = schema.parse(fleet, schema.to_dict(recipe.fleet) | given, "fleet options")
-    result = run.run_fleet(dataclasses.replace(recipe, fleet=options), base)
+    result = run.run_fleet(dataclasses.replace(recipe, fleet=options), base, superlink=superlink)
     print(f"done: {result['workspace']}")
     return 0
 
@@ -460,6 +483,19 @@ COMMANDS: tuple[Command, ...] = (
         arg("recipe", help="recipe YAML (its fleet: section; these flags override it)"),
         arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")),
         FLEET),
+    Command("fleet run", cmd_fleet_run, (
+        arg("recipe", help="recipe YAML (its fleet: section; these flags override it)"),
+        arg("--superlink", required=True, metavar="HOST:PORT", help="Flower's SuperLink"),
+        arg("--root-certificates", metavar="CA.pem", help="the CA that signed the SuperLink's TLS certificate"),
+        arg("--insecure", action="store_true", help="no TLS (a SuperLink started with --insecure)"),
+        arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")),
+        FLEET),
+    Command("fleet node", cmd_fleet_node, (
+        arg("workspace", help="the fleet's workspace (prepared and exported)"),
+        arg("--data", required=True, help="this device's training JSONL"),
+        arg("--out", required=True, help="the device's folder to write")),
+        "edgeft.stages.train:TrainConfig", ("seq_len", "truncation", "train_on_prompt", "val_fraction", "seed",
+                                             "backend", "ep")),
     Command("demo", cmd_demo, (
         arg("--seed", type=_int_or, default=0), arg("--workspace", help="default: artifacts/home-demo-seed<SEED>"),
         arg("--device", help="device profile to judge against (default: the recipe's)"))),

@@ -12,6 +12,8 @@ config (`flower-supernode --node-config "federation='/path/node.json'"`).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tempfile
 from pathlib import Path
 
@@ -37,6 +39,40 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return {name: npz[name] for name in npz.files}
+
+
+# The local training options the server sends each round (ConfigRecord key: train option), so that every device
+# of a run trains alike; a device checks them as it would a flag: a number, finite, in range.
+SENT = {"lr": ("lr", float, 0.0), "schedule": ("schedule", str, None), "warmup-steps": ("warmup_steps", int, -1),
+        "batch-size": ("batch_size", int, 0), "grad-accum": ("grad_accum", int, 0),
+        "weight-decay": ("weight_decay", float, -1e-300), "max-grad-norm": ("max_grad_norm", float, -1e-300)}
+
+
+def hyperparameters(train: dict, rounds: int, local_steps: int, seed: int) -> dict:
+    """What the server sends each round (the reverse of `received`)."""
+    sent = {key: (train[name] if train[name] is not None else 0.0) for key, (name, _, _) in SENT.items()}
+    return sent | {"rounds": rounds, "local-steps": local_steps, "seed": seed}
+
+
+def received(fed: Federation, config) -> Federation:
+    """The federation with the round's options from the server's message, each checked."""
+    train, rounds, local, seed = dict(fed.train), fed.rounds, fed.local_steps, fed.seed
+    for key, (name, kind, above) in SENT.items():
+        if key in config:
+            value = config[key]
+            if kind is str:
+                if value not in ("cosine", "linear", "constant"):
+                    raise EdgeftError(f"the server sent schedule {str(value)[:40]!r}; this device knows cosine, linear "
+                                      "and constant")
+            elif not isinstance(value, (int, float)) or not math.isfinite(value) or value <= above:
+                raise EdgeftError(f"the server sent {key} {str(value)[:40]}, not a finite number above {above:g}")
+            train[name] = kind(value) if not (name == "max_grad_norm" and value == 0) else None
+    for key in ("rounds", "local-steps", "seed"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or value < (0 if key == "seed" else 1)):
+            raise EdgeftError(f"the server sent {key} {str(value)[:40]}, not a count")
+    rounds, local, seed = config.get("rounds", rounds), config.get("local-steps", local), config.get("seed", seed)
+    return dataclasses.replace(fed, train=train, rounds=int(rounds), local_steps=int(local), seed=int(seed))
 
 
 def job(fed: Federation, device: int, mode: str, weights_in: Path | None, weights_out: Path | None,
@@ -88,6 +124,7 @@ def client_app(federation: Path | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         fed, device = device_of(context)
         config = msg.content["config"]
+        fed = received(fed, config)
         server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
         options = {"proximal_mu": float(config["proximal-mu"])} if "proximal-mu" in config else {}
         result, trained = run_job(fed, device, "train", from_record(msg.content["arrays"]), server_round, **options)

@@ -44,9 +44,18 @@ class Federation:
 
     @classmethod
     def load(cls, path: Path) -> Federation:
-        data = state.read_json(Path(path), "the fleet's federation file", "run `edgeft fleet sim` (or `edgeft fleet "
+        """The federation a file holds; its relative paths are relative to the file (a node's folder travels)."""
+        path = Path(path)
+        data = state.read_json(path, "the fleet's federation file", "run `edgeft fleet sim` (or `edgeft fleet "
                                "node`) again to write it", keys=("backend", "devices"))
-        return schema.parse(cls, data, f"federation file {path}")
+        fed = schema.parse(cls, data, f"federation file {path}")
+
+        def here(value: str) -> str:
+            return value if Path(value).is_absolute() else str((path.parent / value).resolve())
+
+        return dataclasses.replace(
+            fed, artifacts=here(fed.artifacts), model_dir=here(fed.model_dir), adapter_init=here(fed.adapter_init),
+            work=here(fed.work), devices=[dataclasses.replace(d, dataset=here(d.dataset)) for d in fed.devices])
 
     def with_devices(self, devices: list[Device]) -> Federation:
         return dataclasses.replace(self, devices=devices)

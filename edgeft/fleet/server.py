@@ -10,6 +10,7 @@ is not a positive number; a round that takes fewer than `min_clients` updates ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
 from edgeft.core import atomic, compare, rss, state
-from edgeft.fleet.client import from_record, load_npz, to_record
+from edgeft.fleet.client import from_record, hyperparameters, load_npz, to_record
 from edgeft.fleet.config import FleetConfig
 
 ROUND_FILE = "round-{:04d}.npz"
@@ -202,21 +203,67 @@ class Guard(flower.Strategy):
         return MetricRecord({"eval_loss": value})
 
 
-def server_app(cfg: FleetConfig, devices: int, recorder: Recorder) -> ServerApp:
-    """The ServerApp of a fleet of `devices`, resuming after the last round `recorder` kept."""
+def run_rounds(grid: Grid, cfg: FleetConfig, devices: int, recorder: Recorder, train: dict) -> None:
+    """The fleet's remaining rounds on `grid`, from the last round `recorder` kept; `train`: the devices' local
+    training options (sent with every round)."""
+    random.seed(cfg.seed)  # Flower samples the devices of a round with `random`
+    done = recorder.completed()
+    recorder.trim(done)
+    start = recorder.global_adapter(done)
+    guard = Guard(build_strategy(cfg, devices), start, recorder, cfg, done)
+    guard.kept = start
+    if done < cfg.rounds:
+        guard.start(grid=grid, initial_arrays=to_record(start), num_rounds=cfg.rounds - done, timeout=cfg.timeout,
+                    train_config=ConfigRecord({"round-offset": done,
+                                               **hyperparameters(train, cfg.rounds, cfg.local_steps, cfg.seed)}),
+                    evaluate_config=ConfigRecord({"round-offset": done}))
+
+
+def server_app(cfg: FleetConfig, devices: int, recorder: Recorder, train: dict) -> ServerApp:
+    """The ServerApp of a simulated fleet of `devices`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context) -> None:
-        random.seed(cfg.seed)  # Flower samples the devices of a round with `random`
-        done = recorder.completed()
-        recorder.trim(done)
-        start = recorder.global_adapter(done)
-        guard = Guard(build_strategy(cfg, devices), start, recorder, cfg, done)
-        guard.kept = start
-        if done < cfg.rounds:
-            guard.start(grid=grid, initial_arrays=to_record(start), num_rounds=cfg.rounds - done,
-                        timeout=cfg.timeout, train_config=ConfigRecord({"round-offset": done}),
-                        evaluate_config=ConfigRecord({"round-offset": done}))
+        run_rounds(grid, cfg, devices, recorder, train)
 
     return app
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a deployed fleet's ServerApp reads (its run config names the file): the options, the fleet's folder
+    and its key."""
+
+    config: dict
+    train: dict
+    devices: int
+    root: str
+    key: str
+
+    def save(self, path: Path) -> Path:
+        return atomic.write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        data = state.read_json(Path(path), "the fleet's server plan", "run `edgeft fleet run` again",
+                               keys=("config", "train", "devices", "root", "key"))
+        return cls(**{k: data[k] for k in ("config", "train", "devices", "root", "key")})
+
+
+def deployed_app() -> ServerApp:
+    """The ServerApp of a deployed fleet: Flower's SuperLink starts it with the run config `plan='PATH'`."""
+    from edgeft.core import schema
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context) -> None:
+        plan = Plan.load(Path(str(context.run_config["plan"])))
+        cfg = schema.parse(FleetConfig, plan.config, "the fleet's options")
+        run_rounds(grid, cfg, plan.devices, Recorder(Path(plan.root), plan.key, cfg.rounds), plan.train)
+
+    return app
+
+
+app = deployed_app()  # `edgeft.fleet.server:app`, as a Flower app's pyproject names it

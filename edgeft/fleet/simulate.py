@@ -139,7 +139,7 @@ def _run(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, run_key: s
     if (reached := recorder.completed()) < cfg.rounds:
         raise EdgeftError(f"the fleet stopped after round {reached} of {cfg.rounds} (see the log above); run the same "
                           "command again to resume from there")
-    return _finish(ws, cfg, train_cfg, fed, recorder, run_key, time.time() - started)
+    return finish(ws, cfg, train_cfg, fed, recorder, run_key, time.time() - started)
 
 
 def initial_weights(fed: Federation, work: Path) -> dict[str, np.ndarray]:
@@ -161,7 +161,8 @@ def _simulation(cfg: FleetConfig, fed_path: Path, devices: int, recorder, log_pa
     from edgeft.fleet.client import client_app
     from edgeft.fleet.server import server_app
 
-    run_simulation(server_app(cfg, devices, recorder), client_app(fed_path), num_supernodes=devices,
+    run_simulation(server_app(cfg, devices, recorder, Federation.load(fed_path).train), client_app(fed_path),
+                   num_supernodes=devices,
                    backend_config={"client_resources": {"num_cpus": cfg.resources, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
 
@@ -181,14 +182,14 @@ def flower_log(path: Path) -> None:
         logger.addHandler(file)
 
 
-def _finish(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, recorder, run_key: str,
+def finish(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, recorder, run_key: str,
             wall: float) -> Federated:
     """The final global adapter (and the best round's) as training checkpoints, with the train and fleet records."""
     rows, _ = state.read_jsonl(recorder.metrics)
     trains = [r for r in rows if r.get("event") == "train"]
     evals = {r["round"]: r["eval_loss"] for r in rows if r.get("event") == "eval"}
     best_round = min(evals, key=evals.get) if evals else None
-    data_key = key_of("fleet-data", [d.data_key for d in fed.devices])
+    data_key = key_of("fleet-data", [d.data_key for d in fed.devices], run_key)
     bound = {"identity": fed.identity, "data_key": data_key, "config_hash": train_stage.config_hash(train_cfg)}
     if ws.training.exists():
         previous = ws.previous_training

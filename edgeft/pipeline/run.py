@@ -139,10 +139,12 @@ def workspace_of(recipe: Recipe) -> Workspace:
     return Workspace(root if root.is_absolute() else (Path.cwd() / root))
 
 
-def run_fleet(recipe: Recipe, base: Path, log=print) -> dict:
-    """The recipe with its train stage run by a simulated fleet (fleet/simulate.py): prepare and export as
-    `run` does, the fleet's rounds, then the recipe's stages after training (merge, package, eval, bench)."""
-    from edgeft.fleet import simulate
+def run_fleet(recipe: Recipe, base: Path, log=print, superlink: dict | None = None) -> dict:
+    """The recipe with its train stage run by a fleet: prepare and export as `run` does, the fleet's rounds, then
+    the recipe's stages after training (merge, package, eval, bench). Simulated on this machine
+    (fleet/simulate.py), or, with `superlink` ({superlink, root_certificates, insecure}), on Flower's deployment
+    runtime (fleet/deploy.py)."""
+    from edgeft.fleet import deploy, simulate
 
     before = [s for s in ("prepare", "export") if s in recipe.stages and (s == "prepare" or recipe.train.backend == "ort")]
     run_recipe(dataclasses.replace(recipe, stages=before), base, log)
@@ -152,7 +154,10 @@ def run_fleet(recipe: Recipe, base: Path, log=print) -> dict:
         fleet = dataclasses.replace(fleet, data_dir=str(resolve(fleet.data_dir, base)))
     log("[fleet]")
     ws = workspace_of(recipe)
-    record = simulate.simulate(ws.root, data, fleet, recipe.train, log)
+    if superlink:
+        record = deploy.run(ws.root, fleet, recipe.train, log=log, **superlink)
+    else:
+        record = simulate.simulate(ws.root, data, fleet, recipe.train, log)
     log(simulate.summary(record))
     after = [s for s in recipe.stages if s not in ("prepare", "export", "train")]
     result = run_recipe(dataclasses.replace(recipe, stages=after), base, log) if after else {"workspace": ws.root}

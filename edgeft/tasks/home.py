@@ -7,6 +7,7 @@ Two renderings of the same commands:
   e.g. {"intent": "set", "device": "light", "room": "kitchen", "value": 40}.
 
     python -m edgeft.tasks.home generate --out DIR [--schema home|generic] [--train N --val N --test N --seed S]
+    python -m edgeft.tasks.home homes --out DIR [--homes N --train N --test N --seed S]   (a fleet's homes)
     python -m edgeft.tasks.home score PREDICTIONS.jsonl GOLD.jsonl
 """
 
@@ -17,6 +18,7 @@ import json
 import random
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 SYSTEM = {
@@ -147,8 +149,10 @@ def render(meaning: dict, schema: str) -> dict:
     return action
 
 
-def example(rng: random.Random, schema: str) -> dict:
-    text, meaning = command(rng)
+def example(rng: random.Random, schema: str, home: Home | None = None) -> dict:
+    text, meaning = command(rng, home.entities) if home else command(rng)
+    if home:
+        text = home.phrase(rng, text)
     return {"messages": [{"role": "system", "content": SYSTEM[schema]}, {"role": "user", "content": text},
                          {"role": "assistant", "content": json.dumps(render(meaning, schema))}]}
 
@@ -171,6 +175,61 @@ def generate(out: Path, schema: str = "home", sizes: dict[str, int] | None = Non
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
+
+
+@dataclass(frozen=True)
+class Home:
+    """One home of a fleet: the devices it has (a share of ENTITIES, some rooms missing altogether) and how its
+    people speak (their own few ways of asking). Homes differ in what they ask for and how: non-IID data."""
+
+    entities: list
+    polite: list
+    tail: list
+
+    def phrase(self, rng: random.Random, text: str) -> str:
+        """The request as this home says it: `command` adds a generic politeness; this home's replaces it."""
+        for lead in sorted(POLITE, key=len, reverse=True):
+            if lead and text.startswith(lead):
+                text = text[len(lead):]
+                break
+        for end in sorted(TAIL, key=len, reverse=True):
+            if end and text.endswith(end):
+                text = text[: -len(end)]
+                break
+        return rng.choice(self.polite) + text + rng.choice(self.tail)
+
+
+def make_home(rng: random.Random) -> Home:
+    rooms = sorted({room for _, room, _, _ in ENTITIES})
+    absent = set(rng.sample(rooms, k=rng.randint(1, 3)))
+    present = [e for e in ENTITIES if e[1] not in absent]
+    entities = rng.sample(present, k=max(4, round(len(present) * rng.uniform(0.5, 0.8))))
+    return Home(entities=sorted(entities), polite=rng.sample(POLITE, k=2), tail=rng.sample(TAIL, k=2))
+
+
+def generate_homes(out: Path, homes: int = 8, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, Path]:
+    """A fleet's homes: out/train/home-NN.jsonl and out/test/home-NN.jsonl, one pair per home (the folders a
+    fleet's `partition: files` and a per-home evaluation read), and out/homes.json, what each home has and how
+    it speaks; requests never repeat within a home."""
+    sizes = sizes or {"train": 150, "test": 40}
+    rng = random.Random(f"homes-{seed}")
+    for split in sizes:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    described = {}
+    for i in range(homes):
+        home, seen = make_home(rng), set()
+        described[f"home-{i:02d}"] = {"devices": [e[0] for e in home.entities], "polite": home.polite,
+                                      "tail": home.tail}
+        for split, n in sizes.items():
+            rows = []
+            while len(rows) < n:
+                ex = example(rng, "home", home)
+                if (key := ex["messages"][1]["content"]) not in seen:
+                    seen.add(key)
+                    rows.append(ex)
+            (out / split / f"home-{i:02d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "homes.json").write_text(json.dumps(described, indent=2) + "\n")
+    return {split: out / split for split in sizes}
 
 
 def parse_action(text: str) -> dict | None:
@@ -221,11 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     for split, n in (("train", 1200), ("val", 150), ("test", 150)):
         g.add_argument(f"--{split}", type=int, default=n)
+    h = sub.add_parser("homes")
+    h.add_argument("--out", type=Path, required=True)
+    h.add_argument("--homes", type=int, default=8)
+    h.add_argument("--train", type=int, default=150)
+    h.add_argument("--test", type=int, default=40)
+    h.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("score")
     s.add_argument("predictions", type=Path, help="JSONL with a 'prediction' string per line")
     s.add_argument("gold", type=Path, help="the chat JSONL the predictions answer")
     args = ap.parse_args(argv)
-    if args.cmd == "generate":
+    if args.cmd == "homes":
+        paths = generate_homes(args.out, args.homes, {"train": args.train, "test": args.test}, args.seed)
+        print("\n".join(str(p) for p in paths.values()))
+    elif args.cmd == "generate":
         paths = generate(args.out, args.schema, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
         print("\n".join(str(p) for p in paths.values()))
     else:
