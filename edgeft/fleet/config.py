@@ -3,6 +3,7 @@ the CLI flags and a recipe's `fleet:` section alike)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgeft.core import schema
@@ -44,6 +45,9 @@ class FleetConfig:
 
     def __post_init__(self):
         problems: list[str] = []
+        schema.check(problems, self.min_clients <= max(1, math.ceil(self.fraction * self.clients)),
+                     f"min_clients: {self.min_clients} is more than the {math.ceil(self.fraction * self.clients)} "
+                     f"device(s) a round asks (fraction {self.fraction:g} of {self.clients}); lower it or ask more")
         schema.check(problems, self.partition != "files" or bool(self.data_dir),
                      "partition: files needs data_dir, a folder of JSONL files (one per device)")
         schema.check(problems, self.privacy == "none" or self.strategy in ("fedavg", "fedprox"),

@@ -33,10 +33,11 @@ ROUND_FILE = "round-{:04d}.npz"
 
 def build_strategy(cfg: FleetConfig, devices: int) -> flower.Strategy:
     """Flower's strategy `cfg.strategy`, wrapped in its server-side differential privacy when asked."""
+    # Flower samples fraction x the nodes connected at that moment: asking for `asked` at least (and waiting until
+    # that many are connected) makes a round's sample the fleet's share, not a share of the first nodes to connect.
     asked = max(1, math.ceil(cfg.fraction * devices))
-    least = min(cfg.min_clients, devices)
     common = {"fraction_train": cfg.fraction, "fraction_evaluate": cfg.fraction if cfg.evaluate else 0.0,
-              "min_train_nodes": least, "min_evaluate_nodes": least, "min_available_nodes": least}
+              "min_train_nodes": asked, "min_evaluate_nodes": asked, "min_available_nodes": asked}
     server_opt = {"eta": cfg.server_lr}
     made = {
         "fedavg": lambda: flower.FedAvg(**common),
@@ -170,8 +171,8 @@ class Guard(flower.Strategy):
             self.recorder.log(f"fleet: round {absolute}: {len(good)} update(s), fewer than min_clients "
                               f"{self.cfg.min_clients}; the previous global adapter stays")
         self.kept = from_record(arrays) if arrays is not None else self.kept
+        self.recorder.row({"event": "train", **row})  # before the round counts as kept: a resume trims it
         self.recorder.keep(absolute, self.kept)
-        self.recorder.row({"event": "train", **row})
         loss = f", train loss {row['train_loss']:.4f}" if "train_loss" in row else ""
         self.recorder.log(f"fleet: round {absolute}/{self.recorder.total}: {len(good)}/{self.now.asked} updates"
                           f"{f', {len(failed)} failed' if failed else ''}{f', {len(refused)} refused' if refused else ''}"
