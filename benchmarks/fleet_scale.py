@@ -127,7 +127,8 @@ def markdown(r: dict) -> str:
         "training-runtime process. Reference: one `edgeft train` process running the same steps as one round "
         f"({r['alone_steps']}).", "",
         "| figure | fleet | one process | ratio |", "|---|---|---|---|",
-        f"| seconds per round (of {r['alone_steps']} device-steps) | {r['round_s']:.1f} | {r['alone_wall_s']:.1f} "
+        f"| seconds per round's training (of {r['alone_steps']} device-steps) | {r['round_s']:.1f} | "
+        f"{r['alone_wall_s']:.1f} "
         f"| {r['round_vs_alone']:.2f}x |",
         f"| peak memory, whole process tree | {r['fleet_tree_peak_mb']} MB | {r['alone_tree_peak_mb']} MB "
         f"| {r['memory_vs_alone']:.2f}x |",
@@ -136,9 +137,11 @@ def markdown(r: dict) -> str:
         f"| peak RSS of the server (driver) process | {r['server_peak_rss_mb']:.0f} MB | - | - |", "",
         f"Updates per round: {r['updates_per_round']}; federated eval loss per round: "
         f"{', '.join(f'{x:.3f}' for x in r['eval_loss'])}; whole simulation {r['fleet_wall_s']} s.", "",
-        "A round's time is mostly process start-up: every device starts its training runtime for its update and "
-        "again for its evaluation (1-3 s each here), with two at a time on two cores. Only the adapter's trainable "
-        "tensors travel: bytes per round = 2 x asked devices x adapter size.", ""])
+        "A round's training phase (the server's configure to aggregate) is mostly process start-up: each device "
+        "starts its training runtime for its update (1-3 s here), two at a time on two cores; the one-process "
+        "reference's wall time includes its own start-up and tokenizing. The whole simulation adds tokenizing "
+        "100 devices' data, Ray's start and each round's evaluation. Only the adapter's trainable tensors travel: "
+        "bytes per round = 2 x asked devices x adapter size.", ""])
 
 
 if __name__ == "__main__":
