@@ -319,6 +319,16 @@ def cmd_fleet_node(args) -> int:
     return 0
 
 
+def cmd_fleet_personalize(args) -> int:
+    """Each device's personal adapter: a few steps from the fleet's global adapter on its own data."""
+    from edgeft.fleet.personalize import personalize
+
+    made = personalize(Path(args.workspace), args.steps, Path(args.out))
+    print(f"{len(made)} personal workspaces in {args.out}; merge each, then ship them with one base: "
+          f"`edgeft package {args.workspace} --adapters --add-adapters {made[0]} ...`")
+    return 0
+
+
 def _fleet(args, superlink: dict | None = None) -> int:
     from edgeft.core import schema
     from edgeft.pipeline import run
@@ -490,6 +500,10 @@ COMMANDS: tuple[Command, ...] = (
         arg("--insecure", action="store_true", help="no TLS (a SuperLink started with --insecure)"),
         arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")),
         FLEET),
+    Command("fleet personalize", cmd_fleet_personalize, (
+        arg("workspace", help="a workspace a simulated fleet trained"),
+        arg("--steps", type=_int_or, default=10, help="local steps from the global adapter (default 10)"),
+        arg("--out", required=True, help="folder for the personal workspaces (device-NNNNN)"))),
     Command("fleet node", cmd_fleet_node, (
         arg("workspace", help="the fleet's workspace (prepared and exported)"),
         arg("--data", required=True, help="this device's training JSONL"),

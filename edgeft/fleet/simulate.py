@@ -197,10 +197,11 @@ def finish(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, recorder
         ws.training.rename(previous)
         print(f"fleet: the workspace's previous training run is kept in {previous}")
     last = _checkpoint(ws, fed, recorder, cfg.rounds, bound, evals.get(cfg.rounds), trains)
+    # the round of the lowest federated validation loss; without evaluation, the final global adapter (what
+    # merge and package take by default)
     best = _checkpoint(ws, fed, recorder, best_round, bound, evals[best_round], trains) \
-        if best_round not in (None, cfg.rounds) else (last if best_round else None)
-    if best is not None:
-        checkpoints.mark_best(ws.checkpoints, best)
+        if best_round not in (None, cfg.rounds) else last
+    checkpoints.mark_best(ws.checkpoints, best)
     png = plot(recorder.metrics, ws.root / "fleet" / "metrics.png")
     shutil.copyfile(recorder.metrics, ws.metrics)
     steps = cfg.rounds * cfg.local_steps
@@ -209,7 +210,7 @@ def finish(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, recorder
         wall_s=round(wall, 1), metrics=str(recorder.metrics), plot=str(png), step=steps, total_steps=steps,
         best_eval_loss=evals.get(best_round) if best_round else None,
         tokens_seen=0, peak_rss_mb=max((r.get("device_peak_rss_mb", 0) for r in trains), default=0.0),
-        last=str(last), best=str(best) if best else None,
+        last=str(last), best=str(best),
         key=train_stage.key(train_cfg, data_key, fed.identity)))
     return ws.write(Federated(
         config=cfg, train=train_cfg, devices=len(fed.devices), samples=[d.samples for d in fed.devices],
@@ -221,15 +222,19 @@ def finish(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, recorder
 
 def _checkpoint(ws: Workspace, fed: Federation, recorder, server_round: int, bound: dict, eval_loss, trains) -> Path:
     """Round `server_round`'s global adapter as a checkpoint of the step it stands for."""
-    step = server_round * fed.local_steps
-    arrays = recorder.global_adapter(server_round)
+    return save_checkpoint(ws, fed, recorder.global_adapter(server_round), server_round * fed.local_steps, bound,
+                           eval_loss, round=server_round)
+
+
+def save_checkpoint(ws: Workspace, fed: Federation, arrays: dict, step: int, bound: dict, eval_loss=None,
+                    **noted) -> Path:
+    """Trainable tensors as the workspace's training checkpoint of `step` (the engine's own format)."""
     position = {"step": step, "epoch": 0, "micro": 0, "tokens_seen": 0, "best_eval": eval_loss}
-    trainer_state = {**bound, "options": {}, "position": position, "total_steps": step, "reason": "fleet",
-                     "round": server_round}
+    trainer_state = {**bound, "options": {}, "position": position, "total_steps": step, "reason": "fleet", **noted}
 
     def write(folder: Path) -> None:
         if fed.backend == "ort":
-            weights = atomic.write_npz(folder.parent / f".round-{server_round}.npz", arrays)
+            weights = atomic.write_npz(folder.parent / f".weights-{step}.npz", arrays)
             try:
                 launcher.run(jobs.WriteTrained(artifacts=fed.artifacts, weights=str(weights),
                                                out=str(folder / CHECKPOINT)))

@@ -121,3 +121,26 @@ def test_a_device_data_folder_gives_one_device_per_file(exported, tmp_path):
     record = simulate(ws, DATA, FleetConfig(partition="files", data_dir=str(folder), rounds=1, local_steps=1,
                                             evaluate=False), TrainConfig(**FAST, val_fraction=0.0))
     assert record.devices == 2 and record.samples == [40, 40]
+
+
+def test_personal_adapters_continue_from_the_global_one_and_ship_as_swappable_adapters(exported, tmp_path):
+    from edgeft.stages.merge import merge
+    from edgeft.stages.package.stage import PackageConfig, package
+
+    ws = fresh(exported, tmp_path)
+    simulate(ws, DATA, FleetConfig(clients=2, rounds=1, local_steps=2, evaluate=False),
+             TrainConfig(**FAST, val_fraction=0.0))
+    merge(ws)
+    made = cli("fleet", "personalize", ws, "--steps", "2", "--out", tmp_path / "personal")
+    assert made.code == 0, made.err[-2000:]
+    personal = sorted((tmp_path / "personal").glob("device-*"))
+    assert len(personal) == 2
+    start = np.load(ws / "fleet" / "rounds" / "round-0001.npz")
+    for folder in personal:
+        assert stages(folder)["train"]["step"] == 4
+        mine = _trained(folder, tmp_path / f"read-{folder.name}")
+        assert any(compare.max_abs_diff(mine[k], start[k]) > 1e-5 for k in start.files), "no personal steps ran"
+        merge(folder)  # verifies the personal adapter against the training runtime, as for any trained one
+    package(ws, PackageConfig(precision="int4", adapters=True, add_adapters=[str(p) for p in personal]))
+    shipped = sorted(p.name for p in (ws / "bundle" / "adapters").glob("*.onnx_adapter"))
+    assert len(shipped) == 3 and {f"{p.name}.onnx_adapter" for p in personal} <= set(shipped)
