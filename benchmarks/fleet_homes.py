@@ -106,11 +106,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             runs.append(one_seed(seed, args, Path(tmp)))
             print(json.dumps(runs[-1]["mean"]))
-    result = {"date": time.strftime("%Y-%m-%d"), "homes": args.homes, "rounds": args.rounds,
-              "local_steps": args.local_steps, "personal_steps": args.personal_steps, "runs": runs,
-              "mean": {m: statistics.mean(r["mean"][m] for r in runs) for m in METHODS},
-              "stdev": {m: statistics.stdev(r["mean"][m] for r in runs) if len(runs) > 1 else 0.0 for m in METHODS}}
-    report.save(args.out, "fleet_homes", result, markdown)
+        # after every seed, so that a long run that is stopped keeps what it measured
+        result = {"date": time.strftime("%Y-%m-%d"), "homes": args.homes, "rounds": args.rounds,
+                  "local_steps": args.local_steps, "personal_steps": args.personal_steps, "runs": runs,
+                  "mean": {m: statistics.mean(r["mean"][m] for r in runs) for m in METHODS},
+                  "stdev": {m: statistics.stdev(r["mean"][m] for r in runs) if len(runs) > 1 else 0.0
+                            for m in METHODS}}
+        report.save(args.out, "fleet_homes", result, markdown)
 
 
 def markdown(r: dict) -> str:

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -105,60 +106,94 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(timeout=30)
 
 
-def test_a_fleet_on_flowers_deployment_runtime_with_tls_and_node_authentication(exported, tiny_model, tmp_path):
-    ws = fresh(exported, tmp_path)
-    lines = DATA.read_text().splitlines()
+class Loopback:
+    """A SuperLink with TLS and node authentication, and SuperNodes, as real processes on 127.0.0.1; `stop` ends
+    them by pid."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp, self.procs, self.logs = tmp_path, [], []
+        self.tls = _certificates(tmp_path)
+        self.port = _port()
+        self.cli_home = tmp_path / "flwr-cli"
+        deploy.connection(self.cli_home, f"127.0.0.1:{self.port}", self.tls["ca"], insecure=False)
+        self.link = self._start("superlink", [
+            BIN / "flower-superlink", "--ssl-ca-certfile", self.tls["ca"], "--ssl-certfile", self.tls["cert"],
+            "--ssl-keyfile", self.tls["key"], "--host", "127.0.0.1", "--port", str(self.port), "--database",
+            ":flwr-in-memory:", "--disable-runtime-dependency-installation", "--enable-supernode-auth"],
+            tmp_path / "flwr-link")
+        _healthy(self.port, self.tls["ca"])
+        self.keys: dict[int, Path] = {}
+
+    def _start(self, name: str, cmd: list, home: Path) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "a")
+        self.logs.append(log)
+        proc = subprocess.Popen(cmd, env=_env(home), stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def node(self, i: int, federation: Path) -> subprocess.Popen:
+        """SuperNode i (registered with its own key the first time) serving `federation`."""
+        if i not in self.keys:
+            private, public = _node_key(self.tmp, f"node-{i}-key")
+            registered = subprocess.run([BIN / "flwr", "supernode", "register", public, "edgeft"], capture_output=True,
+                                        text=True, env=_env(self.cli_home), timeout=120)
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+            self.keys[i] = private
+        return self._start(f"supernode-{i}", [
+            BIN / "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", self.tls["ca"],
+            "--port", str(_port()), "--auth-supernode-private-key", self.keys[i],
+            "--node-config", f"federation='{federation}'"], self.tmp / f"flwr-node-{i}")
+
+    def stop(self) -> None:
+        _stop(self.procs)
+        for log in self.logs:
+            log.close()
+        assert all(p.returncode is not None for p in self.procs)
+
+
+def _fleet_recipe(tmp_path: Path, ws: Path, model: Path, rounds: int, min_clients: int) -> Path:
     recipe = tmp_path / "fleet.yaml"
-    recipe.write_text(f"name: deployed\nworkspace: {ws}\nmodel: {{path: {tiny_model('phi3-mini-4k')}}}\n"
+    recipe.write_text(f"name: deployed\nworkspace: {ws}\nmodel: {{path: {model}}}\n"
                       f"lora: {{r: 8}}\ndata: {{train: {DATA}}}\ntrain: {{batch_size: 4, seq_len: 256, lr: 0.001}}\n"
-                      "stages: [train, merge]\nfleet: {clients: 2, rounds: 2, local_steps: 2, min_clients: 2}\n")
-    nodes = []
-    for i in range(2):  # each device's own data and folder, made on the workstation
+                      f"stages: [train, merge]\nfleet: {{clients: 2, rounds: {rounds}, local_steps: 2, "
+                      f"min_clients: {min_clients}}}\n")
+    return recipe
+
+
+def _node_folders(ws: Path, tmp_path: Path) -> list[Path]:
+    """Each device's own data and folder, made on the workstation by `edgeft fleet node`."""
+    lines, nodes = DATA.read_text().splitlines(), []
+    for i in range(2):
         part = tmp_path / f"device-{i}.jsonl"
         part.write_text("\n".join(lines[i * 60:(i + 1) * 60]) + "\n")
         made = cli("fleet", "node", ws, "--data", part, "--out", tmp_path / f"node-{i}", "--seq-len", "256")
         assert made.code == 0, made.err
         nodes.append(tmp_path / f"node-{i}" / "node.json")
+    return nodes
+
+
+def _train_rows(ws: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (ws / "fleet" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "train"]
+
+
+def test_a_fleet_on_flowers_deployment_runtime_with_tls_and_node_authentication(exported, tiny_model, tmp_path):
+    ws = fresh(exported, tmp_path)
+    recipe = _fleet_recipe(tmp_path, ws, tiny_model("phi3-mini-4k"), rounds=2, min_clients=2)
+    nodes = _node_folders(ws, tmp_path)
     folder = json.loads(nodes[0].read_text())
     assert folder["artifacts"] == "artifacts" and not Path(folder["devices"][0]["dataset"]).is_absolute()
-
-    tls = _certificates(tmp_path)
-    link_port = _port()
-    cli_home = tmp_path / "flwr-cli"
-    deploy.connection(cli_home, f"127.0.0.1:{link_port}", tls["ca"], insecure=False)
-    procs: list[subprocess.Popen] = []
-    logs = []
+    fleet = Loopback(tmp_path)
     try:
-        log = open(tmp_path / "superlink.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [BIN / "flower-superlink", "--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["cert"], "--ssl-keyfile",
-             tls["key"], "--host", "127.0.0.1", "--port", str(link_port), "--database", ":flwr-in-memory:",
-             "--disable-runtime-dependency-installation", "--enable-supernode-auth"],
-            env=_env(tmp_path / "flwr-link"), stdout=log, stderr=subprocess.STDOUT))
-        _healthy(link_port, tls["ca"])
         for i, node in enumerate(nodes):
-            private, public = _node_key(tmp_path, f"node-{i}-key")
-            registered = subprocess.run([BIN / "flwr", "supernode", "register", public, "edgeft"], capture_output=True,
-                                        text=True, env=_env(cli_home), timeout=120)
-            assert registered.returncode == 0, registered.stdout + registered.stderr
-            log = open(tmp_path / f"supernode-{i}.log", "w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [BIN / "flower-supernode", "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", tls["ca"],
-                 "--port", str(_port()), "--auth-supernode-private-key", private,
-                 "--node-config", f"federation='{node}'"],
-                env=_env(tmp_path / f"flwr-node-{i}"), stdout=log, stderr=subprocess.STDOUT))
-        result = cli("fleet", "run", recipe, "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", tls["ca"])
+            fleet.node(i, node)
+        result = cli("fleet", "run", recipe, "--superlink", f"127.0.0.1:{fleet.port}", "--root-certificates",
+                     fleet.tls["ca"])
         assert result.code == 0, result.err[-3000:] + (tmp_path / "superlink.log").read_text()[-3000:]
     finally:
-        _stop(procs)
-        for log in logs:
-            log.close()
-    assert all(p.returncode is not None for p in procs)
+        fleet.stop()
 
-    rows = [json.loads(line) for line in (ws / "fleet" / "metrics.jsonl").read_text().splitlines()]
-    trains = [r for r in rows if r["event"] == "train"]
+    trains = _train_rows(ws)
     assert [r["round"] for r in trains] == [1, 2] and all(r["updates"] == 2 and r["refused"] == 0 for r in trains)
     assert all(np.isfinite(r["train_loss"]) for r in trains)
     start, final = (np.load(ws / "fleet" / "rounds" / f"round-000{r}.npz") for r in (0, 2))
@@ -167,6 +202,37 @@ def test_a_fleet_on_flowers_deployment_runtime_with_tls_and_node_authentication(
     assert recorded["train"]["step"] == 4 and "merge" in recorded
     # every device trained in its own folder, from what `fleet node` gave it
     assert all(any((n.parent / "work" / "logs").glob("*-train.log")) for n in nodes)
+
+
+@pytest.mark.slow  # Flower declares a SIGKILLed node offline after two missed heartbeats: about a minute
+def test_a_node_killed_mid_round_leaves_the_round_to_the_others_and_rejoins_the_next(exported, tiny_model, tmp_path):
+    ws = fresh(exported, tmp_path)
+    recipe = _fleet_recipe(tmp_path, ws, tiny_model("phi3-mini-4k"), rounds=2, min_clients=1)
+    nodes = _node_folders(ws, tmp_path)
+    fleet = Loopback(tmp_path)
+    outcome = {}
+    try:
+        fleet.node(0, nodes[0])
+        victim = fleet.node(1, nodes[1])
+        runner = threading.Thread(target=lambda: outcome.update(result=cli(
+            "fleet", "run", recipe, "--superlink", f"127.0.0.1:{fleet.port}", "--root-certificates", fleet.tls["ca"])))
+        runner.start()
+        logs = nodes[1].parent / "work" / "logs"
+        deadline = time.time() + 300
+        while not any(logs.glob("*round-0001-train.log")) and time.time() < deadline:
+            time.sleep(0.2)
+        victim.kill()  # mid-round: its training runtime goes with it (it dies with its parent)
+        victim.wait()
+        time.sleep(65)  # until the SuperLink has declared it offline; then it may come back with its key
+        fleet.node(1, nodes[1])
+        runner.join(timeout=900)
+    finally:
+        fleet.stop()
+    assert outcome["result"].code == 0, outcome["result"].err[-3000:]
+    trains = _train_rows(ws)
+    assert [r["round"] for r in trains] == [1, 2]
+    assert trains[0]["updates"] == 1 and trains[0]["failed"] == 1 and not trains[0]["kept_previous"]
+    assert trains[1]["updates"] == 2, "the restarted node did not rejoin"
 
 
 def test_the_device_side_imports_neither_torch_nor_transformers():
