@@ -144,3 +144,17 @@ def test_personal_adapters_continue_from_the_global_one_and_ship_as_swappable_ad
     package(ws, PackageConfig(precision="int4", adapters=True, add_adapters=[str(p) for p in personal]))
     shipped = sorted(p.name for p in (ws / "bundle" / "adapters").glob("*.onnx_adapter"))
     assert len(shipped) == 3 and {f"{p.name}.onnx_adapter" for p in personal} <= set(shipped)
+
+
+def test_bad_node_run_and_personalize_options_are_refused(exported, tiny_model, tmp_path):
+    ws = fresh(exported, tmp_path)
+    (tmp_path / "taken").mkdir()
+    refused(cli("fleet", "node", ws, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "n"), "missing.jsonl")
+    refused(cli("fleet", "node", ws, "--data", DATA, "--out", tmp_path / "taken"), "exists")
+    refused(cli("fleet", "personalize", ws, "--steps", "2", "--out", tmp_path / "p"), "fleet sim")
+    refused(cli("fleet", "personalize", ws, "--steps", "0", "--out", tmp_path / "p"), "at least one step")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nworkspace: {ws}\nmodel: {{path: {tiny_model('phi3-mini-4k')}}}\nlora: {{r: 8}}\n"
+                      f"data: {{train: {DATA}}}\nstages: [train]\n")
+    refused(cli("fleet", "run", recipe, "--superlink", "127.0.0.1:9"), "--root-certificates", "--insecure")
+    assert not (tmp_path / "n").exists()
