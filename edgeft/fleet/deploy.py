@@ -29,6 +29,7 @@ from edgeft.fleet.federation import Device, Federation
 from edgeft.stages import train as train_stage
 from edgeft.stages.export import Exported
 from edgeft.stages.prepare import Prepared
+from edgeft.trainer import checkpoints
 
 APP = """[project]
 name = "edgeft-fleet"
@@ -95,11 +96,21 @@ def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedP
         raise EdgeftError(f"Flower's `flwr` is not installed beside {sys.executable}: pip install -e .[fleet]") from None
 
 
-def connection(home: Path, superlink: str, root_certificates: Path | None, insecure: bool) -> None:
-    """Flower's config.toml naming the SuperLink (TLS with the CA file, or insecure)."""
+def check_link(superlink: str, root_certificates: Path | None, insecure: bool) -> None:
+    host, sep, port = str(superlink).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "\"'\n "):
+        raise EdgeftError(f"--superlink {str(superlink)[:80]!r}: expected HOST:PORT, e.g. 192.168.1.20:8000")
     if not insecure and root_certificates is None:
         raise EdgeftError("--superlink needs --root-certificates CA.pem (the SuperLink's TLS), or --insecure for a "
                           "SuperLink started with --insecure on a trusted network")
+    if root_certificates is not None and not Path(root_certificates).is_file():
+        raise EdgeftError(f"--root-certificates {root_certificates}: no such file (the CA that signed the "
+                          "SuperLink's certificate, PEM)")
+
+
+def connection(home: Path, superlink: str, root_certificates: Path | None, insecure: bool) -> None:
+    """Flower's config.toml naming the SuperLink (TLS with the CA file, or insecure)."""
+    check_link(superlink, root_certificates, insecure)
     tls = "insecure = true" if insecure else f'root-certificates = "{Path(root_certificates).resolve()}"'
     atomic.write_text(home / "config.toml", f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                             f'address = "{superlink}"\n{tls}\n')
@@ -110,10 +121,12 @@ def run(ws_path: Path, cfg: FleetConfig, train_cfg: train_stage.TrainConfig, sup
     """Submit the fleet to a SuperLink, follow its rounds, and make its final global adapter the training run."""
     from edgeft.fleet import server, simulate
 
+    check_link(superlink, root_certificates, insecure)
     ws = Workspace.existing(ws_path)
     with ws.lock("fleet"):
         prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
         train_cfg = train_stage.default_seq_len(train_cfg, prep.max_seq_len, quiet=True)
+        simulate.check_backend(cfg, train_cfg)
         identity = train_stage.trained_from(ws, train_cfg.backend)
         fed = Federation(backend=train_cfg.backend, ep=train_cfg.ep, artifacts=str(ws.artifacts),
                          model_dir=str(prep.model_dir), adapter_init=str(ws.adapter_init), identity=identity,
@@ -121,6 +134,9 @@ def run(ws_path: Path, cfg: FleetConfig, train_cfg: train_stage.TrainConfig, sup
                          seed=cfg.seed, work=str(ws.root / "fleet" / "work"), devices=[])
         root = ws.root / "fleet"
         run_key = key_of("fleet-deployed", dataclasses.asdict(cfg), fed.train, identity)
+        if (previous := ws.unchanged(simulate.Federated, run_key)) and checkpoints.latest(ws.checkpoints):
+            log(f"fleet: finished with these options at {previous.finished_at}; nothing to do")
+            return previous
         recorder = server.Recorder(root, run_key, cfg.rounds, log)
         if not recorder.completed():
             for stale in (recorder.metrics, recorder.state_path):

@@ -97,6 +97,12 @@ def federation(ws: Workspace, cfg: FleetConfig, train_cfg, data: Path, log=print
         devices=devices)
 
 
+def check_backend(cfg: FleetConfig, train_cfg) -> None:
+    if train_cfg.backend == "ort" and cfg.strategy == "fedprox":
+        raise EdgeftError("strategy: fedprox adds a proximal term to each device's loss, which the ONNX Runtime "
+                          "training graph does not have; use --backend torch, or another strategy")
+
+
 def key(cfg: FleetConfig, fed: Federation) -> str:
     return key_of("fleet", dataclasses.asdict(cfg), fed.train, [d.data_key for d in fed.devices], fed.identity)
 
@@ -108,9 +114,7 @@ def simulate(ws_path: Path, data: Path, cfg: FleetConfig, train_cfg: train_stage
     with ws.lock("fleet"):
         prep = ws.require(Prepared, f"run `edgeft prepare MODEL_DIR --out {ws.root}` first")
         train_cfg = train_stage.default_seq_len(train_cfg, prep.max_seq_len, quiet=True)
-        if train_cfg.backend == "ort" and cfg.strategy == "fedprox":
-            raise EdgeftError("strategy: fedprox adds a proximal term to each device's loss, which the ONNX Runtime "
-                              "training graph does not have; use --backend torch, or another strategy")
+        check_backend(cfg, train_cfg)
         fed = federation(ws, cfg, train_cfg, data, log)
         run_key = key(cfg, fed)
         if (previous := ws.unchanged(Federated, run_key)) and checkpoints.latest(ws.checkpoints):

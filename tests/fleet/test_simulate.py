@@ -157,4 +157,9 @@ def test_bad_node_run_and_personalize_options_are_refused(exported, tiny_model, 
     recipe.write_text(f"name: r\nworkspace: {ws}\nmodel: {{path: {tiny_model('phi3-mini-4k')}}}\nlora: {{r: 8}}\n"
                       f"data: {{train: {DATA}}}\nstages: [train]\n")
     refused(cli("fleet", "run", recipe, "--superlink", "127.0.0.1:9"), "--root-certificates", "--insecure")
+    refused(cli("fleet", "run", recipe, "--superlink", "127.0.0.1:9", "--insecure", "--strategy", "fedprox"),
+            "fedprox", "--backend torch")
+    refused(cli("fleet", "run", recipe, "--superlink", "nowhere", "--insecure"), "HOST:PORT")
+    refused(cli("fleet", "run", recipe, "--superlink", "127.0.0.1:9", "--root-certificates", tmp_path / "no.pem"),
+            "no such file")
     assert not (tmp_path / "n").exists()
