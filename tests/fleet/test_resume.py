@@ -30,6 +30,7 @@ def _rounds_done(ws) -> int:
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
+@pytest.mark.slow  # two three-round fleets, one killed and resumed: about 2 minutes
 def test_a_killed_fleet_resumes_after_its_last_round_and_ends_as_an_uninterrupted_one(exported, tiny_model, tmp_path):
     model = tiny_model("phi3-mini-4k")
     whole, killed = fresh(exported, tmp_path, "whole"), fresh(exported, tmp_path, "killed")

@@ -123,6 +123,7 @@ def test_a_device_data_folder_gives_one_device_per_file(exported, tmp_path):
     assert record.devices == 2 and record.samples == [40, 40]
 
 
+@pytest.mark.slow  # a fleet, two personal runs, three merges and an int4 package: about 2 minutes
 def test_personal_adapters_continue_from_the_global_one_and_ship_as_swappable_adapters(exported, tmp_path):
     from edgeft.stages.merge import merge
     from edgeft.stages.package.stage import PackageConfig, package
