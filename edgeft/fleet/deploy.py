@@ -80,9 +80,7 @@ def node(ws_path: Path, data: Path, out: Path, train_cfg: train_stage.TrainConfi
 
 
 def _train_options(ws: Workspace, train_cfg) -> dict:
-    prep = ws.read(Prepared)
-    return dataclasses.asdict(train_cfg) | {"base_quant": prep.config.base_quant,
-                                            "recompute": train_stage.recomputes(ws, train_cfg)}
+    return train_stage.job_config(ws.read(Prepared), train_cfg, train_stage.recomputes(ws, train_cfg))
 
 
 def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -139,10 +137,7 @@ def run(ws_path: Path, cfg: FleetConfig, train_cfg: train_stage.TrainConfig, sup
             return previous
         recorder = server.Recorder(root, run_key, cfg.rounds, log)
         if not recorder.completed():
-            for stale in (recorder.metrics, recorder.state_path):
-                stale.unlink(missing_ok=True)
-            shutil.rmtree(recorder.rounds, ignore_errors=True)
-            recorder.keep(0, simulate.initial_weights(dataclasses.replace(fed, devices=[Device(
+            recorder.start_over(simulate.initial_weights(dataclasses.replace(fed, devices=[Device(
                 dataset="", data_key="", pad_token_id=0, samples=0)]), root))
         plan = server.Plan(config=dataclasses.asdict(cfg), train=fed.train, devices=cfg.clients, root=str(root),
                            key=run_key).save(root / "plan.json")
@@ -159,6 +154,8 @@ def run(ws_path: Path, cfg: FleetConfig, train_cfg: train_stage.TrainConfig, sup
 
 
 def _submit_and_follow(home: Path, app: Path, plan: Path, recorder, cfg: FleetConfig, log) -> None:
+    from edgeft.fleet import server
+
     submitted = _flwr(home, "run", str(app), CONNECTION, "--run-config", f"plan='{plan}'", "--format", "json")
     try:
         run_id = json.loads(submitted.stdout)["run-id"]
@@ -171,12 +168,7 @@ def _submit_and_follow(home: Path, app: Path, plan: Path, recorder, cfg: FleetCo
         time.sleep(2)
         rows, _ = state.read_jsonl(recorder.metrics) if recorder.metrics.exists() else ([], 0)
         for row in rows[shown:]:
-            if row.get("event") == "train":
-                loss = f", train loss {row['train_loss']:.4f}" if "train_loss" in row else ""
-                log(f"fleet: round {row['round']}/{cfg.rounds}: {row['updates']}/{row['asked']} updates{loss}, "
-                    f"{row['seconds']:.1f} s")
-            elif row.get("event") == "eval":
-                log(f"fleet: round {row['round']}: eval loss of the global adapter {row['eval_loss']:.4f}")
+            log(server.round_line(row, cfg.rounds))
         shown = len(rows)
         listed = _flwr(home, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
         try:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -101,15 +102,35 @@ class Recorder:
         atomic.write_npz(self.rounds / ROUND_FILE.format(server_round), arrays)
         atomic.write_json(self.state_path, {"round": server_round, "key": self.key})
 
+    def start_over(self, initial: dict[str, np.ndarray]) -> None:
+        """Forget what an earlier fleet of another key left; `initial` is round 0's global adapter."""
+        for stale in (self.metrics, self.state_path):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(self.rounds, ignore_errors=True)
+        self.keep(0, initial)
+
     def row(self, row: dict) -> None:
+        """Log a round's record and say it (the metrics log is also what `fleet run` follows and says)."""
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        self.log(round_line(row, self.total))
 
     def trim(self, after_round: int) -> None:
         """Drop what a stopped server logged past the round it resumes from."""
         if self.metrics.exists():
             rows, _ = state.read_jsonl(self.metrics)
             atomic.write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows if r["round"] <= after_round))
+
+
+def round_line(row: dict, total: int) -> str:
+    """A metrics row as the line a user reads."""
+    if row["event"] == "eval":
+        return (f"fleet: round {row['round']}: eval loss of the global adapter {row['eval_loss']:.4f} "
+                f"({row['devices']} devices)")
+    loss = f", train loss {row['train_loss']:.4f}" if "train_loss" in row else ""
+    problems = "".join(f", {row[k]} {k}" for k in ("failed", "refused") if row[k])
+    return (f"fleet: round {row['round']}/{total}: {row['updates']}/{row['asked']} updates{problems}{loss}, "
+            f"{row['bytes_sent'] / 1e6:.2f} MB out, {row['bytes_received'] / 1e6:.2f} MB in, {row['seconds']:.1f} s")
 
 
 @dataclass
@@ -173,11 +194,6 @@ class Guard(flower.Strategy):
         self.kept = from_record(arrays) if arrays is not None else self.kept
         self.recorder.row({"event": "train", **row})  # before the round counts as kept: a resume trims it
         self.recorder.keep(absolute, self.kept)
-        loss = f", train loss {row['train_loss']:.4f}" if "train_loss" in row else ""
-        self.recorder.log(f"fleet: round {absolute}/{self.recorder.total}: {len(good)}/{self.now.asked} updates"
-                          f"{f', {len(failed)} failed' if failed else ''}{f', {len(refused)} refused' if refused else ''}"
-                          f"{loss}, {row['bytes_sent'] / 1e6:.2f} MB out, {received / 1e6:.2f} MB in, "
-                          f"{row['seconds']:.1f} s")
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -199,8 +215,6 @@ class Guard(flower.Strategy):
         value = float(np.average(losses, weights=weights))
         self.recorder.row({"event": "eval", "round": server_round + self.offset, "eval_loss": value,
                            "devices": len(losses)})
-        self.recorder.log(f"fleet: round {server_round + self.offset}: eval loss of the global adapter {value:.4f} "
-                          f"({len(losses)} devices)")
         return MetricRecord({"eval_loss": value})
 
 

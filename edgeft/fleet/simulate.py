@@ -91,8 +91,7 @@ def federation(ws: Workspace, cfg: FleetConfig, train_cfg, data: Path, log=print
     return Federation(
         backend=train_cfg.backend, ep=train_cfg.ep, artifacts=str(ws.artifacts), model_dir=str(prep.model_dir),
         adapter_init=str(ws.adapter_init), identity=train_stage.trained_from(ws, train_cfg.backend),
-        train=dataclasses.asdict(train_cfg) | {"base_quant": prep.config.base_quant,
-                                               "recompute": train_stage.recomputes(ws, train_cfg)},
+        train=train_stage.job_config(prep, train_cfg, train_stage.recomputes(ws, train_cfg)),
         rounds=cfg.rounds, local_steps=cfg.local_steps, seed=cfg.seed, work=str(ws.root / "fleet" / "work"),
         devices=devices)
 
@@ -133,10 +132,7 @@ def _run(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, run_key: s
     if done:
         log(f"fleet: resuming after round {done} of {cfg.rounds}")
     else:
-        for stale in (recorder.metrics, recorder.state_path):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(recorder.rounds, ignore_errors=True)
-        recorder.keep(0, initial_weights(fed, root))
+        recorder.start_over(initial_weights(fed, root))
     started = time.time()
     if done < cfg.rounds:
         _simulation(cfg, fed_path, len(fed.devices), recorder, ws.log("fleet"))

@@ -367,13 +367,18 @@ def _check_resume(ws: Workspace, run: _Run, path: Path) -> None:
                           f"{ws.training} to start over")
 
 
+def job_config(prep: Prepared, cfg: TrainConfig, recompute: bool) -> dict:
+    """What a training job's loop and engine read: the options, the base's quantization and recomputation."""
+    return dataclasses.asdict(cfg) | {"base_quant": prep.config.base_quant, "recompute": recompute}
+
+
 def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, device) -> Trained | Interrupted:
     """The training runtime (or the torch engine) runs the loop; progress is shown and logged as it comes."""
     prep, cfg = ws.read(Prepared), run.cfg
     resume_state = checkpoints.read_state(resume_path) if resume_path else None
     job_type = jobs.Train if cfg.backend == "ort" else jobs.TorchTrain
     job = job_type(
-        config=dataclasses.asdict(cfg) | {"base_quant": prep.config.base_quant, "recompute": run.recompute},
+        config=job_config(prep, cfg, run.recompute),
         dataset=str(run.dataset.root), pad_token_id=run.dataset.meta["pad_token_id"], checkpoints=str(ws.checkpoints),
         options=options(cfg), **run.bound, artifacts=str(ws.artifacts), work=str(ws.training / "work"),
         model_dir=str(prep.model_dir), adapter_init=str(ws.adapter_init), device=cfg.ep, resume_state=resume_state,
