@@ -94,8 +94,18 @@ def job(fed: Federation, device: int, mode: str, weights_in: Path | None, weight
                     weights_out=str(weights_out) if weights_out else None, mode=mode)
 
 
+# One worker per runtime side and execution provider, kept for the life of this process (a simulation's actor runs
+# round after round of any device; a deployed node's ClientApp process, one round): the runtime starts once.
+_workers: dict[tuple[str, str], launcher.Worker] = {}
+
+
+def close_workers() -> None:
+    while _workers:
+        _workers.popitem()[1].close()
+
+
 def run_job(fed: Federation, device: int, mode: str, arrays: dict | None, server_round: int, **options) -> tuple:
-    """Run one device's job on `arrays`; (its result, the trained tensors or None)."""
+    """Run one device's job on `arrays` (in this process's worker); (its result, the trained tensors or None)."""
     work = Path(fed.work)
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"device-{device:05d}-", dir=work) as tmp:
@@ -103,7 +113,8 @@ def run_job(fed: Federation, device: int, mode: str, arrays: dict | None, server
         out = Path(tmp) / "trained.npz"
         the_job = job(fed, device, mode, given, out if mode != "evaluate" else None, server_round, **options)
         log = work / "logs" / f"device-{device:05d}-round-{server_round:04d}-{mode}.log"
-        result = launcher.run(the_job, ep=fed.ep, log_path=log)
+        worker = _workers.setdefault((the_job.side, fed.ep), launcher.Worker(the_job.side, fed.ep))
+        result = worker.run(the_job, log_path=log)
         return result, load_npz(out) if out.exists() else None
 
 

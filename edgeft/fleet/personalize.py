@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgeft.core.errors import EdgeftError
 from edgeft.core.workspace import Workspace, key_of
-from edgeft.fleet.client import run_job
+from edgeft.fleet.client import close_workers, run_job
 from edgeft.fleet.federation import Federation
 from edgeft.fleet.simulate import Federated, save_checkpoint
 from edgeft.stages import train as train_stage
@@ -34,11 +34,14 @@ def personalize(ws_path: Path, steps: int, out: Path, log=print) -> list[Path]:
         fed = Federation.load(ws.root / "fleet" / "federation.json")
         global_adapter = load_global(ws, fleet.rounds)
         made = []
-        for device in range(len(fed.devices)):
-            _, arrays = run_job(dataclasses.replace(fed, local_steps=steps), device, "train", global_adapter,
-                                fed.rounds + 1, lr=fed.train["lr"])
-            made.append(_workspace(ws, fed, fleet, device, steps, arrays, Path(out)))
-            log(f"fleet: device {device}: personal adapter in {made[-1]}")
+        try:
+            for device in range(len(fed.devices)):
+                _, arrays = run_job(dataclasses.replace(fed, local_steps=steps), device, "train", global_adapter,
+                                    fed.rounds + 1, lr=fed.train["lr"])
+                made.append(_workspace(ws, fed, fleet, device, steps, arrays, Path(out)))
+                log(f"fleet: device {device}: personal adapter in {made[-1]}")
+        finally:
+            close_workers()
         return made
 
 

@@ -144,9 +144,12 @@ def _run(ws: Workspace, cfg: FleetConfig, train_cfg, fed: Federation, run_key: s
 
 def initial_weights(fed: Federation, work: Path) -> dict[str, np.ndarray]:
     """The adapter's initial trainable tensors, as the engine names them (round 0's global adapter)."""
-    from edgeft.fleet.client import run_job
+    from edgeft.fleet.client import close_workers, run_job
 
-    _, arrays = run_job(fed, 0, "weights", None, 0)
+    try:
+        _, arrays = run_job(fed, 0, "weights", None, 0)
+    finally:
+        close_workers()  # this process runs no more device jobs
     return arrays
 
 

@@ -68,31 +68,104 @@ def run(job: Call, *, ep: str = "cpu", on_event: EventHandler | None = None, log
     `on_event` sees every progress and log event as it arrives. `cwd` is the child's working folder (onnxblock
     writes temp files into it). A user error in the child is raised here as EdgeftError with the child's message;
     a bug as TrainingRuntimeError naming the log; an interruption as KeyboardInterrupt."""
-    runtime_path = training_build.runtime_dir(training_build.active_variant(ep)) if job.side == "training" else None
     log_path = log_path or _temporary_log()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    with open(log_path, "w", encoding="utf-8") as log:
-        env = child_env(runtime_path) | {"EDGEFT_EVENT_FD": str(write_fd)}
-        proc = subprocess.Popen([sys.executable, "-m", "edgeft.trainer.child", job.name], stdin=subprocess.PIPE,
-                                stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,), cwd=cwd)
-        os.close(write_fd)
-        proc.stdin.write(job.to_json().encode())
-        proc.stdin.close()
-        outcome = _Outcome(on_event)
-        with os.fdopen(read_fd, "r", encoding="utf-8") as events:
-            try:
-                outcome.read(events)
-            except KeyboardInterrupt as e:
-                # Ctrl-C reached the child too (same process group); SIGTERM reached this process only, so it is
-                # passed on. The child stops where it can save: keep listening until it exits, so its final report
-                # (where it saved) reaches the user.
-                outcome.interrupted = e
-                if isinstance(e, Terminated):
-                    proc.send_signal(signal.SIGTERM)
-                outcome.read(events)
-            code = proc.wait()
+    with _Child(job.side, ep, [job.name], log_path, cwd) as child:
+        child.proc.stdin.write(job.to_json().encode())
+        child.proc.stdin.close()
+        outcome = child.outcome(on_event)
+        code = child.proc.wait()
     return outcome.result_of(job.name, code, log_path)
+
+
+class Worker:
+    """A child that stays up and runs jobs one after another (`python -m edgeft.trainer.child --serve`), for a
+    caller that runs many short jobs of one side: a fleet device pays the training runtime's start-up (Python and
+    ONNX Runtime's import, 3-4 s here) once, not every round. Each job's output goes to its own log; a job's user
+    error leaves the worker serving, a bug or a death ends it, and the next job starts a new one. The child exits
+    when its stdin closes (`close`) and when this process dies."""
+
+    def __init__(self, side: str, ep: str = "cpu"):
+        self.side, self.ep = side, ep
+        self.child: _Child | None = None
+
+    def run(self, job: Call, *, on_event: EventHandler | None = None, log_path: Path | None = None) -> dict:
+        if job.side != self.side:
+            raise ValueError(f"a {self.side} worker cannot run {job.name} ({job.side} side)")
+        log_path = log_path or _temporary_log()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.child is None or self.child.proc.poll() is not None:
+            self.close()
+            self.child = _Child(self.side, self.ep, ["--serve"], log_path.with_name(log_path.name + ".worker"))
+        child = self.child
+        try:
+            child.proc.stdin.write((json.dumps({"name": job.name, "job": json.loads(job.to_json()),
+                                                "log": str(log_path.resolve())}) + "\n").encode())
+            child.proc.stdin.flush()
+        except OSError:
+            pass  # it died: its exit is reported below
+        outcome = child.outcome(on_event, one_job=True)
+        served = outcome.result is not None or (outcome.error or {}).get("kind") == "user"
+        if not served:
+            self.close()
+        return outcome.result_of(job.name, 0 if served else child.proc.wait(),
+                                 log_path if log_path.exists() else child.log_path)
+
+    def close(self) -> None:
+        if self.child is not None:
+            self.child.__exit__(None, None, None)
+            self.child = None
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Child:
+    """A child process of `side` talking over a pipe of its own; its output goes to `log_path`."""
+
+    def __init__(self, side: str, ep: str, args: list[str], log_path: Path, cwd: Path | None = None):
+        runtime_path = training_build.runtime_dir(training_build.active_variant(ep)) if side == "training" else None
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        with open(log_path, "w", encoding="utf-8") as log:
+            env = child_env(runtime_path) | {"EDGEFT_EVENT_FD": str(write_fd)}
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgeft.trainer.child", *args], stdin=subprocess.PIPE,
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,), cwd=cwd)
+        os.close(write_fd)
+        self.events = os.fdopen(read_fd, "r", encoding="utf-8")
+
+    def outcome(self, on_event: EventHandler | None, one_job: bool = False) -> _Outcome:
+        outcome = _Outcome(on_event, one_job)
+        try:
+            outcome.read(self.events)
+        except KeyboardInterrupt as e:
+            # Ctrl-C reached the child too (same process group); SIGTERM reached this process only, so it is
+            # passed on. The child stops where it can save: keep listening until it reports, so its final report
+            # (where it saved) reaches the user.
+            outcome.interrupted = e
+            if isinstance(e, Terminated):
+                self.proc.send_signal(signal.SIGTERM)
+            outcome.read(self.events)
+        return outcome
+
+    def __enter__(self) -> _Child:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()  # a serving child exits at the end of its input
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.events.close()
 
 
 def _temporary_log() -> Path:
@@ -104,8 +177,8 @@ def _temporary_log() -> Path:
 class _Outcome:
     """The child's events: progress and logs go to `on_event`; the result or the error is kept."""
 
-    def __init__(self, on_event: EventHandler | None):
-        self.on_event, self.result, self.error = on_event, None, None
+    def __init__(self, on_event: EventHandler | None, one_job: bool = False):
+        self.on_event, self.result, self.error, self.one_job = on_event, None, None, one_job
         self.interrupted: KeyboardInterrupt | None = None
 
     def read(self, lines) -> None:
@@ -121,6 +194,8 @@ class _Outcome:
                 self.error = event
             elif self.on_event is not None:
                 self.on_event(event)
+            if self.one_job and kind in ("result", "error"):
+                return
 
     def result_of(self, name: str, code: int, log_path: Path) -> dict:
         """The result, or the error the child reported (or its death) raised here."""

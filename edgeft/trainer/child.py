@@ -1,12 +1,17 @@
 """Entry point of the training-runtime subprocess: `python -m edgeft.trainer.child MODULE:JOB`.
 
-Rebuilds the job (a trainer/jobs.py dataclass) from the JSON on stdin, calls its entry function with it and
-sends the return value as the `result` event. A user error (EdgeftError) becomes an `error` event of kind `user` and exit 2; anything
-else an `error` of kind `bug` with the traceback, and exit 1.
+Rebuilds the job (a runtime/jobs.py dataclass) from the JSON on stdin, calls its entry function with it and
+sends the return value as the `result` event. A user error (EdgeftError) becomes an `error` event of kind `user`
+and exit 2; anything else an `error` of kind `bug` with the traceback, and exit 1.
+
+`python -m edgeft.trainer.child --serve` (launcher.Worker) runs jobs one after another, one per line of stdin
+({"name", "job", "log"}), each with its output in its own log; a user error is reported and the next job
+served, a bug or an interruption ends it as above, and so does the end of stdin (exit 0).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -43,8 +48,35 @@ def main() -> int:
     _die_with_parent()
     terminate_like_interrupt()  # `kill` on the training runtime saves a checkpoint as Ctrl-C does
     events.open_channel()
+    if sys.argv[1] == "--serve":
+        return serve()
+    return run(lambda: Job.load(sys.argv[1], sys.stdin.read()))
+
+
+def serve() -> int:
+    for line in iter(sys.stdin.readline, ""):
+        request = json.loads(line)
+        _output_to(request["log"])
+        code = run(lambda: Job.load(request["name"], json.dumps(request["job"])))
+        if code not in (0, 2):
+            return code
+    return 0
+
+
+def _output_to(log: str) -> None:
+    """This job's output (the libraries' chatter, native code's included) to its own log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def run(load) -> int:
+    """Load the job and run it; the exit code its outcome stands for (0, user error 2, interrupted 130, bug 1)."""
     try:
-        job = Job.load(sys.argv[1], sys.stdin.read())
+        job = load()
         _check_runtime()
         events.emit("result", data=job.call())
         return 0

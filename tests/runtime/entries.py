@@ -32,6 +32,17 @@ class Chatty(Job):
     steps: int
 
 
+@dataclass(frozen=True)
+class Pid(Job):
+    ENTRY: ClassVar[str] = "tests.runtime.entries:pid"
+    said: str = ""
+
+
+def pid(job: Pid):
+    print(job.said, flush=True)
+    return {"pid": os.getpid()}
+
+
 def user_error(job):
     raise EdgeftError("the data file has 3 malformed lines; run `edgeft data check`")
 

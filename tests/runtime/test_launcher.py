@@ -58,6 +58,27 @@ def test_killed_child_is_reported_with_its_last_output(tmp_path):
         launcher.run(entries.Killed(), log_path=tmp_path / "child.log")
 
 
+def test_a_worker_runs_jobs_in_one_process_each_with_its_log_and_starts_again_after_a_death(tmp_path):
+    import os
+
+    with launcher.Worker("training") as worker:
+        first = worker.run(entries.Pid(said="first"), log_path=tmp_path / "1.log")["pid"]
+        with pytest.raises(EdgeftError, match="3 malformed lines"):
+            worker.run(entries.UserError(), log_path=tmp_path / "2.log")
+        assert worker.run(entries.Pid(said="third"), log_path=tmp_path / "3.log")["pid"] == first
+        assert (tmp_path / "1.log").read_text() == "first\n" and (tmp_path / "3.log").read_text() == "third\n"
+        with pytest.raises(launcher.TrainingRuntimeError, match=r"killed by signal 9(.|\n)*about to die"):
+            worker.run(entries.Killed(), log_path=tmp_path / "4.log")
+        with pytest.raises(launcher.TrainingRuntimeError, match="ZeroDivisionError"):
+            worker.run(entries.Bug(), log_path=tmp_path / "5.log")
+        again = worker.run(entries.Pid(said="sixth"), log_path=tmp_path / "6.log")["pid"]
+        assert again not in (first, os.getpid())
+        child = worker.child.proc
+    assert child.poll() == 0  # closing ends the child
+    with pytest.raises(ValueError, match="cannot run"):
+        launcher.Worker("main").run(entries.Pid())
+
+
 def test_install_is_idempotent():
     path = training_build.runtime_dir("cpu")
     stamp = path / training_build.STAMP
