@@ -11,6 +11,7 @@ served, a bug or an interruption ends it as above, and so does the end of stdin 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -57,7 +58,7 @@ def serve() -> int:
     for line in iter(sys.stdin.readline, ""):
         request = json.loads(line)
         _output_to(request["log"])
-        code = run(lambda: Job.load(request["name"], json.dumps(request["job"])))
+        code = run(functools.partial(Job.load, request["name"], json.dumps(request["job"])))
         if code not in (0, 2):
             return code
     return 0
