@@ -197,11 +197,15 @@ def cmd_data_check(args) -> int:
 def cmd_train(args) -> int:
     """Fine-tune a workspace's adapter on JSONL data with ONNX Runtime training (or --backend torch)."""
     from edgeft.devices import profiles
-    from edgeft.stages.train import Interrupted, TrainConfig, train
+    from edgeft.stages.train import Interrupted, Joined, TrainConfig, train
 
     cfg = _parse(TrainConfig, args, "train options")
     device = profiles.load(args.device) if args.device else None
     result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
+    if isinstance(result, Joined):
+        print(f"node {result.node_rank} of {result.nnodes}: trained {result.step}/{result.total_steps} steps with the "
+              "others; node 0 holds the checkpoints and the record")
+        return 0
     if isinstance(result, Interrupted):
         print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}")
         print(f"resume: `{result.resume_command}` (with the same options)")

@@ -190,8 +190,8 @@ class _Outcome:
             kind = event.get("event")
             if kind == "result":
                 self.result = event.get("data")
-            elif kind == "error":
-                self.error = event
+            elif kind == "error" and (self.error is None or self.error.get("kind") == "interrupted"):
+                self.error = event  # the first error that is not the interruption it caused
             elif self.on_event is not None:
                 self.on_event(event)
             if self.one_job and kind in ("result", "error"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -24,15 +25,18 @@ from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.data import formats
 from edgeft.data.dataset import DataConfig, build, cache_key
 from edgeft.devices import plan, profiles
-from edgeft.runtime import jobs, launcher, training_build
+from edgeft.runtime import jobs, launcher, torchrun, training_build
+from edgeft.runtime.torchrun import parse_rdzv
 from edgeft.stages import planning
 from edgeft.stages.export import Exported, check_artifacts
 from edgeft.stages.prepare import Prepared
 from edgeft.trainer import checkpoints
 from edgeft.trainer.batching import Split
+from edgeft.trainer.distributed import SHARDS_BASE, STRATEGIES
 from edgeft.trainer.schedule import SCHEDULES
 
 CADENCE = ("eval_every", "save_every", "keep_last")  # may change between a run and its resume
+LAUNCH = ("nproc", "strategy", "nnodes", "node_rank", "rdzv", "rdzv_timeout")  # where it runs, not what it computes
 DEFAULT_SEQ_LEN = 512
 
 
@@ -61,17 +65,43 @@ class TrainConfig:
     recompute: bool | None = spec("recompute each decoder layer's activations in the backward pass (torch backend: "
                                   "checkpointing; the ORT backend recomputes as exported); default: as the "
                                   "workspace was exported, or as prepare's device plan chose", None)
+    nproc: int = spec("ranks on this machine (torch backend, under torchrun; --batch-size stays the global batch)", 1,
+                      min=1, max=1024)
+    strategy: str = spec("how the ranks share the model: ddp (a replica each), zero2 / zero3 (DeepSpeed ZeRO), fsdp "
+                         "(PyTorch FSDP2); zero3 and fsdp shard the frozen base too", "ddp", choices=STRATEGIES)
+    nnodes: int = spec("machines in the job (each runs this command with its --node-rank)", 1, min=1, max=1024)
+    node_rank: int = spec("this machine's place among --nnodes (0 hosts the rendezvous and writes checkpoints)", 0,
+                          min=0)
+    rdzv: str | None = spec("node 0's HOST:PORT, where the machines meet (needed with --nnodes > 1)", None)
+    rdzv_timeout: int = spec("seconds to wait for every rank to join", 300, min=5, max=86400)
 
     def __post_init__(self):
         problems: list[str] = []
         schema.check(problems, self.backend == "ort" or self.ep == "cpu",
                      "ep: --ep cuda applies to the ort backend; the torch backend uses torch's own device")
+        ranks = self.nproc * self.nnodes
+        schema.check(problems, ranks == 1 or self.backend == "torch",
+                     f"nproc/nnodes: {ranks} ranks train with the torch backend (the ONNX Runtime training build trains "
+                     "in one process); add --backend torch")
+        schema.check(problems, ranks <= self.batch_size,
+                     f"batch_size: {self.batch_size} is the global batch, shared by {ranks} ranks; use --batch-size >= "
+                     f"{ranks} or fewer ranks")
+        schema.check(problems, self.node_rank < self.nnodes,
+                     f"node_rank: {self.node_rank} is not a machine of --nnodes {self.nnodes} (0 to {self.nnodes - 1})")
+        schema.check(problems, self.nnodes == 1 or self.rdzv is not None,
+                     "rdzv: several machines meet at node 0's address; give --rdzv HOST:PORT")
+        if self.rdzv is not None:
+            try:
+                parse_rdzv(self.rdzv)
+            except EdgeftError as e:
+                problems.append(f"rdzv: {e}")
         schema.raise_if(problems, "train options")
 
 
 def options(cfg: TrainConfig) -> dict:
-    """The options a checkpoint is bound to: all but the cadence, which a resumed run may change."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CADENCE}
+    """The options a checkpoint is bound to: all but the cadence and where the ranks run, which a resumed run may
+    change."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CADENCE + LAUNCH}
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -245,6 +275,16 @@ class Interrupted:
     resume_command: str
 
 
+@dataclass(frozen=True)
+class Joined:
+    """A node other than node 0 that took part in a run to its end (node 0 holds its checkpoints and record)."""
+
+    node_rank: int
+    nnodes: int
+    step: int
+    total_steps: int
+
+
 def key(cfg: TrainConfig, data_key: str, identity: str) -> str:
     """The train stage's key: its options, the tokenized data's key and what it trains from."""
     return key_of("train", dataclasses.asdict(cfg), data_key, identity)
@@ -293,9 +333,28 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         if resume is not True and (previous := ws.unchanged(Trained, stage_key)) and checkpoints.latest(ws.checkpoints):
             print(f"train: finished with these data and options at {previous.finished_at}; nothing to do")
             return previous
+        check_strategy(prep, cfg)
         run = _Run(cfg, dataset, identity, recompute, stage_key)
+        if cfg.node_rank > 0:  # node 0 resumes, writes the checkpoints and hands its state to every rank
+            ws.training.mkdir(parents=True, exist_ok=True)
+            return _launch(ws, run, data, None, device)
         resume_path = _start(ws, run, resume)
         return _launch(ws, run, data, resume_path, device)
+
+
+def check_strategy(prep: Prepared, cfg: TrainConfig) -> None:
+    """Refuse a data-parallel run that cannot run here, with the reason."""
+    if cfg.nproc * cfg.nnodes == 1:
+        return
+    if cfg.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        raise EdgeftError(f"--strategy {cfg.strategy} runs on DeepSpeed, which is not installed: "
+                          "`DS_BUILD_OPS=0 pip install 'edgeft[distributed]'` (or `make setup`), or use --strategy "
+                          "ddp or fsdp")
+    precision = prep.config.base_quant.get("precision", "fp32")
+    if cfg.strategy in SHARDS_BASE and precision != "fp32":
+        raise EdgeftError(f"--strategy {cfg.strategy} shards the frozen base's parameters, but this workspace's base is "
+                          f"{precision}, held as packed buffers that neither ZeRO-3 nor FSDP shards: use --strategy ddp "
+                          "or zero2 (each rank keeps the quantized base), or prepare with --base-precision fp32")
 
 
 @dataclass(frozen=True)
@@ -385,17 +444,28 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
         resume_path=str(resume_path) if resume_path else None)
     reporter = Reporter(ws.metrics, resume_state["position"]["step"] if resume_state else 0)
     started = time.time()
+    launch = torchrun.Launch(cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.rdzv, cfg.rdzv_timeout)
     try:
-        result = launcher.run(job, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"))
+        if launch.world > 1:
+            result = torchrun.run(job, launch, on_event=reporter, log_path=ws.log("train"))
+        else:
+            result = launcher.run(job, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"))
     except KeyboardInterrupt:  # before the loop could save: continue from the last checkpoint, if there is one
         if checkpoints.latest(ws.checkpoints):
             print(f"interrupted; continue with `{resume_command(ws, data)}` (with the same options)", file=sys.stderr)
+        raise
+    except launcher.TrainingRuntimeError as e:
+        if launch.world > 1 and (last := checkpoints.latest(ws.checkpoints)):
+            raise launcher.TrainingRuntimeError(f"{e}\n  continue from {last.name} with `{resume_command(ws, data)}` "
+                                                "(with the same options)", log_path=e.log_path) from None
         raise
     finally:
         reporter.close()
     png = plot(ws.metrics, ws.training / "metrics.png")
     if result["interrupted"]:
         return Interrupted(result["step"], result["total_steps"], result["checkpoint"], resume_command(ws, data))
+    if result.get("follower"):
+        return Joined(cfg.node_rank, cfg.nnodes, result["step"], result["total_steps"])
     return ws.write(Trained(
         config=cfg, **run.bound, data=run.dataset.meta, device=getattr(device, "name", None),
         wall_s=round(time.time() - started, 1), metrics=str(ws.metrics), plot=str(png), key=run.key,

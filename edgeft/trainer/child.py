@@ -1,6 +1,6 @@
-"""Entry point of the training-runtime subprocess: `python -m edgeft.trainer.child MODULE:JOB`.
+"""Entry point of the training-runtime subprocess: `python -m edgeft.trainer.child MODULE:JOB [JOB.json]`.
 
-Rebuilds the job (a runtime/jobs.py dataclass) from the JSON on stdin, calls its entry function with it and
+Rebuilds the job (a runtime/jobs.py dataclass) from the JSON on stdin (or in JOB.json), calls its entry function with it and
 sends the return value as the `result` event. A user error (EdgeftError) becomes an `error` event of kind `user`
 and exit 2; anything else an `error` of kind `bug` with the traceback, and exit 1.
 
@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from edgeft.core.errors import EdgeftError, storage_problem, terminate_like_interrupt
 from edgeft.runtime.jobs import Job
@@ -51,6 +52,8 @@ def main() -> int:
     events.open_channel()
     if sys.argv[1] == "--serve":
         return serve()
+    if len(sys.argv) > 2:  # the job in a file (torchrun's ranks share no stdin)
+        return run(lambda: Job.load(sys.argv[1], Path(sys.argv[2]).read_text(encoding="utf-8")))
     return run(lambda: Job.load(sys.argv[1], sys.stdin.read()))
 
 

@@ -11,6 +11,11 @@ It sees the model only through an engine:
 Gradients are summed over the micro-batches of a step (each micro-batch loss is its own token mean);
 AdamW is scale-invariant, and --max-grad-norm clips that sum, in both backends alike.
 
+Under torchrun (the torch engine's strategies, distributed.py) every rank runs this loop on its share of each
+micro-batch, the engine takes `forward_backward(batch, scale)` and makes `grad_norm`, `finite`, `weights` and
+`save` collective; rank 0 alone writes checkpoints, and an interrupted distributed run is not saved (a peer may
+be gone): it resumes from its last checkpoint.
+
 A loss, gradient norm or validation loss that is not finite stops the run with a user error before the
 update it would poison, and no checkpoint is written from a diverged state: the last one saved stays the
 run's last good state.
@@ -31,6 +36,7 @@ from edgeft.core import compare, rss
 from edgeft.core.errors import EdgeftError
 from edgeft.core.workspace import checkpoint_dir
 from edgeft.trainer import batching, checkpoints, events
+from edgeft.trainer.distributed import ALONE, World, targets
 from edgeft.trainer.schedule import learning_rate
 
 
@@ -55,17 +61,18 @@ def _sigint_deferred():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _targets(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != batching.IGNORE_INDEX).sum())
-
-
-def evaluate(engine, split: batching.Split, batch_size: int, pad_id: int) -> float:
+def evaluate(engine, split: batching.Split, batch_size: int, pad_id: int, world: World = ALONE) -> float:
     total, count = 0.0, 0
     for idx in batching.sequential(len(split), batch_size):
         batch = batching.collate(split, idx, pad_id)
-        n = _targets(batch)
+        n = targets(batch)
         if n:
-            total += engine.eval_loss(batch) * n
+            if world.distributed:
+                mine, weight = world.share(batch)
+                loss = world.sum(engine.eval_loss(mine) * weight if weight else 0.0)[0]
+            else:
+                loss = engine.eval_loss(batch)
+            total += loss * n
             count += n
     return total / max(count, 1)
 
@@ -83,8 +90,13 @@ def train(engine, job) -> dict:
             loop.step()
             loop.evaluate_and_save()
     except KeyboardInterrupt:
-        path = loop.save("interrupted") if loop.pos.step != loop.last_saved else checkpoint_dir(loop.root, loop.pos.step)
-        return {"interrupted": True, "step": loop.pos.step, "total_steps": loop.total, "checkpoint": str(path)}
+        if loop.world.distributed:  # saving is collective, and a peer may be gone: the last checkpoint stands
+            path, step = checkpoints.latest(loop.root), loop.last_saved
+        elif loop.pos.step != loop.last_saved:
+            path, step = loop.save("interrupted"), loop.pos.step
+        else:
+            path, step = checkpoint_dir(loop.root, loop.pos.step), loop.pos.step
+        return {"interrupted": True, "step": step, "total_steps": loop.total, "checkpoint": str(path)}
     return loop.summary()
 
 
@@ -132,6 +144,7 @@ class _Loop:
 
     def __init__(self, engine, job):
         self.engine, self.cfg = engine, job.config
+        self.world = getattr(engine, "world", ALONE)
         self.train = batching.Split(Path(job.dataset) / "train.npz")
         self.val = batching.Split(Path(job.dataset) / "val.npz")
         self.pad_id, self.root = int(job.pad_token_id), Path(job.checkpoints)
@@ -163,7 +176,7 @@ class _Loop:
                 self.batches = self.order(epoch)
             batch = batching.collate(self.train, self.batches[micro], self.pad_id)
             micro += 1
-            loss = engine.forward_backward(batch)
+            loss = self.forward_backward(batch)
             if not math.isfinite(loss):
                 raise self.diverged("training loss", loss)
             losses.append(loss)
@@ -184,27 +197,41 @@ class _Loop:
                         rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1))
         return float(np.mean(losses))
 
+    def forward_backward(self, batch: dict) -> float:
+        """The micro-batch's loss (its token mean), this rank's share of it back-propagated."""
+        world = self.world
+        if not world.distributed:
+            return self.engine.forward_backward(batch)
+        mine, weight = world.share(batch)
+        loss = self.engine.forward_backward(mine, weight * world.size)
+        return world.sum(loss * weight if weight else 0.0)[0]
+
     def evaluate_and_save(self) -> None:
         """Evaluate when it is time (a better validation loss is saved as the best checkpoint), and save when
         `save_every` or the last step asks."""
         pos = self.pos
         if len(self.val) and (pos.step % self.eval_every == 0 or pos.step == self.total):
-            eval_loss = evaluate(self.engine, self.val, self.bs, self.pad_id)
+            eval_loss = evaluate(self.engine, self.val, self.bs, self.pad_id, self.world)
             if not math.isfinite(eval_loss):
                 raise self.diverged("validation loss", eval_loss)
             improved = pos.best_eval is None or eval_loss < pos.best_eval
             if improved:
                 pos.best_eval = eval_loss
             events.emit("eval", step=pos.step, eval_loss=eval_loss, best=improved)
-            if improved:
-                checkpoints.mark_best(self.root, self.save("best"))
+            if improved and (path := self.save("best")):
+                checkpoints.mark_best(self.root, path)
         every = self.cfg["save_every"]
         if pos.step != self.last_saved and ((every and pos.step % every == 0) or pos.step == self.total):
             self.save("last" if pos.step == self.total else "periodic")
 
-    def save(self, reason: str) -> Path:
+    def save(self, reason: str) -> Path | None:
+        """Save a checkpoint (rank 0 writes it; the other ranks take part in gathering the state: None)."""
         if not self.engine.finite():
             raise self.diverged("adapter", "NaN or infinite after the update")
+        if not self.world.main:
+            self.engine.save(None)
+            self.last_saved = self.pos.step
+            return None
         state = {**self.bound, "position": vars(self.pos), "total_steps": self.total, "reason": reason}
         path = checkpoints.save(self.root, self.pos.step, self.engine.save, state)
         checkpoints.prune(self.root, self.cfg["keep_last"], checkpoints.best(self.root))
@@ -227,4 +254,4 @@ class _Loop:
                 "best_eval_loss": self.pos.best_eval, "tokens_seen": self.pos.tokens_seen, "seconds": elapsed,
                 "tokens_per_s": self.pos.tokens_seen / elapsed if elapsed and not self.done_at_start else None,
                 "peak_rss_mb": round(rss.peak_mb(), 1), "last": str(checkpoints.latest(self.root)),
-                "best": str(best) if best else None}
+                "best": str(best) if best else None, "follower": not self.world.main}

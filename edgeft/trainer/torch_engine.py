@@ -4,6 +4,7 @@ main environment, so its memory is measured like the ONNX Runtime engine's."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,19 @@ from safetensors.torch import load_file, save_file
 from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss
 from edgeft.runtime import jobs
 from edgeft.trainer import events, loop
+from edgeft.trainer.distributed import ALONE, World
 
 ADAPTER = "adapter.safetensors"
 OPTIMIZER = "optimizer.pt"
 
 
 class TorchEngine:
-    def __init__(self, model_dir: Path, adapter_init: Path, cfg: dict, resume: Path | None = None):
+    """One process, or a replica of `world` under DistributedDataParallel (strategy "ddp")."""
+
+    world = ALONE
+
+    def __init__(self, model_dir: Path, adapter_init: Path, cfg: dict, resume: dict | None = None,
+                 world: World = ALONE):
         from edgeft.quant import torch_linear
 
         torch.manual_seed(int(cfg["seed"]))
@@ -28,28 +35,52 @@ class TorchEngine:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.wrapper = CausalLMLoss(model, logits=False)  # the loss alone: no head over unlabelled positions
         self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
-        # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-6,
-                                           weight_decay=cfg["weight_decay"])
+        self.cfg, self.world = cfg, world
         self.max_grad_norm = cfg["max_grad_norm"]
         self.proximal_mu = float(cfg.get("proximal_mu") or 0.0)  # FedProx: pulls a fleet round toward its start
         self.anchor: dict[str, torch.Tensor] = {}
         if resume is not None:
-            weights = load_file(resume / ADAPTER)
             with torch.no_grad():
                 for name, p in self.params.items():
-                    p.copy_(weights[name])
-            self.optimizer.load_state_dict(torch.load(resume / OPTIMIZER, weights_only=True))
+                    p.copy_(resume["adapter"][name])
+        self.model = self.wrap()
+        self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}  # as sharding left them
+        self.optimizer = self.make_optimizer()
+        if resume is not None:
+            self.load_optimizer(resume["optimizer"])
+
+    def wrap(self) -> torch.nn.Module:
+        """The module that runs forward: the wrapper itself, or a strategy's wrapping of it."""
+        if not self.world.distributed:
+            return self.wrapper
+        return torch.nn.parallel.DistributedDataParallel(self.wrapper)
+
+    def make_optimizer(self):
+        # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.
+        return torch.optim.AdamW(self.params.values(), lr=self.cfg["lr"], betas=(0.9, 0.999), eps=1e-6,
+                                 weight_decay=self.cfg["weight_decay"])
+
+    def load_optimizer(self, state: dict) -> None:
+        """`state`: torch AdamW's state_dict over `self.params` in order (what `optimizer_state` returns)."""
+        self.optimizer.load_state_dict(state)
+
+    def optimizer_state(self) -> dict:
+        """torch AdamW's state_dict over `self.params` in order, whole (collective under sharding)."""
+        return self.optimizer.state_dict()
 
     @staticmethod
     def _tensors(batch: dict):
         return [torch.from_numpy(np.ascontiguousarray(batch[k])) for k in INPUT_NAMES]
 
-    def forward_backward(self, batch: dict) -> float:
-        self.wrapper.train()
-        loss = self.wrapper(*self._tensors(batch))[0]
-        loss.backward()
+    def forward_backward(self, batch: dict, scale: float = 1.0) -> float:
+        """The batch's loss; its gradient, times `scale` (this rank's share, distributed.py), accumulated."""
+        self.model.train()
+        loss = self.model(*self._tensors(batch))[0]
+        self.backward(loss * scale if scale != 1.0 else loss)
         return float(loss.detach())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def grad_norm(self) -> float:
         """L2 norm of the accumulated gradients (before clipping)."""
@@ -82,18 +113,159 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def eval_loss(self, batch: dict) -> float:
-        self.wrapper.eval()
+        self.model.eval()
         with torch.no_grad():
-            return float(self.wrapper(*self._tensors(batch))[0])
+            return float(self.model(*self._tensors(batch))[0])
 
-    def save(self, folder: Path) -> None:
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(Path(folder) / ADAPTER))
-        torch.save(self.optimizer.state_dict(), Path(folder) / OPTIMIZER)
+    def save(self, folder: Path | None) -> None:
+        """The adapter and the optimizer state to `folder`; under a strategy every rank calls it (the state is
+        gathered) and rank 0 alone writes (the others pass None)."""
+        adapter = {name: torch.from_numpy(value) for name, value in self.weights().items()}
+        optimizer = self.optimizer_state()
+        if folder is not None:
+            save_file(adapter, str(Path(folder) / ADAPTER))
+            torch.save(optimizer, Path(folder) / OPTIMIZER)
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """A checkpoint's adapter and optimizer state, as `TorchEngine(resume=...)` takes them."""
+    return {"adapter": load_file(Path(folder) / ADAPTER),
+            "optimizer": torch.load(Path(folder) / OPTIMIZER, weights_only=True)}
 
 
 def main(job: jobs.TorchTrain) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    resume = Path(job.resume_path) if job.resume_path else None
-    engine = TorchEngine(Path(job.model_dir), Path(job.adapter_init), job.config, resume)
-    events.log(f"PyTorch {torch.__version__} engine ready")
-    return loop.train(engine, job)
+    world = World.from_env()
+    world.start(int(job.config.get("rdzv_timeout") or 300))
+    try:
+        if world.distributed:  # every rank resumes from rank 0's checkpoint (the other nodes need not have it)
+            shared = [(job.resume_state, read_checkpoint(Path(job.resume_path)) if job.resume_path else None)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            job = dataclasses.replace(job, resume_state=shared[0][0])
+            resume = shared[0][1]
+        else:
+            resume = read_checkpoint(Path(job.resume_path)) if job.resume_path else None
+        engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.distributed else TorchEngine
+        engine = engine_type(Path(job.model_dir), Path(job.adapter_init), job.config, resume, world)
+        events.log(f"PyTorch {torch.__version__} engine ready" +
+                   (f", {job.config['strategy']} over {world.size} ranks" if world.distributed else ""))
+        result = loop.train(engine, job)
+        world.barrier()  # no rank tears the group down while a peer still talks to it
+        return result
+    finally:
+        world.stop()
+
+
+class FsdpEngine(TorchEngine):
+    """PyTorch FSDP2: each decoder layer, then the rest, sharded across the ranks (frozen base included); the
+    parameters are DTensors, gathered whole for the norm, the checks and the checkpoints."""
+
+    def wrap(self) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.wrapper._causal_lm().get_decoder().layers:
+            fully_shard(layer)
+        return fully_shard(self.wrapper)
+
+    @staticmethod
+    def _whole(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    def grad_norm(self) -> float:
+        norms = [torch.linalg.vector_norm(self._whole(p.grad)) for p in self.params.values() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(self._whole(p)).all()) for p in self.params.values())
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: self._whole(p.detach()).numpy().copy() for name, p in self.params.items()}
+
+    def optimizer_state(self) -> dict:
+        state = self.optimizer.state_dict()
+        state["state"] = {i: {k: self._whole(v) for k, v in s.items()} for i, s in state["state"].items()}
+        return state
+
+    def load_optimizer(self, state: dict) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        params = list(self.params.values())
+        sharded = {i: {k: (distribute_tensor(v, params[i].device_mesh, params[i].placements) if v.dim() else v)
+                       for k, v in s.items()} for i, s in state["state"].items()}
+        self.optimizer.load_state_dict({**state, "state": sharded})
+
+
+class DeepSpeedEngine(TorchEngine):
+    """DeepSpeed ZeRO stage 2 or 3 over torch's AdamW; DeepSpeed accumulates the micro-batches of a step (its
+    own boundary each `grad_accum` backward passes), clips and steps. Values are read and set whole through
+    its `safe_get/set_full_*` helpers (collective under ZeRO-3)."""
+
+    def wrap(self) -> torch.nn.Module:
+        return self.wrapper  # deepspeed.initialize wraps it with the optimizer (make_optimizer)
+
+    def make_optimizer(self):
+        import deepspeed
+
+        stage = {"zero2": 2, "zero3": 3}[self.cfg["strategy"]]
+        accum = int(self.cfg["grad_accum"])
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accum,
+                  "train_batch_size": accum * self.world.size, "zero_optimization": {"stage": stage},
+                  "gradient_clipping": float(self.max_grad_norm or 0.0), "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 2**31 - 1}
+        optimizer = super().make_optimizer()
+        self.model, ds_optimizer, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=optimizer, config=config)
+        self.base_optimizer, self.micro = optimizer, 0
+        return ds_optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop sums micro-batches, as the other engines
+        self.micro += 1
+        if self.micro < int(self.cfg["grad_accum"]):
+            self.model.step()  # not a boundary: DeepSpeed only counts the micro-batch
+
+    def grad_norm(self) -> float:
+        from deepspeed.utils import safe_get_full_grad
+
+        norms = [torch.linalg.vector_norm(safe_get_full_grad(p).float()) for p in self.params.values()]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.step()
+        self.micro = 0
+
+    def finite(self) -> bool:
+        return all(np.isfinite(value).all() for value in self.weights().values())
+
+    def weights(self) -> dict[str, np.ndarray]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(p).detach().cpu().numpy().copy() for name, p in self.params.items()}
+
+    def optimizer_state(self) -> dict:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        step = max((float(s["step"]) for s in self.base_optimizer.state.values() if "step" in s), default=0.0)
+        state = {i: {"step": torch.tensor(step),
+                     **{key: safe_get_full_optimizer_state(p, key).detach().cpu().clone()
+                        for key in ("exp_avg", "exp_avg_sq")}}
+                 for i, p in enumerate(self.params.values())} if step else {}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(self.params)))}
+                  for g in self.base_optimizer.param_groups[:1]]
+        return {"state": state, "param_groups": groups}
+
+    def load_optimizer(self, state: dict) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if not state["state"]:
+            return
+        for i, p in enumerate(self.params.values()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, state["state"][i][key], key)
+        step = float(state["state"][0]["step"])
+        for s in self.base_optimizer.state.values():
+            s["step"] = torch.tensor(step)
+
+
+ENGINES = {"ddp": TorchEngine, "fsdp": FsdpEngine, "zero2": DeepSpeedEngine, "zero3": DeepSpeedEngine}
