@@ -10,6 +10,7 @@ does not form within `timeout_s` ends the launch with the reason.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -91,7 +92,13 @@ def run(job: launcher.Call, launch: Launch, *, on_event: launcher.EventHandler |
             _follow(proc, events, outcome)
         code = proc.wait()
     if code != 0 and outcome.interrupted is None:
-        raise launcher.TrainingRuntimeError(_stopped(launch, f"{host}:{port}", outcome, log_path), log_path=log_path)
+        if outcome.result is None and outcome.error is None and _never_met(log_path):
+            raise EdgeftError(f"the {launch.nnodes} nodes did not meet at {host}:{port} within {launch.timeout_s} s: "
+                              f"start every node (--node-rank 0 to {launch.nnodes - 1}) with the same --nnodes and "
+                              "--rdzv (node 0's address and a port it can open), or raise --rdzv-timeout")
+        if outcome.error is not None and outcome.error.get("kind") == "user":
+            raise EdgeftError(outcome.error["message"])
+        raise launcher.TrainingRuntimeError(_stopped(outcome, log_path), log_path=log_path)
     return outcome.result_of(job.name, code, log_path)
 
 
@@ -111,18 +118,22 @@ def _follow(proc: subprocess.Popen, events, outcome) -> None:
             time.sleep(0.1)
 
 
-def _stopped(launch: Launch, endpoint: str, outcome, log_path: Path) -> str:
-    """Why the ranks stopped: a rank's error, a rank's death, or a rendezvous that did not form."""
+def _never_met(log_path: Path) -> bool:
+    text = log_path.read_text(errors="replace")
+    return any(sign in text for sign in ("RendezvousTimeoutError", "DistStoreError", "Timed out", "timed out"))
+
+
+def _stopped(outcome, log_path: Path) -> str:
+    """Why the ranks stopped: the rank torchrun names as the root cause (a death by signal), else a rank's
+    error."""
     text = log_path.read_text(errors="replace")
     tail = "\n".join(text.strip().splitlines()[-12:])
+    cause = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.S)
     error = outcome.error if outcome.error and outcome.error.get("kind") != "interrupted" else None
-    if error is not None:
-        rank = error.get("rank", "?")
-        what = f"rank {rank} failed: {error.get('type')}: {error.get('message')}"
-    elif outcome.result is None and ("RendezvousTimeoutError" in text or "timed out" in text.lower()):
-        what = (f"the {launch.nnodes} nodes did not meet at {endpoint} within {launch.timeout_s} s: start every "
-                f"node (--node-rank 0 to {launch.nnodes - 1}) with the same --nnodes and --rdzv, node 0's address")
+    if cause and int(cause[2]) < 0:
+        what = f"rank {cause[1]} was killed by signal {-int(cause[2])}, and torchrun ended the others"
+    elif error is not None:
+        what = f"rank {error.get('rank', '?')} failed: {error.get('type')}: {error.get('message')}"
     else:
-        what = "a rank stopped (killed, or out of memory) and torchrun ended the others"
+        what = "a rank stopped, and torchrun ended the others"
     return f"the distributed run stopped: {what}\n  torchrun's last output:\n{tail}\n  full output: {log_path}"
-

@@ -95,6 +95,7 @@ def run(load) -> int:
             events.emit("error", kind="user", type=type(e).__name__, message=problem)
             return 2
         events.emit("error", kind="bug", type=type(e).__name__, message=str(e), traceback=traceback.format_exc())
+        traceback.print_exc()  # into the log too
         return 1
 
 

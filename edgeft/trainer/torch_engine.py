@@ -256,16 +256,23 @@ class DeepSpeedEngine(TorchEngine):
         return {"state": state, "param_groups": groups}
 
     def load_optimizer(self, state: dict) -> None:
+        """torch's AdamW makes its state at its first step: it is made here, over the flat fp32 partitions
+        DeepSpeed has it step (linked to the parameters again under ZeRO-2), then filled from the whole state."""
         from deepspeed.utils import safe_set_full_optimizer_state
 
         if not state["state"]:
             return
+        step = torch.tensor(float(state["state"][0]["step"]))
+        partitions = (self.optimizer.fp32_partitioned_groups_flat if self.cfg["strategy"] == "zero3" else
+                      self.optimizer.single_partition_of_fp32_groups)  # what torch's AdamW steps, per rank
+        for p in partitions:
+            self.base_optimizer.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p),
+                                            "exp_avg_sq": torch.zeros_like(p)}
+        if hasattr(self.optimizer, "_link_all_hp_params"):
+            self.optimizer._link_all_hp_params()
         for i, p in enumerate(self.params.values()):
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, state["state"][i][key], key)
-        step = float(state["state"][0]["step"])
-        for s in self.base_optimizer.state.values():
-            s["step"] = torch.tensor(step)
 
 
 ENGINES = {"ddp": TorchEngine, "fsdp": FsdpEngine, "zero2": DeepSpeedEngine, "zero3": DeepSpeedEngine}
