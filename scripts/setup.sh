@@ -50,8 +50,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-echo "setup: installing edgeft with the dev and fleet extras"
-"${PIP[@]}" install -e ".[dev,fleet]"
+echo "setup: installing edgeft with the dev, fleet and distributed extras"
+DS_BUILD_OPS=0 "${PIP[@]}" install -e ".[dev,fleet,distributed]"
+# DeepSpeed compiles its shared-memory collective for CPU ranks on first use (about 3 min, cached under
+# ~/.cache/torch_extensions): once here, not in the first distributed run
+"$VENV/bin/python" -c "import deepspeed.comm.torch as c; c.build_shm_op()" >/dev/null 2>&1 \
+  || echo "setup: DeepSpeed's shared-memory op was not built (no C++ compiler?); zero2/zero3 build it on first use"
 echo "setup: installing the ONNX Runtime training build"
 install_runtime
 echo "$WANT" > "$STAMP"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import importlib.util
 import platform
 import shutil
 import sys
@@ -120,6 +121,25 @@ def check_cuda_training() -> list[Check]:
                   "" if problem is None else "--ep cuda needs an NVIDIA GPU and its driver", required=False)]
 
 
+def check_distributed() -> Check:
+    """What `train --nproc/--nnodes --strategy` can use here: torch.distributed's backends, FSDP2, DeepSpeed
+    (found by its metadata: importing it takes seconds)."""
+    import torch.distributed as dist
+
+    backends = [b for b in ("gloo", "nccl") if getattr(dist, f"is_{b}_available")()]
+    strategies = ["ddp"] + (["fsdp"] if importlib.util.find_spec("torch.distributed.fsdp") else [])
+    try:
+        deepspeed = md.version("deepspeed")
+        strategies += ["zero2", "zero3"]
+    except md.PackageNotFoundError:
+        deepspeed = None
+    ok = dist.is_available() and bool(backends)
+    return Check("distributed", ok, deepspeed, f"backends {', '.join(backends) or 'none'}; strategies "
+                 f"{', '.join(strategies)}" + ("" if deepspeed else " (zero2/zero3 need DeepSpeed)"),
+                 "" if deepspeed else "DS_BUILD_OPS=0 pip install 'edgeft[distributed]' (or `make setup`)",
+                 required=False, extra={"backends": backends, "strategies": strategies})
+
+
 def check_disk(root: Path) -> Check:
     root = root if root.exists() else Path.cwd()
     free_gb = shutil.disk_usage(root).free / 1e9
@@ -142,6 +162,7 @@ def run_checks(artifacts_root: Path = Path("artifacts")) -> list[Check]:
         check_genai(),
         check_training_runtime(),
         *check_cuda_training(),
+        check_distributed(),
         check_disk(artifacts_root),
     ]
 

@@ -53,7 +53,8 @@ class TorchEngine:
         """The module that runs forward: the wrapper itself, or a strategy's wrapping of it."""
         if not self.world.distributed:
             return self.wrapper
-        return torch.nn.parallel.DistributedDataParallel(self.wrapper)
+        # the buffers (a quantized base's packed weights) are frozen and equal on every rank: never broadcast
+        return torch.nn.parallel.DistributedDataParallel(self.wrapper, broadcast_buffers=False)
 
     def make_optimizer(self):
         # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.

@@ -67,6 +67,19 @@ def test_two_ranks_train_the_adapter_one_process_trains(strategy, one_process, b
             assert torch.allclose(got["state"][i][key], state[key], rtol=1e-4, atol=1e-8), (i, key)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_ranks_train_on_a_quantized_base_as_one_process_does(strategy, built, tmp_path):
+    import shutil
+
+    runs = {}
+    for name, extra in (("one", {}), ("two", {"nproc": 2, "strategy": strategy})):
+        ws = tmp_path / name
+        shutil.copytree(built("prepared", lora_r=8, base_precision="int4"), ws)
+        train(ws, DATA, TrainConfig(**RUN, **extra))
+        runs[name] = last_adapter(ws)
+    assert_same_adapter(runs["two"], runs["one"])
+
+
 def _rank_pid(job_file: Path, rank: int) -> int | None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -81,7 +94,7 @@ def _rank_pid(job_file: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+@pytest.mark.parametrize("strategy", ["zero3", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_a_run_whose_rank_was_killed_resumes_to_the_uninterrupted_adapter(strategy, built, tmp_path):
     options = ["--backend", "torch", "--nproc", "2", "--strategy", strategy, "--batch-size", "4", "--seq-len", "256",
                "--lr", "1e-3", "--max-steps", "12", "--save-every", "2", "--eval-every", "100"]

@@ -66,7 +66,8 @@ def test_a_worker_runs_jobs_in_one_process_each_with_its_log_and_starts_again_af
         with pytest.raises(EdgeftError, match="3 malformed lines"):
             worker.run(entries.UserError(), log_path=tmp_path / "2.log")
         assert worker.run(entries.Pid(said="third"), log_path=tmp_path / "3.log")["pid"] == first
-        assert (tmp_path / "1.log").read_text() == "first\n" and (tmp_path / "3.log").read_text() == "third\n"
+        first_log, third_log = (tmp_path / "1.log").read_text(), (tmp_path / "3.log").read_text()
+        assert "first\n" in first_log and "third" not in first_log and "third\n" in third_log
         with pytest.raises(launcher.TrainingRuntimeError, match=r"killed by signal 9(.|\n)*about to die"):
             worker.run(entries.Killed(), log_path=tmp_path / "4.log")
         with pytest.raises(launcher.TrainingRuntimeError, match="ZeroDivisionError"):
