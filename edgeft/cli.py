@@ -370,10 +370,10 @@ def cmd_plan(args) -> int:
         from edgeft.stages import planning
 
         p = planning.for_workspace(Workspace(target), profile, o.seq_len, o.batch_size, o.lora_r, o.targets,
-                                   o.backend, o.train_modules, o.recompute)
+                                   o.backend, o.train_modules, o.recompute, ranks=o.ranks, strategy=o.strategy)
     else:
         p = plan.for_model(target, profile, o.seq_len, o.batch_size, o.lora_r, o.targets, o.backend,
-                           o.train_modules, o.base_precision, o.recompute)
+                           o.train_modules, o.base_precision, o.recompute, ranks=o.ranks, strategy=o.strategy)
     print(json.dumps(plan.to_dict(p, profile), indent=2) if args.json else plan.render(p, profile))
     return 0 if p.fits else 1
 

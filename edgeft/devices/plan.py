@@ -21,6 +21,7 @@ from edgeft.core.schema import spec
 from edgeft.devices.profiles import Profile
 from edgeft.models import families
 from edgeft.models.shapes import linear_shapes, matmul_params, safetensors_params
+from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 
 # Fitted to measured peak RSS and step time (benchmarks/plan_accuracy.py, results/plan.md) on the `fit`
 # configurations; the `check` ones were not used. Saved activations per token:
@@ -50,6 +51,9 @@ CALIBRATION = {
               "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127,
               "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 107.0}},
 }
+# What a rank adds to the engine's runtime (process group; DeepSpeed's engine and its imports), MB: measured by
+# benchmarks/distributed.py (2 ranks, real-width Phi-3 slice, CPU).
+DISTRIBUTED_RUNTIME_MB = {"ddp": 60.0, "zero2": 150.0, "zero3": 150.0, "fsdp": 60.0}
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
 PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 32}
 
@@ -106,6 +110,8 @@ class PlanOptions:
     backend: str | None = spec("training backend (default: the profile's)", None, choices=("ort", "torch"))
     base_precision: str | None = spec("frozen base precision", None, choices=("fp32", "int8", "int4"))
     recompute: bool | None = spec("activations recomputed in the backward pass", None)
+    ranks: int = spec("data-parallel ranks (train --nproc x --nnodes); figures are per rank", 1, min=1, max=4096)
+    strategy: str = spec("how the ranks share the model (train --strategy)", "ddp", choices=STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ class Run:
     backend: str = "ort"
     base_precision: str = "fp32"
     recompute: bool = False  # each layer's activations recomputed in the backward pass (ORT: export --recompute)
+    ranks: int = 1  # data-parallel ranks: the memory and time are one rank's
+    strategy: str = "ddp"
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,12 @@ def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str, recom
 
 
 def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_linear: int = 0) -> Memory:
+    """One rank's peak: under zero3/fsdp the frozen base and the adapter are sharded (plus one decoder layer gathered
+    whole at a time), under zero2 too the gradients and the AdamW state; each rank runs its share of the batch."""
     c = CALIBRATION[run.backend]
+    ranks = run.ranks if run.ranks > 1 else 1
+    shard_base = ranks if run.strategy in SHARDS_BASE else 1
+    shard_state = ranks if run.strategy in SHARDS_STATE else 1
     embed = shape.vocab * shape.hidden
     # Quantized bases keep the input embedding in fp32 unless tied (it is a lookup, not a MatMul).
     quantized = base_params - (0 if shape.tied else embed)
@@ -181,9 +194,15 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
         frozen -= embed * 4  # memory-mapped from base.data: only the rows of the batch's tokens are ever read
     # Both backends dequantize each weight at its use (see CALIBRATION).
     dequantized = 0.0 if run.base_precision == "fp32" else 4 * c["dequant_live"][run.base_precision] * largest_linear
-    return Memory(frozen=frozen, adapters=4.0 * trainable, optimizer=(OPTIMIZER_BYTES - 4.0) * trainable,
-                  activations=activation_bytes(shape, run.seq_len, run.batch_size, run.backend, run.recompute),
-                  runtime=c["runtime_mb"] * 1e6, dequantized=dequantized)
+    if shard_base > 1:  # a shard, and the decoder layer being computed gathered whole
+        layer = (base_params - shape.vocab * shape.hidden * (1 if shape.tied else 2)) / shape.layers
+        frozen = frozen / shard_base + layer * PRECISION_BYTES[run.base_precision]
+    runtime = c["runtime_mb"] + (DISTRIBUTED_RUNTIME_MB[run.strategy] if ranks > 1 else 0.0)
+    return Memory(frozen=frozen, adapters=4.0 * trainable / shard_base,
+                  optimizer=(OPTIMIZER_BYTES - 4.0) * trainable / shard_state,
+                  activations=activation_bytes(shape, run.seq_len, -(-run.batch_size // ranks), run.backend,
+                                               run.recompute),
+                  runtime=runtime * 1e6, dequantized=dequantized)
 
 
 def dequant_seconds(shape: Shape, run: Run, matmul: int, bandwidth_gbs: float) -> float:
@@ -199,7 +218,7 @@ def dequant_seconds(shape: Shape, run: Run, matmul: int, bandwidth_gbs: float) -
 def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflops: float) -> tuple[float, float]:
     """(FLOPs per step, predicted seconds per step of compute)."""
     c = CALIBRATION[run.backend]
-    tokens = run.seq_len * run.batch_size
+    tokens = run.seq_len * -(-run.batch_size // max(run.ranks, 1))  # one rank's share
     matmuls = tokens * training_flops_per_token(matmul, trainable)
     attention = tokens * 4.0 * 3 * shape.layers * shape.hidden * run.seq_len  # QK^T and PV, forward + backward
     if run.recompute:  # the forward pass runs twice: 2M of the 6M per token again
@@ -319,7 +338,8 @@ def _check_modules(model_dir: Path, targets: list[str] | None, train_modules: li
 def for_model(model_dir: Path, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
               lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
               train_modules: list[str] | None = None, base_precision: str | None = None,
-              recompute: bool | None = None, trainable: int | None = None) -> Plan:
+              recompute: bool | None = None, trainable: int | None = None, ranks: int = 1,
+              strategy: str = "ddp") -> Plan:
     """A plan for a model folder. What is not given is what `prepare --device` would pick (`choose`); `trainable`,
     when known (a prepared workspace's count), replaces the count worked out from the shapes."""
     model_dir = Path(model_dir)
@@ -328,7 +348,7 @@ def for_model(model_dir: Path, profile: Profile | None, seq_len: int = 512, batc
         backend = profile.execution_providers.training_backend if profile else "ort"
     run = Run(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r or 16, targets=tuple(targets or ()),
               train_modules=tuple(train_modules or ()), backend=backend, base_precision=base_precision or "fp32",
-              recompute=bool(recompute))
+              recompute=bool(recompute), ranks=ranks, strategy=strategy)
     if profile is not None and (base_precision is None or recompute is None):
         return choose(model_dir, run, profile, base_precision, recompute)
     return make(model_dir, run, profile, trainable)
@@ -368,7 +388,8 @@ def render(p: Plan, profile: Profile | None) -> str:
              f"frozen, {p.trainable / 1e6:,.2f} M trainable (LoRA r{p.run.lora_r}"
              + (f" on {','.join(p.run.targets)}" if p.run.targets else "") + ")",
              f"run: batch {p.run.batch_size} x {p.run.seq_len} tokens, {p.run.backend} backend, "
-             f"{p.run.base_precision} base" + (", activations recomputed" if p.run.recompute else "")]
+             f"{p.run.base_precision} base" + (", activations recomputed" if p.run.recompute else "")
+             + (f"; {p.run.ranks} ranks, {p.run.strategy} (memory and step time per rank)" if p.run.ranks > 1 else "")]
     budget = f" of a {_gb(p.budget_bytes)} budget" if p.budget_bytes else ""
     lines.append(f"peak memory: {_gb(m.total)}{budget}")
     for label, value in (("frozen weights", m.frozen), ("adapters", m.adapters),
@@ -387,7 +408,28 @@ def render(p: Plan, profile: Profile | None) -> str:
             lines.append(f"  throughput budget {b.train_tokens_per_s.value:g} tokens/s: {'meets' if ok else 'misses'} "
                          f"(budget basis: {b.basis})")
         lines.append(f"fits {profile.name}: yes" if p.fits else f"fits {profile.name}: NO; {advice(p, profile)}")
+        if not p.fits or p.run.ranks > 1:
+            lines.append(ranks_line(p, profile))
     return "\n".join(lines)
+
+
+def ranks_needed(p: Plan, profile: Profile, strategy: str, most: int = 1024) -> int | None:
+    """The fewest ranks, each a `profile`, on which the run fits under `strategy` (None: not up to `most`)."""
+    for ranks in range(1, most + 1):
+        run = dataclasses.replace(p.run, ranks=ranks, strategy=strategy,
+                                  batch_size=max(p.run.batch_size, ranks))  # at least a sample per rank
+        if memory(p.shape, run, p.base_params, p.trainable).total <= profile.memory_budget_bytes:
+            return ranks
+        if strategy not in SHARDS_BASE and ranks > 1:
+            return None  # more ranks of a whole base do not help
+    return None
+
+
+def ranks_line(p: Plan, profile: Profile) -> str:
+    """How many ranks of this profile the run needs under each strategy."""
+    found = {s: ranks_needed(p, profile, s) for s in ("zero3", "fsdp", "zero2", "ddp")}
+    said = [f"{s} {n}" if n else f"{s} none (each rank holds the whole base)" for s, n in found.items()]
+    return f"ranks of {profile.name} it needs: " + ", ".join(said)
 
 
 def to_dict(p: Plan, profile: Profile | None) -> dict:

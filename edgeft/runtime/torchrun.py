@@ -23,6 +23,9 @@ from edgeft.core.errors import EdgeftError, Terminated
 from edgeft.runtime import launcher
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
+SHARDS_BASE = ("zero3", "fsdp")  # strategies that shard the frozen base as well
+SHARDS_STATE = ("zero2", "zero3", "fsdp")  # strategies that shard the gradients and the optimizer state
 
 
 @dataclass(frozen=True)

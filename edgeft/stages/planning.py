@@ -22,7 +22,8 @@ def recomputes(ws: Workspace) -> bool:
 
 def for_workspace(ws: Workspace, profile: Profile | None, seq_len: int = 512, batch_size: int = 1,
                   lora_r: int | None = None, targets: list[str] | None = None, backend: str | None = None,
-                  train_modules: list[str] | None = None, recompute: bool | None = None) -> plan.Plan:
+                  train_modules: list[str] | None = None, recompute: bool | None = None, ranks: int = 1,
+                  strategy: str = "ddp") -> plan.Plan:
     """The plan of a run on the workspace (what is not given: as prepared, exported or planned)."""
     prep = ws.read(Prepared)
     if prep is None:
@@ -32,4 +33,4 @@ def for_workspace(ws: Workspace, profile: Profile | None, seq_len: int = 512, ba
         prep.model_dir, profile, seq_len, batch_size, lora_r or prep.config.lora_r, targets or prep.targets, backend,
         train_modules if train_modules is not None else prep.config.train_modules,
         prep.config.base_precision or "fp32", recomputes(ws) if recompute is None else recompute,
-        trainable=prep.params["trainable"] if as_prepared else None)
+        trainable=prep.params["trainable"] if as_prepared else None, ranks=ranks, strategy=strategy)

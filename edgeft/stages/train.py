@@ -26,13 +26,12 @@ from edgeft.data import formats
 from edgeft.data.dataset import DataConfig, build, cache_key
 from edgeft.devices import plan, profiles
 from edgeft.runtime import jobs, launcher, torchrun, training_build
-from edgeft.runtime.torchrun import parse_rdzv
+from edgeft.runtime.torchrun import SHARDS_BASE, STRATEGIES, parse_rdzv
 from edgeft.stages import planning
 from edgeft.stages.export import Exported, check_artifacts
 from edgeft.stages.prepare import Prepared
 from edgeft.trainer import checkpoints
 from edgeft.trainer.batching import Split
-from edgeft.trainer.distributed import SHARDS_BASE, STRATEGIES
 from edgeft.trainer.schedule import SCHEDULES
 
 CADENCE = ("eval_every", "save_every", "keep_last")  # may change between a run and its resume
@@ -260,7 +259,8 @@ class Trained(Record):
     best_eval_loss: float | None = spec("the best validation loss", None)
     tokens_seen: int = spec("tokens trained on", 0)
     tokens_per_s: float | None = spec("training throughput (none for a resumed run)", None)
-    peak_rss_mb: float = spec("peak memory of the training process", 0.0)
+    peak_rss_mb: float = spec("peak memory of the training process (the highest rank's, distributed)", 0.0)
+    rank_peak_rss_mb: list[float] = spec("each rank's peak memory, in rank order", default_factory=list)
     last: str = spec("the last checkpoint", "")
     best: str | None = spec("the best checkpoint", None)
 
@@ -327,7 +327,7 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         if device:
             longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
             p = planning.for_workspace(ws, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend,
-                                       recompute=recompute)
+                                       recompute=recompute, ranks=cfg.nproc * cfg.nnodes, strategy=cfg.strategy)
             plan.require_fit(p, device, f"training (longest sample {longest} tokens)")
         stage_key = key(cfg, dataset.meta["key"], identity)
         if resume is not True and (previous := ws.unchanged(Trained, stage_key)) and checkpoints.latest(ws.checkpoints):
@@ -470,4 +470,5 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
         config=cfg, **run.bound, data=run.dataset.meta, device=getattr(device, "name", None),
         wall_s=round(time.time() - started, 1), metrics=str(ws.metrics), plot=str(png), key=run.key,
         **{k: result[k] for k in ("step", "total_steps", "best_eval_loss", "tokens_seen", "tokens_per_s",
-                                  "peak_rss_mb", "last", "best")}))
+                                  "peak_rss_mb", "last", "best")},
+        rank_peak_rss_mb=result.get("rank_peak_rss_mb", [])))

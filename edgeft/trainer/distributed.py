@@ -25,9 +25,6 @@ import numpy as np
 
 from edgeft.trainer import batching
 
-STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
-SHARDS_BASE = ("zero3", "fsdp")  # strategies that shard the frozen base as well
-
 
 @dataclass(frozen=True)
 class World:
@@ -83,6 +80,16 @@ class World:
         tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def gather(self, value: float) -> list[float]:
+        """`value` of every rank, in rank order."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        out: list = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
 
     def barrier(self) -> None:
         if self.distributed:

@@ -250,8 +250,9 @@ class _Loop:
     def summary(self) -> dict:
         elapsed = time.time() - self.started
         best = checkpoints.best(self.root)
-        return {"interrupted": False, "step": self.pos.step, "total_steps": self.total,
+        peaks = self.world.gather(round(rss.peak_mb(), 1))  # each rank's (its own process)
+        return {"rank_peak_rss_mb": peaks, "interrupted": False, "step": self.pos.step, "total_steps": self.total,
                 "best_eval_loss": self.pos.best_eval, "tokens_seen": self.pos.tokens_seen, "seconds": elapsed,
                 "tokens_per_s": self.pos.tokens_seen / elapsed if elapsed and not self.done_at_start else None,
-                "peak_rss_mb": round(rss.peak_mb(), 1), "last": str(checkpoints.latest(self.root)),
+                "peak_rss_mb": max(peaks), "last": str(checkpoints.latest(self.root)),
                 "best": str(best) if best else None, "follower": not self.world.main}

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from edgeft.runtime.torchrun import STRATEGIES
 from edgeft.stages.train import TrainConfig, train
-from edgeft.trainer.distributed import STRATEGIES
 from tests.helpers import DATA, cli, losses, process, refused, start
 
 RUN = {"max_steps": 3, "batch_size": 4, "grad_accum": 2, "seq_len": 256, "lr": 1e-3, "backend": "torch"}
