@@ -149,9 +149,9 @@ def markdown(r: dict) -> str:
     for m in METHODS:
         per = ", ".join(f"{run['mean'][m]:.1%}" for run in r["runs"])
         lines.append(f"| {m} | {r['mean'][m]:.1%} ± {r['stdev'][m]:.1%} | {per} |")
-    gap = r["mean"]["centralized"] - r["mean"]["federated"]
-    lines += ["", f"Federated is {gap * 100:.1f} points below centralized (goal: within 5) and "
-              f"{(r['mean']['federated'] - r['mean']['home alone']) * 100:.1f} points above each home alone.", "",
+    gap = r["mean"]["federated"] - r["mean"]["centralized"]
+    lines += ["", f"Federated minus centralized: {gap * 100:+.1f} points (goal: no worse than -5); federated minus "
+              f"each home alone: {(r['mean']['federated'] - r['mean']['home alone']) * 100:+.1f} points.", "",
               READING[r.get("centralized", "total")].format(r["homes"], steps), ""]
     return "\n".join(lines)
 

@@ -428,7 +428,8 @@ def ranks_needed(p: Plan, profile: Profile, strategy: str, most: int = 1024) -> 
 def ranks_line(p: Plan, profile: Profile) -> str:
     """How many ranks of this profile the run needs under each strategy."""
     found = {s: ranks_needed(p, profile, s) for s in ("zero3", "fsdp", "zero2", "ddp")}
-    said = [f"{s} {n}" if n else f"{s} none (each rank holds the whole base)" for s, n in found.items()]
+    said = [f"{s} {n}" if n else f"{s} none" + ("" if s in SHARDS_BASE else " (each rank holds the whole base)")
+            for s, n in found.items()]
     return f"ranks of {profile.name} it needs: " + ", ".join(said)
 
 

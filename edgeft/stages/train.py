@@ -261,6 +261,8 @@ class Trained(Record):
     tokens_per_s: float | None = spec("training throughput (none for a resumed run)", None)
     peak_rss_mb: float = spec("peak memory of the training process (the highest rank's, distributed)", 0.0)
     rank_peak_rss_mb: list[float] = spec("each rank's peak memory, in rank order", default_factory=list)
+    rank_training_peak_rss_mb: list[float] = spec("each rank's peak memory after its model was loaded (distributed: "
+                                                   "loading holds the whole model)", default_factory=list)
     last: str = spec("the last checkpoint", "")
     best: str | None = spec("the best checkpoint", None)
 
@@ -471,4 +473,5 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
         wall_s=round(time.time() - started, 1), metrics=str(ws.metrics), plot=str(png), key=run.key,
         **{k: result[k] for k in ("step", "total_steps", "best_eval_loss", "tokens_seen", "tokens_per_s",
                                   "peak_rss_mb", "last", "best")},
-        rank_peak_rss_mb=result.get("rank_peak_rss_mb", [])))
+        rank_peak_rss_mb=result.get("rank_peak_rss_mb", []),
+        rank_training_peak_rss_mb=result.get("rank_training_peak_rss_mb", [])))

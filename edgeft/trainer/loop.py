@@ -250,8 +250,11 @@ class _Loop:
     def summary(self) -> dict:
         elapsed = time.time() - self.started
         best = checkpoints.best(self.root)
-        peaks = self.world.gather(round(rss.peak_mb(), 1))  # each rank's (its own process)
-        return {"rank_peak_rss_mb": peaks, "interrupted": False, "step": self.pos.step, "total_steps": self.total,
+        # each rank's (its own process): training's peak, and loading's where the engine measured it apart
+        training = self.world.gather(round(rss.peak_mb(), 1))
+        loading = self.world.gather(getattr(self.engine, "load_peak_mb", 0.0))
+        peaks = [max(a, b) for a, b in zip(training, loading, strict=True)]
+        return {"rank_peak_rss_mb": peaks, "rank_training_peak_rss_mb": training, "interrupted": False, "step": self.pos.step, "total_steps": self.total,
                 "best_eval_loss": self.pos.best_eval, "tokens_seen": self.pos.tokens_seen, "seconds": elapsed,
                 "tokens_per_s": self.pos.tokens_seen / elapsed if elapsed and not self.done_at_start else None,
                 "peak_rss_mb": max(peaks), "last": str(checkpoints.latest(self.root)),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgeft.core import rss
 from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss
 from edgeft.runtime import jobs
 from edgeft.trainer import events, loop
@@ -148,6 +149,9 @@ def main(job: jobs.TorchTrain) -> dict:
             resume = read_checkpoint(Path(job.resume_path)) if job.resume_path else None
         engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.distributed else TorchEngine
         engine = engine_type(Path(job.model_dir), Path(job.adapter_init), job.config, resume, world)
+        if world.distributed:  # the peak of loading (each rank loads the whole model before sharding), then training's
+            engine.load_peak_mb = round(rss.peak_mb(), 1)
+            rss.reset_peak()
         events.log(f"PyTorch {torch.__version__} engine ready" +
                    (f", {job.config['strategy']} over {world.size} ranks" if world.distributed else ""))
         result = loop.train(engine, job)
