@@ -69,7 +69,8 @@ def evaluate(engine, split: batching.Split, batch_size: int, pad_id: int, world:
         if n:
             if world.distributed:
                 mine, weight = world.share(batch)
-                loss = world.sum(engine.eval_loss(mine) * weight if weight else 0.0)[0]
+                local = engine.eval_loss(mine)  # on every rank, rows or not: sharded parameters are gathered
+                loss = world.sum(local * weight if weight else 0.0)[0]
             else:
                 loss = engine.eval_loss(batch)
             total += loss * n

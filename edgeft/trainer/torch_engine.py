@@ -214,7 +214,9 @@ class DeepSpeedEngine(TorchEngine):
         stage = {"zero2": 2, "zero3": 3}[self.cfg["strategy"]]
         accum = int(self.cfg["grad_accum"])
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accum,
-                  "train_batch_size": accum * self.world.size, "zero_optimization": {"stage": stage},
+                  "train_batch_size": accum * self.world.size,
+                  # every parameter sharded, the small ones too (DeepSpeed keeps those under 1e5 values whole)
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                   "gradient_clipping": float(self.max_grad_norm or 0.0), "zero_allow_untested_optimizer": True,
                   "steps_per_print": 2**31 - 1}
         optimizer = super().make_optimizer()
