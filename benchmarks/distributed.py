@@ -112,11 +112,13 @@ def markdown(r: dict) -> str:
         error = row["predicted_mb"] / max(row["rank_training_peak_rss_mb"]) - 1
         lines.append(f"| {row['run']} | {row['ranks']} | {peaks} | {training} | {row['predicted_mb']:,.0f} | "
                      f"{error:+.0%} | {row['step_s_median']:.2f} |")
-    lines += ["", "Reading: zero3 and fsdp shard the frozen base, so while training each rank holds about half of "
-              "it; their peaks still include the whole base, because every rank loads the whole model before it is "
-              "sharded (loading each rank's shard only is the next step for models larger than one machine's memory). "
-              "ddp and zero2 keep the whole base on every rank; with LoRA the sharded optimizer state of zero2 is "
-              "small. Step times on 2 CPU cores shared by 2 ranks are not a speed-up measure.", ""]
+    lines += ["", "Reading: ddp and zero2 keep the whole base on every rank (with LoRA, zero2's sharded optimizer "
+              "state is small), and the planner predicts their per-rank peak. zero3 and fsdp shard the frozen base, "
+              "yet on this CPU each rank peaked higher than under ddp, far above the planner's shard-plus-one-layer "
+              "figure: what holds the rest (FSDP2 keeps the root group, here the 0.2 B embedding and LM head, "
+              "unsharded between forward and backward; gathered copies; the model each rank loads whole before "
+              "sharding) is the next thing to measure. Step times on 2 CPU cores shared by 2 ranks are not a "
+              "speed-up measure.", ""]
     return "\n".join(lines)
 
 
