@@ -168,8 +168,14 @@ class FsdpEngine(TorchEngine):
     def wrap(self) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in self.wrapper._causal_lm().get_decoder().layers:
-            fully_shard(layer)
+        lm = self.wrapper._causal_lm()
+        embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        # the embedding and the LM head in groups of their own: left in the root group they would stay gathered
+        # from the forward pass to the backward pass (FSDP2 does not reshard the root in between). A head tied to
+        # the embedding shares its parameter, which must stay in one group: the root's.
+        tied = getattr(head, "weight", None) is embedding.weight
+        for module in (*lm.get_decoder().layers, *(() if tied else (embedding, head))):
+            fully_shard(module)
         return fully_shard(self.wrapper)
 
     @staticmethod
@@ -216,7 +222,10 @@ class DeepSpeedEngine(TorchEngine):
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accum,
                   "train_batch_size": accum * self.world.size,
                   # every parameter sharded, the small ones too (DeepSpeed keeps those under 1e5 values whole)
-                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                  # ... and released after each use: no parameter stays gathered between its uses or ahead of them
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                        "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                                        "stage3_prefetch_bucket_size": 0},
                   "gradient_clipping": float(self.max_grad_norm or 0.0), "zero_allow_untested_optimizer": True,
                   "steps_per_print": 2**31 - 1}
         optimizer = super().make_optimizer()

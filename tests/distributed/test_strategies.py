@@ -128,8 +128,9 @@ def _free_port() -> int:
 
 def test_two_machines_on_loopback_form_one_job(one_process, built, tmp_path):
     rdzv = f"127.0.0.1:{_free_port()}"
-    options = ["--backend", "torch", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "256", "--lr", "1e-3",
-               "--max-steps", "3", "--nproc", "1", "--nnodes", "2", "--rdzv", rdzv]
+    options = ["--backend", "torch", "--batch-size", str(RUN["batch_size"]), "--grad-accum", str(RUN["grad_accum"]),
+               "--seq-len", str(RUN["seq_len"]), "--lr", str(RUN["lr"]), "--max-steps", str(RUN["max_steps"]),
+               "--nproc", "1", "--nnodes", "2", "--rdzv", rdzv]
     nodes = [copy_prepared(built, tmp_path, f"node{rank}") for rank in (0, 1)]
     procs = [start("train", ws, "--data", DATA, *options, "--node-rank", str(rank)) for rank, ws in enumerate(nodes)]
     try:
