@@ -199,8 +199,11 @@ class _Outcome:
 
     def result_of(self, name: str, code: int, log_path: Path) -> dict:
         """The result, or the error the child reported (or its death) raised here."""
-        if self.interrupted is not None and self.result is None:
-            raise self.interrupted  # whatever the child made of the signal (libraries turn it into other errors)
+        stopped = isinstance(self.result, dict) and self.result.get("interrupted")  # the child saved where it was
+        if self.interrupted is not None and not stopped:
+            # whatever the child made of the signal (libraries turn it into other errors, or finish anyway): the
+            # user asked to stop, and this side stops before it records anything
+            raise self.interrupted
         if (error := self.error) is not None:
             if error.get("kind") == "user":
                 raise EdgeftError(error["message"])

@@ -47,6 +47,10 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
+    if os.environ.get("EDGEFT_RUNTIME_PATH"):
+        # The training runtime never uses DeepSpeed, but onnxruntime.training imports it where it is installed (the
+        # `distributed` extra): 0.4 s more per start, accelerator chatter, and an import that can lose a Ctrl-C.
+        sys.modules.setdefault("deepspeed", None)
     _die_with_parent()
     terminate_like_interrupt()  # `kill` on the training runtime saves a checkpoint as Ctrl-C does
     events.open_channel()
