@@ -113,12 +113,12 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['run']} | {row['ranks']} | {peaks} | {training} | {row['predicted_mb']:,.0f} | "
                      f"{error:+.0%} | {row['step_s_median']:.2f} |")
     lines += ["", "Reading: ddp and zero2 keep the whole base on every rank (with LoRA, zero2's sharded optimizer "
-              "state is small), and the planner predicts their per-rank peak. zero3 and fsdp shard the frozen base, "
-              "yet on this CPU each rank peaked higher than under ddp, far above the planner's shard-plus-one-layer "
-              "figure: what holds the rest (FSDP2 keeps the root group, here the 0.2 B embedding and LM head, "
-              "unsharded between forward and backward; gathered copies; the model each rank loads whole before "
-              "sharding) is the next thing to measure. Step times on 2 CPU cores shared by 2 ranks are not a "
-              "speed-up measure.", ""]
+              "state is small), and the planner predicts their per-rank peak. zero3 and fsdp shard the frozen base "
+              "(ZeRO-3 releasing each parameter after use, FSDP2 with the embedding and the LM head in groups of "
+              "their own), yet on this CPU each rank still peaked about as high as under ddp, above the planner's "
+              "shard-plus-one-layer figure: the gathered copies and the model each rank loads whole before "
+              "sharding are what to measure next. Step times on 2 CPU cores shared by 2 ranks are not a speed-up "
+              "measure.", ""]
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ def test_plan_says_how_many_ranks_a_model_needs(tmp_path):
     assert fits.code == 0 and "3 ranks, zero3" in fits.out
 
 
-SHARDED_GAP = ("measured 2026-12-03: each zero3/fsdp rank peaked at 1.7-1.9x the shard-plus-one-layer prediction on "
+SHARDED_GAP = ("measured 2026-12-03: each zero3/fsdp rank peaked at 1.2-1.4x the shard-plus-one-layer prediction on "
                "the CPU slice (benchmarks/results/distributed.md); what holds the rest is still to be found")
 
 
