@@ -139,17 +139,9 @@ class _Child:
 
     def outcome(self, on_event: EventHandler | None, one_job: bool = False) -> _Outcome:
         outcome = _Outcome(on_event, one_job)
-        try:
-            outcome.read(self.events)
-        except KeyboardInterrupt as e:
-            # Ctrl-C reached the child too (same process group); SIGTERM reached this process only, so it is
-            # passed on. The child stops where it can save: keep listening until it reports, so its final report
-            # (where it saved) reaches the user.
-            outcome.interrupted = e
-            if isinstance(e, Terminated):
-                self.proc.send_signal(signal.SIGTERM)
-            outcome.read(self.events)
+        listen(self.proc, lambda: outcome.read(self.events), outcome)
         return outcome
+
 
     def __enter__(self) -> _Child:
         return self
@@ -166,6 +158,19 @@ class _Child:
             self.proc.kill()
             self.proc.wait()
         self.events.close()
+
+
+def listen(proc: subprocess.Popen, read: Callable[[], None], outcome: _Outcome) -> None:
+    """`read()` the child's events into `outcome`. Ctrl-C reached the child too (same process group); SIGTERM
+    reached this process only, so it is passed on. The child stops where it can save: keep listening until it
+    reports, so its final report (where it saved) reaches the user."""
+    try:
+        read()
+    except KeyboardInterrupt as e:
+        outcome.interrupted = e
+        if isinstance(e, Terminated):
+            proc.send_signal(signal.SIGTERM)
+        read()
 
 
 def _temporary_log() -> Path:

@@ -11,7 +11,6 @@ does not form within `timeout_s` ends the launch with the reason.
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft.core.errors import EdgeftError, Terminated
+from edgeft.core.errors import EdgeftError
 from edgeft.runtime import launcher
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -86,13 +85,7 @@ def run(job: launcher.Call, launch: Launch, *, on_event: launcher.EventHandler |
     with open(log_path, "w", encoding="utf-8") as log, open(events_path, encoding="utf-8") as events:
         proc = subprocess.Popen(command(launch, host, port, job, job_file), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
-        try:
-            _follow(proc, events, outcome)
-        except KeyboardInterrupt as e:
-            outcome.interrupted = e  # Ctrl-C reached the ranks too; SIGTERM only this process: passed on
-            if isinstance(e, Terminated):
-                proc.send_signal(signal.SIGTERM)
-            _follow(proc, events, outcome)
+        launcher.listen(proc, lambda: _follow(proc, events, outcome), outcome)
         code = proc.wait()
     if code != 0 and outcome.interrupted is None:
         if outcome.result is None and outcome.error is None and _never_met(log_path):
