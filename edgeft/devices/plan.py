@@ -54,6 +54,15 @@ CALIBRATION = {
 # What a rank adds to the engine's runtime (process group; DeepSpeed's engine and its imports), MB: measured by
 # benchmarks/distributed.py (2 ranks, real-width Phi-3 slice, CPU).
 DISTRIBUTED_RUNTIME_MB = {"ddp": 60.0, "zero2": 150.0, "zero3": 150.0, "fsdp": 60.0}
+# Frozen weights a rank of a strategy sharding the base holds whole at its peak, in decoder layers' worth: the
+# layer being computed, the collective's buffers (FSDP2 on gloo: the all-gather's output and its copy-out into
+# the parameters), and whatever of the next layer is already gathered. Fitted to benchmarks/distributed.py at 4
+# layers of the real-width Phi-3 slice (zero3 1.6, fsdp 2.6) and checked at 8 (results/distributed.md).
+GATHERED_LAYERS = {"zero3": 1.6, "fsdp": 2.6}
+# Effective bandwidth of the ranks' collectives, GB/s received per rank: gloo between 2 ranks on this 2-core box
+# over loopback (zero3 and fsdp steps 13.2 and 13.5 s longer than ddp's for 2 x 1.3 GB gathered, fitted at 4
+# layers). Between machines the network bounds it; NCCL over NVLink is two to three orders of magnitude faster.
+LINK_GBS = 0.19
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient, AdamW first and second moments
 PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 32}
 
@@ -159,6 +168,7 @@ class Plan:
     peak_gflops: float
     compute: str
     dequant_s: float = 0.0  # of step_s: dequantizing a quantized base
+    comm_s: float = 0.0  # of step_s: the ranks' collectives (gathering a sharded base, reducing gradients)
 
     @property
     def fits(self) -> bool | None:
@@ -180,8 +190,8 @@ def activation_bytes(shape: Shape, seq_len: int, batch: int, backend: str, recom
 
 
 def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_linear: int = 0) -> Memory:
-    """One rank's peak: under zero3/fsdp the frozen base and the adapter are sharded (plus one decoder layer gathered
-    whole at a time), under zero2 too the gradients and the AdamW state; each rank runs its share of the batch."""
+    """One rank's peak: under zero3/fsdp the frozen base and the adapter are sharded (plus GATHERED_LAYERS decoder
+    layers held whole), under zero2 too the gradients and the AdamW state; each rank runs its share of the batch."""
     c = CALIBRATION[run.backend]
     ranks = run.ranks if run.ranks > 1 else 1
     shard_base = ranks if run.strategy in SHARDS_BASE else 1
@@ -194,9 +204,9 @@ def memory(shape: Shape, run: Run, base_params: int, trainable: int, largest_lin
         frozen -= embed * 4  # memory-mapped from base.data: only the rows of the batch's tokens are ever read
     # Both backends dequantize each weight at its use (see CALIBRATION).
     dequantized = 0.0 if run.base_precision == "fp32" else 4 * c["dequant_live"][run.base_precision] * largest_linear
-    if shard_base > 1:  # a shard, and the decoder layer being computed gathered whole
+    if shard_base > 1:  # a shard, and what is gathered whole around the decoder layer being computed
         layer = (base_params - shape.vocab * shape.hidden * (1 if shape.tied else 2)) / shape.layers
-        frozen = frozen / shard_base + layer * PRECISION_BYTES[run.base_precision]
+        frozen = frozen / shard_base + GATHERED_LAYERS[run.strategy] * layer * PRECISION_BYTES[run.base_precision]
     runtime = c["runtime_mb"] + (DISTRIBUTED_RUNTIME_MB[run.strategy] if ranks > 1 else 0.0)
     return Memory(frozen=frozen, adapters=4.0 * trainable / shard_base,
                   optimizer=(OPTIMIZER_BYTES - 4.0) * trainable / shard_state,
@@ -228,6 +238,19 @@ def step_seconds(shape: Shape, run: Run, matmul: int, trainable: int, peak_gflop
     return matmuls + attention, seconds
 
 
+def comm_seconds(run: Run, base_params: int, trainable: int, link_gbs: float = LINK_GBS) -> float:
+    """Time per step in the ranks' collectives: every strategy reduces the adapter's gradients; zero3 and fsdp also
+    gather the rest of the base for each pass over it (forward, backward, and the forward again when recomputed)."""
+    if run.ranks <= 1:
+        return 0.0
+    elsewhere = (run.ranks - 1) / run.ranks  # of each tensor, the part other ranks hold
+    moved = 2 * 4.0 * trainable * elsewhere  # a ring all-reduce of fp32 gradients
+    if run.strategy in SHARDS_BASE:
+        passes = 3 if run.recompute else 2
+        moved += passes * base_params * PRECISION_BYTES[run.base_precision] * elsewhere
+    return moved / (link_gbs * 1e9)
+
+
 def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | None = None) -> Plan:
     model_dir = Path(model_dir)
     config = families.read_config(model_dir)
@@ -241,14 +264,15 @@ def make(model_dir: Path, run: Run, profile: Profile | None, trainable: int | No
     matmul = matmul_params(model_dir)
     flops, seconds = step_seconds(shape, run, matmul, trainable, peak) if peak else (0.0, 0.0)
     dequant = dequant_seconds(shape, run, matmul, profile.memory.bandwidth_gbs.value) if peak else 0.0
-    seconds += dequant
+    comm = comm_seconds(run, base, trainable) if peak else 0.0
+    seconds += dequant + comm
     tokens = run.seq_len * run.batch_size
     largest = max((r * c for r, c in linear_shapes(model_dir).values()), default=0)
     return Plan(model_dir=model_dir, shape=shape, run=run, base_params=base, trainable=trainable,
                 memory=memory(shape, run, base, trainable, largest),
                 budget_bytes=profile.memory_budget_bytes if profile else None, flops_per_step=flops,
                 step_s=seconds, tokens_per_s=tokens / seconds if seconds else 0.0, peak_gflops=peak or 0.0,
-                compute=compute, dequant_s=dequant)
+                compute=compute, dequant_s=dequant, comm_s=comm)
 
 
 CHOICE_SEQ_LEN = 256  # the run a profile's defaults are picked for: batch 1 x this many tokens
@@ -401,6 +425,7 @@ def render(p: Plan, profile: Profile | None) -> str:
         lines.append(f"step time: {p.step_s:.3g} s ({p.flops_per_step / 1e12:.3g} TFLOP at "
                      f"{CALIBRATION[p.run.backend]['efficiency']:.0%} of {p.peak_gflops:g} GFLOP/s, {p.compute}"
                      + (f"; {p.dequant_s:.3g} s of it dequantizing the {p.run.base_precision} base" if p.dequant_s else "")
+                     + (f"; {p.comm_s:.3g} s in the ranks' collectives at {LINK_GBS:g} GB/s" if p.comm_s else "")
                      + f") -> {p.tokens_per_s:,.1f} tokens/s")
         b = profile.budgets
         if b and b.train_tokens_per_s:
@@ -437,7 +462,7 @@ def to_dict(p: Plan, profile: Profile | None) -> dict:
     out = {"shape": dataclasses.asdict(p.shape), "run": dataclasses.asdict(p.run), "base_params": p.base_params,
            "trainable_params": p.trainable, "memory_bytes": {**dataclasses.asdict(p.memory), "total": p.memory.total},
            "budget_bytes": p.budget_bytes, "fits": p.fits, "flops_per_step": p.flops_per_step, "step_s": p.step_s,
-           "tokens_per_s": p.tokens_per_s, "dequant_s": p.dequant_s, "peak_gflops": p.peak_gflops, "compute": p.compute,
+           "tokens_per_s": p.tokens_per_s, "dequant_s": p.dequant_s, "comm_s": p.comm_s, "peak_gflops": p.peak_gflops, "compute": p.compute,
            "device": profile.name if profile else None, "model_dir": str(p.model_dir)}
     if profile and not p.fits:
         best = largest_fit(p.model_dir, p.run, profile, p.trainable)

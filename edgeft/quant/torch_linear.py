@@ -70,6 +70,14 @@ def load(model_dir: Path, adapter_init: Path, quant: dict, trust_remote_code: bo
     """The PEFT model of `adapter_init` on the base in `model_dir`, its frozen Linear weights quantized as
     `quant` says (quantize.settings), everything else fp32. Reads one tensor at a time: a Phi-3-mini with an
     int4 base never holds its 15 GB of fp32 weights."""
+    model, shards = load_lazily(model_dir, adapter_init, quant, trust_remote_code)
+    lazy.load_(model, shards)  # the rest: embedding, norms (and everything, with an fp32 base)
+    return model
+
+
+def load_lazily(model_dir: Path, adapter_init: Path, quant: dict, trust_remote_code: bool = False):
+    """`load`'s model with its fp32 weights left as placeholders (lazy.py), and the files they are in: for a
+    caller that reads them one part at a time (a strategy sharding the base, torch_engine.py)."""
     from peft import PeftModel
 
     base, shards = lazy.empty_model(model_dir, trust_remote_code)
@@ -82,5 +90,4 @@ def load(model_dir: Path, adapter_init: Path, quant: dict, trust_remote_code: bo
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantizedLinear(module.weight, module.bias, quant))
             del module
-    lazy.load_(model, shards)  # the rest: embedding, norms (and everything, with an fp32 base)
-    return model
+    return model, shards

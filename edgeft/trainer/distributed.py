@@ -12,7 +12,7 @@ Strategies (the engines are in torch_engine.py):
     zero2  DeepSpeed ZeRO stage 2: optimizer state and gradients sharded, parameters whole
     zero3  DeepSpeed ZeRO stage 3: parameters sharded too (the frozen base included)
     fsdp   PyTorch FSDP2 (`fully_shard` per decoder layer): parameters, gradients and state sharded
-gloo on CPU, NCCL on GPUs.
+The ranks talk over gloo: the torch engine computes on the CPU (a CUDA engine with NCCL is still to come).
 """
 
 from __future__ import annotations
@@ -51,13 +51,12 @@ class World:
         return self.rank == 0
 
     def start(self, timeout_s: int = 300) -> None:
-        """Join the process group (gloo on CPU, NCCL on GPUs)."""
-        import torch
+        """Join the process group: gloo, as the torch engine computes on the CPU (also on a machine with GPUs; NCCL
+        comes with a CUDA engine)."""
         import torch.distributed as dist
 
         if self.distributed and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
     def share(self, batch: dict) -> tuple[dict, float]:
         """This rank's rows of a global micro-batch and their share of its target tokens."""

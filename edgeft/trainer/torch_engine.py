@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from edgeft.core import rss
 from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss
+from edgeft.models import lazy
 from edgeft.runtime import jobs
+from edgeft.runtime.torchrun import SHARDS_BASE
 from edgeft.trainer import events, loop
 from edgeft.trainer.distributed import ALONE, World
 
@@ -31,7 +33,10 @@ class TorchEngine:
         from edgeft.quant import torch_linear
 
         torch.manual_seed(int(cfg["seed"]))
-        model = torch_linear.load(model_dir, adapter_init, cfg.get("base_quant", {"precision": "fp32"}))
+        model, self.shards = torch_linear.load_lazily(model_dir, adapter_init,
+                                                      cfg.get("base_quant", {"precision": "fp32"}))
+        if not (world.distributed and cfg.get("strategy") in SHARDS_BASE):
+            lazy.load_(model, self.shards)  # whole; a strategy sharding the base reads it in parts (load_in_parts)
         if cfg.get("recompute"):  # one decoder layer's activations at a time, recomputed in the backward pass
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.wrapper = CausalLMLoss(model, logits=False)  # the loss alone: no head over unlabelled positions
@@ -56,6 +61,18 @@ class TorchEngine:
             return self.wrapper
         # the buffers (a quantized base's packed weights) are frozen and equal on every rank: never broadcast
         return torch.nn.parallel.DistributedDataParallel(self.wrapper, broadcast_buffers=False)
+
+    def load_in_parts(self, shard) -> None:
+        """Read the frozen base part by part (each decoder layer, the embedding, the LM head, then the rest) and
+        `shard(part)` each before the next is read: a rank holds its shards plus one part, never the whole model
+        (which may not fit one machine: the point of sharding it)."""
+        lm = self.wrapper._causal_lm()
+        embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        # a head tied to the embedding shares its parameter: it goes with the rest, in one group
+        tied = getattr(head, "weight", None) is embedding.weight
+        for part in (*lm.get_decoder().layers, *(() if tied else (embedding, head)), self.wrapper):
+            lazy.load_(part, self.shards)
+            shard(part)
 
     def make_optimizer(self):
         # ORT 1.19's AdamW uses eps 1e-6 (onnxblock default); the same here keeps the two comparable.
@@ -149,7 +166,7 @@ def main(job: jobs.TorchTrain) -> dict:
             resume = read_checkpoint(Path(job.resume_path)) if job.resume_path else None
         engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.distributed else TorchEngine
         engine = engine_type(Path(job.model_dir), Path(job.adapter_init), job.config, resume, world)
-        if world.distributed:  # the peak of loading (each rank loads the whole model before sharding), then training's
+        if world.distributed:  # the peak of loading (and sharding, for zero3 and fsdp), then training's from here
             engine.load_peak_mb = round(rss.peak_mb(), 1)
             rss.reset_peak()
         events.log(f"PyTorch {torch.__version__} engine ready" +
@@ -168,15 +185,10 @@ class FsdpEngine(TorchEngine):
     def wrap(self) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        lm = self.wrapper._causal_lm()
-        embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-        # the embedding and the LM head in groups of their own: left in the root group they would stay gathered
-        # from the forward pass to the backward pass (FSDP2 does not reshard the root in between). A head tied to
-        # the embedding shares its parameter, which must stay in one group: the root's.
-        tied = getattr(head, "weight", None) is embedding.weight
-        for module in (*lm.get_decoder().layers, *(() if tied else (embedding, head))):
-            fully_shard(module)
-        return fully_shard(self.wrapper)
+        # one group per part, the embedding and the LM head apart too: left in the root group they would stay
+        # gathered from the forward pass to the backward pass (FSDP2 does not reshard the root in between)
+        self.load_in_parts(fully_shard)
+        return self.wrapper  # fully_shard made it (the last part) the root
 
     @staticmethod
     def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -228,6 +240,10 @@ class DeepSpeedEngine(TorchEngine):
                                         "stage3_prefetch_bucket_size": 0},
                   "gradient_clipping": float(self.max_grad_norm or 0.0), "zero_allow_untested_optimizer": True,
                   "steps_per_print": 2**31 - 1}
+        if stage == 3:  # partitioned as it is read (deepspeed.initialize would partition a whole model)
+            deepspeed.init_distributed(torch.distributed.get_backend())  # the group torchrun's ranks formed
+            self.load_in_parts(lambda part: deepspeed.zero.Init(module=part, config_dict_or_path=config,
+                                                                dtype=torch.float32))
         optimizer = super().make_optimizer()
         self.model, ds_optimizer, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=optimizer, config=config)
         self.base_optimizer, self.micro = optimizer, 0

@@ -35,7 +35,8 @@ def test_per_rank_memory_follows_what_each_strategy_shards(tmp_path):
     per = {s: plan.make(model, Run(seq_len=512, batch_size=4, backend="torch", ranks=4, strategy=s), None).memory
            for s in ("ddp", "zero2", "zero3", "fsdp")}
     assert per["ddp"].frozen == per["zero2"].frozen == one.frozen  # the whole base on every rank
-    assert per["zero3"].frozen == per["fsdp"].frozen < one.frozen / 3  # a quarter, and one layer gathered
+    # a quarter each, plus what is gathered around the layer computed (FSDP2 on gloo holds more of it)
+    assert per["zero3"].frozen < per["fsdp"].frozen < one.frozen / 3
     assert per["zero2"].optimizer == pytest.approx(one.optimizer / 4) and per["ddp"].optimizer == one.optimizer
     assert all(m.activations == pytest.approx(one.activations / 4) for m in per.values())  # a sample each
 
@@ -54,12 +55,7 @@ def test_plan_says_how_many_ranks_a_model_needs(tmp_path):
     assert fits.code == 0 and "3 ranks, zero3" in fits.out
 
 
-SHARDED_GAP = ("measured 2026-12-03: each zero3/fsdp rank peaked at 1.2-1.4x the shard-plus-one-layer prediction on "
-               "the CPU slice (benchmarks/results/distributed.md); what holds the rest is still to be found")
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", pytest.param("zero3", marks=pytest.mark.xfail(
-    strict=True, reason=SHARDED_GAP)), pytest.param("fsdp", marks=pytest.mark.xfail(strict=True, reason=SHARDED_GAP))])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_the_planner_predicts_the_measured_per_rank_memory_within_15_percent(strategy, tmp_path):
     measured = json.loads(RESULTS.read_text())
     model = config_folder(tmp_path, "slice", SLICE | {"num_hidden_layers": measured["layers"]})
