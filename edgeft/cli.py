@@ -386,6 +386,13 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve the OpenAI fine-tuning and chat API on this box (uploads, jobs, events, models, chat completions)."""
+    from edgeft.service.serve import ServeConfig, serve
+
+    return serve(_parse(ServeConfig, args, "serve options"))
+
+
 def _int_or(value: str) -> int:
     try:
         return int(value)
@@ -524,6 +531,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("chat", cmd_chat, (
         arg("bundle", help="a bundle folder, or a workspace (its bundle/)"),
         arg("--prompt", help="one prompt; without it, read prompts from stdin")), "edgeft.stages.chat:ChatConfig"),
+    Command("serve", cmd_serve, (), "edgeft.service.serve:ServeConfig"),
     Command("data check", cmd_data_check, (
         arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),

@@ -23,6 +23,7 @@ BELOW = {
     "fleet": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages"},
     "pipeline": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages",
                  "fleet"},
+    "service": {"core", "devices", "data", "stages"},  # runs the pipeline as `edgeft run`, in a child process
 }
 
 

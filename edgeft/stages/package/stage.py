@@ -215,6 +215,20 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
     return ws.bundle
 
 
+def base_bundle(ws_path: Path, out: Path, device=None) -> Path:
+    """The bundle `package --adapters` builds for this workspace's adapters, before any is trained: the int4 base
+    with its LoRA inputs, and the untrained adapter (zero: with or without it active, exactly the base). The
+    service answers a base model with it, and loads that base's fine-tuned adapters into it."""
+    ws = Workspace.existing(ws_path)
+    prep = ws.require(Prepared, f"prepare it first: `edgeft prepare MODEL_DIR --out {ws.root}`")
+    quant = _quantization(ws, PackageConfig(adapters=True, precision="int4"), device)
+    with ws.lock("package"), atomic_dir(Path(out)) as tmp:
+        build_adapters(prep.model_dir, prep.num_hidden_layers, {"base": ws.adapter_init}, tmp, ws.builder_cache,
+                       "int4", "cpu", quant)
+        set_cpu_threads(tmp, device.cpu.cores if device else os.cpu_count() or 1)
+    return Path(out)
+
+
 def _sources(prep: Prepared, merged: Merged, adapter_files: dict[str, Path], sources: list[Workspace]) -> dict:
     """What the bundle was built from, for its manifest: the model, the merged adapter, and each shipped adapter."""
     return {
