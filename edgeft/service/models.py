@@ -122,7 +122,7 @@ class Reply:
                 gen.set_active_adapter(e.adapters, self.adapter)
             gen.append_tokens(self.ids)
             new: list[int] = []
-            shown = ""
+            shown, cut = "", -1
             while not gen.is_done():
                 gen.generate_next_token()
                 new.append(int(gen.get_next_tokens()[0]))
@@ -146,6 +146,7 @@ class Models:
         self.state, self.store, self.device, self.default_seq_len = Path(state), store, device, seq_len
         self.engines: dict[str, Engine] = {}  # by base graph digest
         self.base_of: dict[str, str] = {}  # base model id -> its engine's digest
+        self._digests: dict[Path, str] = {}  # bundle -> its base graph's digest
         self.lock = threading.Lock()
 
     # -- what jobs need --------------------------------------------------------------------------------------
@@ -192,8 +193,6 @@ class Models:
                 engine = self.engines[digest] = Engine(bundle)
             engine.load(job["id"], adapter)
         return engine, job["id"]
-
-    _digests: dict[Path, str] = {}
 
     def _digest_of(self, bundle: Path) -> str:
         if bundle not in self._digests:
