@@ -22,9 +22,23 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp's 0600 would make every written file private
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """This process's umask (read without changing it where Linux says it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def write_text(final: Path, text: str) -> Path:
@@ -57,6 +71,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     with scratch_dir(final.parent, final.name) as tmp:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make the folder private
         if final.exists():
             old = _outgoing(final)
             shutil.rmtree(old, ignore_errors=True)

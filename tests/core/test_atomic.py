@@ -1,5 +1,6 @@
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,16 @@ def test_sweeping_one_name_leaves_the_temporaries_of_others(tmp_path):
     assert atomic.sweep(tmp_path, "step-1") == [".step-1.999999999.abc.tmp"]
     assert atomic.sweep(tmp_path, "merged") == [".merged.999999999.abc.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.v2.999999999.abc.tmp", ".step-10.999999999.abc.tmp"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_and_folders_get_the_umask_modes_not_private_temporary_ones(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        text = atomic.write_text(tmp_path / "a.json", "{}")
+        with atomic.atomic_dir(tmp_path / "bundle") as tmp:
+            (tmp / "model.onnx").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(text.stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o777 & ~mask
