@@ -202,9 +202,10 @@ def markdown(r: dict) -> str:
         f"Uploads: {up['uploads']} at once, {up['errors']} errors, every file whole: {up['all_whole']}; "
         f"{up['wall_s']:.2f} s in all ({up['mb_per_s']:.1f} MiB/s), latency p50 {up['latency_p50_s']:.3f} s, "
         f"p95 {up['latency_p95_s']:.3f} s.", "",
-        "Reading: requests on one base are served one at a time (one og.Model, one generation at a time), so "
-        "the service's throughput is the reference's less the HTTP and JSON around each request, and a request's "
-        "latency under load is mostly its wait in line.", ""])
+        "Reading: concurrent requests on one base take turns on its og.Model one generation step at a time (each "
+        "request its own og.Generator), so the service's throughput is the reference's less the HTTP, JSON and "
+        "turn-taking around each token, and under load every request's latency approaches the whole batch's wall "
+        "time.", ""])
 
 
 if __name__ == "__main__":

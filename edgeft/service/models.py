@@ -7,7 +7,8 @@ per job, and the base answers with no adapter active. A job's bundle whose base 
 the base's (built with other settings) is opened as a model of its own, so that an adapter only ever runs on the
 graph it was built for.
 
-Generation on one og.Model is serialized (one request at a time per base; others wait their turn).
+Calls into one og.Model are serialized, one generation step at a time: concurrent requests on a base take turns
+token by token (each its own og.Generator), and none holds the model while its reader is away.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class Engine:
         self.lock = threading.Lock()
 
     def load(self, name: str, path: Path) -> None:
+        with self.lock:
+            self._load(name, path)
+
+    def _load(self, name: str, path: Path) -> None:
         if name not in self.loaded:
             try:
                 self.adapters.load(str(path), name)
@@ -111,6 +116,9 @@ class Reply:
         return len(self.ids)
 
     def __iter__(self) -> Iterator[str]:
+        """The reply's text, piece by piece. The engine is held for one step at a time, never across a yield:
+        a streamed reply waits on its reader between pieces, and holding the model then would leave every other
+        request (and the threads the server reads streams with) waiting on a reader that waits on them."""
         import onnxruntime_genai as og
 
         e = self.engine
@@ -121,23 +129,26 @@ class Reply:
             if self.adapter is not None:
                 gen.set_active_adapter(e.adapters, self.adapter)
             gen.append_tokens(self.ids)
-            new: list[int] = []
-            shown, cut = "", -1
-            while not gen.is_done():
+        new: list[int] = []
+        shown, cut = "", -1
+        while True:
+            with e.lock:
+                if gen.is_done():
+                    break
                 gen.generate_next_token()
                 new.append(int(gen.get_next_tokens()[0]))
                 text = e.tok.decode(np.asarray(new, dtype=np.int32))
-                cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                if text.startswith(shown) and not text.endswith("\ufffd") and len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
-                if cut >= 0:
-                    break
-            self.completion_tokens = len(new)
-            if cut < 0 and len(new) >= self.max_tokens:
-                self.finish_reason = "length"
+            cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+            if text.startswith(shown) and not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+            if cut >= 0:
+                break
+        self.completion_tokens = len(new)
+        if cut < 0 and len(new) >= self.max_tokens:
+            self.finish_reason = "length"
 
 
 class Models:
@@ -224,11 +235,12 @@ class Models:
 
     def reply(self, model_id: str, messages: list[dict], max_tokens: int | None, stop: list[str]) -> Reply:
         engine, adapter = self.engine(model_id)
-        try:
-            prompt = engine.tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - a model without a chat template: the last message as it is
-            prompt = messages[-1]["content"]
-        ids = np.asarray(engine.tok.encode(prompt), dtype=np.int32)
+        with engine.lock:  # every call into an og.Model's objects is made holding it
+            try:
+                prompt = engine.tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - a model without a chat template: the last message as it is
+                prompt = messages[-1]["content"]
+            ids = np.asarray(engine.tok.encode(prompt), dtype=np.int32)
         room = (engine.context or len(ids) + 4096) - len(ids)
         if room <= 0:
             raise ContextExceeded(f"the messages are {len(ids)} tokens and {model_id}'s context is {engine.context}: "

@@ -6,8 +6,10 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import openai
 import pytest
 from safetensors.numpy import load_file
 
@@ -105,11 +107,73 @@ def test_streaming_sends_the_same_reply_in_pieces(finished):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_more_concurrent_streams_than_server_threads_all_finish(finished):
+    """48 streams at once (the server reads streams with 40 threads): each holds the model one step at a time,
+    never while its reader is away, so none waits on another forever."""
+    server, job = finished
+    messages = [m for m, _ in sample(8)]
+
+    def stream(i):
+        chunks = server.client().chat.completions.create(model=job.fine_tuned_model, messages=messages[i % 8],
+                                                         max_tokens=12, stream=True, timeout=300)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(48) as pool:
+        streamed = list(pool.map(stream, range(48)))
+    alone = [server.client().chat.completions.create(model=job.fine_tuned_model, messages=m, max_tokens=12)
+             .choices[0].message.content for m in messages]
+    assert streamed == [alone[i % 8] for i in range(48)]
+
+
 def test_max_tokens_cuts_the_reply_with_finish_reason_length(finished):
     server, job = finished
     messages, _ = sample(1)[0]
     reply = server.client().chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=3)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+
+
+def test_a_prompt_past_the_context_is_refused_with_its_code(finished):
+    server, job = finished
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=job.fine_tuned_model,
+                                                messages=[{"role": "user", "content": "lights " * 5000}])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+
+
+def test_a_running_job_cancels_at_a_step_and_keeps_its_events(finished):
+    server, _ = finished
+    client = server.client()
+    job = create(client, seed=1)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(
+            e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=5)):
+        time.sleep(0.5)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    client.fine_tuning.jobs.cancel(job.id)
+    done = server.wait(job.id, ("cancelled",), timeout=300)
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert done.fine_tuned_model is None and events[0].message == "Fine-tuning job cancelled"
+    assert any(e.type == "metrics" for e in events) and events[-1].message.startswith("Created fine-tuning job")
+    assert done.fine_tuned_model not in [m.id for m in client.models.list()]
+
+
+def test_files_jobs_and_models_survive_a_restart(finished):
+    server, job = finished
+    client = server.client()
+    before = (sorted(f.id for f in client.files.list()), client.fine_tuning.jobs.retrieve(job.id).model_dump(),
+              [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=100)],
+              [c.id for c in client.fine_tuning.jobs.checkpoints.list(job.id)])
+    messages, _ = sample(1)[0]
+    answer = client.chat.completions.create(model=job.fine_tuned_model, messages=messages).choices[0].message.content
+    server.kill(signal.SIGTERM)
+    server.start()
+    client = server.client()
+    after = (sorted(f.id for f in client.files.list()), client.fine_tuning.jobs.retrieve(job.id).model_dump(),
+             [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=100)],
+             [c.id for c in client.fine_tuning.jobs.checkpoints.list(job.id)])
+    assert after == before
+    assert client.chat.completions.create(model=job.fine_tuned_model,
+                                          messages=messages).choices[0].message.content == answer
 
 
 @pytest.mark.slow
