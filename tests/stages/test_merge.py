@@ -44,7 +44,8 @@ def ort_eval_logits(ws, ckpt, batch, tmp_path):
     return np.load(tmp_path / "l.npy")
 
 
-@pytest.mark.parametrize("options", [{}, {"train_modules": ["lm_head"]}, {"dora": True}],
+@pytest.mark.parametrize("options", [{}, {"train_modules": ["lm_head"]},
+                                     pytest.param({"dora": True}, marks=pytest.mark.slow)],  # dora: streamed below
                          ids=["lora", "lora+lm_head", "dora"])
 def test_adapter_and_merged_model_reproduce_ort_eval_logits(tiny_model, tmp_path, options):
     from peft import PeftModel
@@ -130,7 +131,7 @@ def merged_tensors(folder):
 @pytest.mark.parametrize("family,backend,options", [
     ("phi3-mini-4k", "ort", {"base_precision": "int4"}),
     ("phi3-mini-4k", "ort", {"dora": True}),
-    ("qwen2.5", "ort", {"train_modules": ["lm_head"]}),  # tied embeddings, the head trained whole
+    pytest.param("qwen2.5", "ort", {"train_modules": ["lm_head"]}, marks=pytest.mark.slow),  # tied, head trained whole
     ("llama3.2", "torch", {"trainable_token_indices": [5, 7]}),
 ], ids=["int4-base", "dora", "qwen-tied-lm_head", "llama-trainable-tokens"])
 def test_streamed_merge_writes_what_the_loaded_merge_writes(tiny_model, tmp_path, monkeypatch, family, backend,

@@ -69,7 +69,8 @@ def matmul_nbits(bundle):
 
 @pytest.mark.parametrize("family,precision,symmetric", [
     ("phi3-mini-4k", "int4", True), ("phi3-mini-4k", "int4", False), ("phi3-mini-4k", "int8", True),
-    ("llama3.2", "int4", True), ("qwen2.5", "int4", True)])
+    pytest.param("llama3.2", "int4", True, marks=pytest.mark.slow),  # the builder's families: one in the default run
+    pytest.param("qwen2.5", "int4", True, marks=pytest.mark.slow)])
 def test_quantized_copy_builds_the_builders_own_int4(tiny_model, tmp_path, family, precision, symmetric):
     """The builder given edgeft's quantized copy (prequantize.py) ships the weights it would have quantized
     itself from fp32, and the two bundles compute the same logits and tokens."""

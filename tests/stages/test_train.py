@@ -106,7 +106,7 @@ def wait_for_step(ws, step, proc, timeout=120):
     raise TimeoutError
 
 
-@pytest.mark.parametrize("backend", ["ort", "torch"])
+@pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.slow)])  # torch: distributed tests too
 def test_sigkill_then_resume_ends_with_the_same_adapter(exported, tmp_path, backend):
     run = lambda ws, *extra: cli(ws, "--backend", backend, *extra)  # noqa: E731
     straight = fresh(exported, tmp_path, "straight")
