@@ -5,6 +5,7 @@ main environment, so its memory is measured like the ONNX Runtime engine's."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -183,11 +184,14 @@ class FsdpEngine(TorchEngine):
     parameters are DTensors, gathered whole for the norm, the checks and the checkpoints."""
 
     def wrap(self) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # the engine computes on the CPU: a mesh of CPUs (FSDP2's default is the machine's accelerator, if any)
+        mesh = init_device_mesh("cpu", (self.world.size,))
         # one group per part, the embedding and the LM head apart too: left in the root group they would stay
         # gathered from the forward pass to the backward pass (FSDP2 does not reshard the root in between)
-        self.load_in_parts(fully_shard)
+        self.load_in_parts(lambda part: fully_shard(part, mesh=mesh))
         return self.wrapper  # fully_shard made it (the last part) the root
 
     @staticmethod
@@ -227,6 +231,7 @@ class DeepSpeedEngine(TorchEngine):
         return self.wrapper  # deepspeed.initialize wraps it with the optimizer (make_optimizer)
 
     def make_optimizer(self):
+        os.environ["DS_ACCELERATOR"] = "cpu"  # the engine computes on the CPU, on a machine with GPUs too
         import deepspeed
 
         stage = {"zero2": 2, "zero3": 3}[self.cfg["strategy"]]
