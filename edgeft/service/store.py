@@ -97,12 +97,19 @@ class Store:
         row = self._one("SELECT * FROM jobs WHERE id = ?", job_id)
         return job_object(row) if row else None
 
+    def _page(self, table: str, job_id: str | None, after: str | None, limit: int) -> tuple[list, bool]:
+        """Rows of `table` (one job's, with `job_id`) newest first, those older than row `after`; and whether more
+        follow. `table` is one of this module's, never a request's."""
+        of_job, key = ("job_id = ? AND ", (job_id,)) if job_id is not None else ("", ())
+        start = self._one(f"SELECT seq FROM {table} WHERE {of_job}id = ?", *key, after) if after else None
+        bound = start["seq"] if start else None
+        rows = self._all(f"SELECT * FROM {table} WHERE {of_job}(? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
+                         *key, bound, bound, limit + 1)
+        return rows[:limit], len(rows) > limit
+
     def jobs(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
-        """Newest first, those older than job `after`; and whether more follow."""
-        start = self._one("SELECT seq FROM jobs WHERE id = ?", after) if after else None
-        rows = self._all("SELECT * FROM jobs WHERE ? IS NULL OR seq < ? ORDER BY seq DESC LIMIT ?",
-                         start["seq"] if start else None, start["seq"] if start else None, limit + 1)
-        return [job_object(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = self._page("jobs", None, after, limit)
+        return [job_object(r) for r in rows], more
 
     def next_job(self) -> dict | None:
         """The oldest job the worker owes a result (one left running by a killed server first: it resumes)."""
@@ -145,12 +152,8 @@ class Store:
         return int(row["step"]) if row and row["step"] is not None else 0
 
     def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
-        """Newest first, as the API lists them; `after`: those older than that event."""
-        start = self._one("SELECT seq FROM events WHERE id = ? AND job_id = ?", after, job_id) if after else None
-        bound = start["seq"] if start else None
-        rows = self._all("SELECT * FROM events WHERE job_id = ? AND (? IS NULL OR seq < ?) ORDER BY seq DESC "
-                         "LIMIT ?", job_id, bound, bound, limit + 1)
-        return [event_object(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = self._page("events", job_id, after, limit)
+        return [event_object(r) for r in rows], more
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, model: str) -> None:
         self._write("INSERT OR IGNORE INTO checkpoints (id, job_id, created_at, step, metrics, model) "
@@ -158,11 +161,8 @@ class Store:
                     json.dumps(metrics), model)
 
     def checkpoints(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
-        start = self._one("SELECT seq FROM checkpoints WHERE id = ? AND job_id = ?", after, job_id) if after else None
-        bound = start["seq"] if start else None
-        rows = self._all("SELECT * FROM checkpoints WHERE job_id = ? AND (? IS NULL OR seq < ?) ORDER BY seq DESC "
-                         "LIMIT ?", job_id, bound, bound, limit + 1)
-        return [checkpoint_object(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = self._page("checkpoints", job_id, after, limit)
+        return [checkpoint_object(r) for r in rows], more
 
     def fine_tuned_models(self) -> list[dict]:
         return [job_object(r) for r in self._all("SELECT * FROM jobs WHERE status = 'succeeded' ORDER BY seq")]
