@@ -34,6 +34,7 @@ from edgeft.core.workspace import Record, Workspace, checkpoint_dir, key_of
 from edgeft.models import lazy
 from edgeft.quant import quantize
 from edgeft.runtime import jobs, launcher
+from edgeft.stages import card
 from edgeft.stages.export import Exported, check_artifacts
 from edgeft.stages.prepare import Prepared
 from edgeft.stages.train import Trained
@@ -243,6 +244,9 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         with scratch_dir(ws.root, "merge-work") as work:
             verification = _merge(ws, ckpt, trained.config.backend, cfg, work)
         state = checkpoints.read_state(ckpt)
+        prep = ws.read(Prepared)
+        card.describe_adapter(ws.adapter, ws.root.name, prep.model_dir, prep, trained, state["position"]["step"],
+                              ckpt.name)  # its base named portably, and a model card instead of PEFT's template
         ws.write(Merged(
             config=cfg, checkpoint=ckpt.name, step=state["position"]["step"], backend=trained.config.backend,
             trained_at=trained.finished_at, verification=verification, key=key(cfg, trained, ckpt),

@@ -1,5 +1,6 @@
 """merge: the PEFT adapter and the merged model reproduce the training runtime's eval logits."""
 
+import hashlib
 import json
 import shutil
 
@@ -70,6 +71,28 @@ def test_adapter_and_merged_model_reproduce_ort_eval_logits(tiny_model, tmp_path
     if options.get("train_modules"):
         assert any("lm_head" in k for k in done)
     assert {p.name for p in (ws / "merged").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    if not options:  # the adapter names its base portably and carries a card, not PEFT's template
+        config = json.loads((ws / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == model_dir.name
+        card = (ws / "adapter" / "README.md").read_text()
+        assert f"base_model: {model_dir.name}\n" in card and str(model_dir) not in card
+        assert hashlib.sha256(DATA.read_bytes()).hexdigest() in card and "Model Card for Model ID" not in card
+        assert f"step {stages(ws)['merge']['step']}" in card and "PeftModel.from_pretrained" in card
+
+
+def test_the_base_is_named_by_its_hub_id_where_its_folder_says_it(tmp_path):
+    from edgeft.stages.card import portable_base_name
+
+    cached = tmp_path / "hub" / "models--microsoft--Phi-3-mini-4k-instruct" / "snapshots" / "0a67737c"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert portable_base_name(cached) == "microsoft/Phi-3-mini-4k-instruct"
+    saved = tmp_path / "phi4"
+    saved.mkdir()
+    (saved / "config.json").write_text(json.dumps({"_name_or_path": "microsoft/Phi-4-mini-instruct"}))
+    assert portable_base_name(saved) == "microsoft/Phi-4-mini-instruct"
+    (saved / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/models/phi4"}))
+    assert portable_base_name(saved) == "phi4"
 
 
 def test_torch_backend_merges_too(tiny_model, tmp_path):
