@@ -244,7 +244,10 @@ async def _upload(request: Request, service: Service) -> dict:
     within the size limit."""
     store, files_dir, limit = service.store, service.files, service.max_upload_bytes
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + 64 * 1024:
+    if not (length and length.isdigit()):  # a body of undeclared length could fill the disk before any check
+        raise ApiError(411, "send the upload with a Content-Length header (the openai client does)", "file",
+                       "length_required")
+    if int(length) > limit + 64 * 1024:
         raise ApiError(413, f"the upload is {int(length):,} bytes; this server takes files up to {limit:,} bytes "
                             "(serve --max-upload-mb)", "file", "file_too_large")
     try:

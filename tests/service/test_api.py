@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service.server import DATA, Server
+from tests.service.server import DATA, KEY, Server
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,15 @@ def test_bad_uploads_are_refused_and_leave_nothing(server, purpose, body, status
         server.client().files.create(file=("x.jsonl", body), purpose=purpose)
     assert e.value.status_code == status and e.value.body["param"] == param and e.value.body["message"]
     assert sorted(p.name for p in (server.state / "files").iterdir()) == before
+
+
+def test_an_upload_of_undeclared_length_is_refused(server):
+    def body():  # chunked: no Content-Length
+        yield b"--x\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--x--\r\n"
+
+    response = httpx.post(f"http://127.0.0.1:{server.port}/v1/files", content=body(),
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 411 and response.json()["error"]["code"] == "length_required"
 
 
 def test_ids_never_reach_the_filesystem(server):
