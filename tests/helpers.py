@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,9 +67,16 @@ def tree(folder: Path) -> dict[str, str]:
 
 
 def start(*argv, **kwargs):
-    """`edgeft ARGV` in a session of its own (a terminal's Ctrl-C reaches the whole process group)."""
+    """`edgeft ARGV` in a session of its own (a terminal's Ctrl-C reaches the whole process group), as a terminal's
+    foreground command: SIGINT at its default. A test run started in the background (`cmd &` without job control,
+    nohup) ignores SIGINT, every process it starts inherits that, and Python then installs no Ctrl-C handler."""
     return subprocess.Popen([sys.executable, "-m", "edgeft", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint, **kwargs)
+
+
+def _default_sigint() -> None:  # in the child, before exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(proc, text, timeout=120):
