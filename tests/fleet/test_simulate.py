@@ -111,6 +111,7 @@ def test_bad_fleet_options_are_refused(exported, tiny_model, tmp_path, flags, ph
     refused(cli("fleet", "sim", recipe, *flags), *phrases)
 
 
+@pytest.mark.slow  # the default run keeps under 30 min on the 2-core box
 def test_a_device_data_folder_gives_one_device_per_file(exported, tmp_path):
     folder = tmp_path / "homes"
     folder.mkdir()

@@ -26,6 +26,7 @@ def test_committed_base_is_small_and_loads_as_a_phi3_folder():
     assert info["exact_match"]["home_schema_test"] <= 0.05  # and has never answered in the home schema
 
 
+@pytest.mark.slow  # the default run keeps under 30 min on the 2-core box
 def test_the_script_reproduces_the_committed_base():
     """The first fingerprint step of the recorded recipe gives the recorded weights: bit for bit (sha256 of
     every tensor) on the kernels the base was built with, within the tolerance on other CPUs."""
