@@ -462,7 +462,8 @@ def to_dict(p: Plan, profile: Profile | None) -> dict:
     out = {"shape": dataclasses.asdict(p.shape), "run": dataclasses.asdict(p.run), "base_params": p.base_params,
            "trainable_params": p.trainable, "memory_bytes": {**dataclasses.asdict(p.memory), "total": p.memory.total},
            "budget_bytes": p.budget_bytes, "fits": p.fits, "flops_per_step": p.flops_per_step, "step_s": p.step_s,
-           "tokens_per_s": p.tokens_per_s, "dequant_s": p.dequant_s, "comm_s": p.comm_s, "peak_gflops": p.peak_gflops, "compute": p.compute,
+           "tokens_per_s": p.tokens_per_s, "dequant_s": p.dequant_s, "comm_s": p.comm_s, "peak_gflops": p.peak_gflops,
+           "compute": p.compute,
            "device": profile.name if profile else None, "model_dir": str(p.model_dir)}
     if profile and not p.fits:
         best = largest_fit(p.model_dir, p.run, profile, p.trainable)

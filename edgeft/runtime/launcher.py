@@ -142,7 +142,6 @@ class _Child:
         listen(self.proc, lambda: outcome.read(self.events), outcome)
         return outcome
 
-
     def __enter__(self) -> _Child:
         return self
 

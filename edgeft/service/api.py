@@ -24,10 +24,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from edgeft.core.atomic import atomic_path
 from edgeft.core.errors import EdgeftError
 from edgeft.service import worker as worker_mod
 from edgeft.service.models import ContextExceeded, Models, UnknownModel
-from edgeft.service.store import ACTIVE, Store, new_id
+from edgeft.service.store import ACTIVE, Store, new_id, upload_path, uploads
 
 ID = re.compile(r"(file|ftjob)-[0-9a-f]{24}")
 PURPOSES = ("fine-tune",)
@@ -59,16 +60,15 @@ class Service:
     store: Store
     models: Models
     worker: Any
-    files: Path
+    state: Path
     api_key: str
     max_upload_bytes: int
 
 
 def create_app(store: Store, models: Models, worker, state: Path, api_key: str, max_upload_bytes: int) -> FastAPI:
     app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None)
-    files = Path(state) / "files"
-    files.mkdir(parents=True, exist_ok=True)
-    app.state.service = Service(store, models, worker, files, api_key, max_upload_bytes)
+    uploads(state).mkdir(parents=True, exist_ok=True)
+    app.state.service = Service(store, models, worker, Path(state), api_key, max_upload_bytes)
     app.middleware("http")(_authenticate)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -134,7 +134,7 @@ def get_file(request: Request, file_id: str) -> dict:
 def file_content(request: Request, file_id: str) -> Response:
     service = _service(request)
     _file(service.store, file_id)
-    return Response((service.files / f"{file_id}.jsonl").read_bytes(), media_type="application/octet-stream")
+    return Response(upload_path(service.state, file_id).read_bytes(), media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")
@@ -142,7 +142,7 @@ def delete_file(request: Request, file_id: str) -> dict:
     service = _service(request)
     _file(service.store, file_id)
     service.store.delete_file(file_id)
-    (service.files / f"{file_id}.jsonl").unlink(missing_ok=True)
+    upload_path(service.state, file_id).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -242,7 +242,7 @@ def _job(store: Store, job_id: str) -> dict:
 async def _upload(request: Request, service: Service) -> dict:
     """A multipart upload (fields `file` and `purpose`), streamed to a temporary file and renamed when whole and
     within the size limit."""
-    store, files_dir, limit = service.store, service.files, service.max_upload_bytes
+    store, limit = service.store, service.max_upload_bytes
     length = request.headers.get("content-length")
     if not (length and length.isdigit()):  # a body of undeclared length could fill the disk before any check
         raise ApiError(411, "send the upload with a Content-Length header (the openai client does)", "file",
@@ -260,9 +260,8 @@ async def _upload(request: Request, service: Service) -> dict:
     if upload is None or isinstance(upload, str):
         raise _bad("the request has no file part; send the JSONL as multipart field 'file'", "file")
     file_id = new_id("file")
-    final, tmp = files_dir / f"{file_id}.jsonl", files_dir / f".{file_id}.part"
     digest, size = hashlib.sha256(), 0
-    try:
+    with atomic_path(upload_path(service.state, file_id)) as tmp:  # nothing under its name unless whole
         with open(tmp, "wb") as out:
             while block := await upload.read(1 << 20):
                 size += len(block)
@@ -275,9 +274,6 @@ async def _upload(request: Request, service: Service) -> dict:
             os.fsync(out.fileno())
         if size == 0:
             raise _bad("the file is empty; upload a JSONL of training examples", "file")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     name = Path(str(upload.filename or "upload.jsonl")).name[:255]  # metadata only: never a path
     return store.add_file(file_id, name, str(purpose), size, digest.hexdigest())
 

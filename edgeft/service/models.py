@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.core.errors import EdgeftError
-from edgeft.service.store import Store
+from edgeft.service.store import Store, job_workspace
 
 DEMO_BASE = Path(__file__).resolve().parents[1] / "tasks" / "home_base"
 DEMO_ID = "home_base"
@@ -192,7 +192,7 @@ class Models:
         job = next((j for j in self.store.fine_tuned_models() if j["fine_tuned_model"] == model_id), None)
         if job is None:
             raise UnknownModel(f"the model {model_id!r} does not exist; GET /v1/models lists them")
-        bundle = self.state / "jobs" / job["id"] / "bundle"
+        bundle = job_workspace(self.state, job["id"]) / "bundle"
         adapter = bundle / "adapters" / f"{job['id']}.onnx_adapter"
         if not adapter.is_file():
             raise EdgeftError(f"the bundle of {model_id} is missing from {bundle}; run the job again")

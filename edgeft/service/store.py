@@ -43,6 +43,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def uploads(state: Path) -> Path:
+    return Path(state) / "files"
+
+
+def upload_path(state: Path, file_id: str) -> Path:
+    """Where an upload's bytes are kept: named by its id (the API matches ids against their pattern first)."""
+    return uploads(state) / f"{file_id}.jsonl"
+
+
+def job_workspace(state: Path, job_id: str) -> Path:
+    """A job's edgeft workspace, named by its id."""
+    return Path(state) / "jobs" / job_id
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)

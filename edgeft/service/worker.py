@@ -27,7 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from edgeft.service.store import Store
+from edgeft.core import atomic
+from edgeft.core.errors import EdgeftError
+from edgeft.service.store import Store, job_workspace, upload_path
 
 DEFAULT_LR = 1e-3  # learning_rate_multiplier 1: a LoRA rate (the demo recipe's)
 DEFAULT_EPOCHS = 3
@@ -96,12 +98,14 @@ class Worker(threading.Thread):
         resumed = job["status"] == "running"
         self.store.update_job(job_id, status="running")
         self.store.add_event(job_id, "Fine-tuning job resumed after a restart" if resumed else "Fine-tuning job started")
-        code = self.pipeline(job)
+        metrics = MetricsLog(job_workspace(self.state, job_id) / "train" / "metrics.jsonl",
+                             self.store.last_metrics_step(job_id))
+        code = self.pipeline(job, metrics)
         if self.store.cancel_requested(job_id):
             self.store.update_job(job_id, status="cancelled")
             self.store.add_event(job_id, "Fine-tuning job cancelled")
         elif code == 0:
-            self.succeed(job)
+            self.succeed(job, metrics)
         elif not self.stopping.is_set():  # a server stopping leaves the job running: it resumes on restart
             self.fail(job_id, "job_failed", self.last_error(job_id) or f"the pipeline exited with code {code}")
 
@@ -114,12 +118,12 @@ class Worker(threading.Thread):
             file_id = job[param]
             if file_id is None:
                 continue
-            path = self.state / "files" / f"{file_id}.jsonl"
+            path = upload_path(self.state, file_id)
             if not path.is_file():
                 return f"invalid_{param}", f"{param} {file_id} was deleted before the job started", param
             try:
                 report = check.check(path, model_dir, seq_len=self.models.seq_len(job["model"]))
-            except Exception as e:  # noqa: BLE001 - data check raises EdgeftError on an unreadable file
+            except EdgeftError as e:  # an unreadable file (a bug is the worker's: run() reports it)
                 return f"invalid_{param}", f"{param} {file_id}: {e}", param
             problems = [f"line {m['line']}: {m['kind']}: {m['message']}" for m in report["problem_messages"][:20]]
             if problems or not report["valid_records"]:
@@ -131,13 +135,12 @@ class Worker(threading.Thread):
 
     def recipe(self, job: dict) -> Path:
         hyper = job["hyperparameters"]
-        files = self.state / "files"
         recipe = {
-            "name": job["id"], "workspace": str(self.state / "jobs" / job["id"]),
+            "name": job["id"], "workspace": str(job_workspace(self.state, job["id"])),
             "model": {"path": str(self.models.base_dir(job["model"]))},
             "lora": self.models.lora(job["model"]),
-            "data": {"train": str(files / f"{job['training_file']}.jsonl"),
-                     "eval": str(files / f"{job['validation_file']}.jsonl") if job["validation_file"] else None},
+            "data": {"train": str(upload_path(self.state, job["training_file"])),
+                     "eval": str(upload_path(self.state, job["validation_file"])) if job["validation_file"] else None},
             "train": {"epochs": int(hyper["n_epochs"]), "batch_size": int(hyper["batch_size"]),
                       "lr": DEFAULT_LR * float(hyper["learning_rate_multiplier"]), "seed": int(job["seed"]),
                       "warmup_steps": 10, "seq_len": self.models.seq_len(job["model"]), "truncation": "right"},
@@ -146,15 +149,10 @@ class Worker(threading.Thread):
         }
         if self.device:
             recipe["device"] = self.device
-        path = self.state / "recipes" / f"{job['id']}.yaml"
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return atomic.write_text(self.state / "recipes" / f"{job['id']}.yaml", yaml.safe_dump(recipe, sort_keys=False))
 
-    def pipeline(self, job: dict) -> int:
-        """Runs the job's recipe to its end (or its cancellation); the exit code."""
+    def pipeline(self, job: dict, metrics: MetricsLog) -> int:
+        """Runs the job's recipe to its end (or its cancellation), its metrics log followed; the exit code."""
         job_id = job["id"]
         log_path = self.state / "logs" / f"{job_id}.log"
         log_path.parent.mkdir(exist_ok=True)
@@ -169,14 +167,14 @@ class Worker(threading.Thread):
             cancelled_at = None
             while proc.poll() is None:
                 time.sleep(0.5)
-                self.sync_metrics(job_id)
+                self.sync_metrics(job_id, metrics)
                 if cancelled_at is None and (self.store.cancel_requested(job_id) or self.stopping.is_set()):
                     cancelled_at = time.time()
                     os.killpg(proc.pid, signal.SIGINT)
                 elif cancelled_at is not None and time.time() - cancelled_at > CANCEL_GRACE_S:
                     os.killpg(proc.pid, signal.SIGKILL)
             reader.join(timeout=10)
-            self.sync_metrics(job_id, final=True)
+            self.sync_metrics(job_id, metrics, final=True)
             self.proc = None
             return proc.returncode
 
@@ -190,71 +188,86 @@ class Worker(threading.Thread):
             if text and not text.startswith("step ") and "it/s]" not in text:  # nor progress bars
                 self.store.add_event(job_id, text[:2000], level="error" if text.startswith("error") else "info")
 
-    def sync_metrics(self, job_id: str, final: bool = False) -> None:
-        """Metrics events for the training steps the metrics log has and the events do not (a resumed run's log
-        repeats none: its steps go on from the checkpoint). The newest step waits for the next line unless the run
-        has ended: its evaluation, if any, comes right after it."""
-        path = self.state / "jobs" / job_id / "train" / "metrics.jsonl"
-        if not path.is_file():
-            return
-        done = self.store.last_metrics_step(job_id)
-        valid: dict[int, float] = {}
-        rows = []
-        lines = path.read_text(errors="replace").splitlines()
-        for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line being written
-            if not final and i >= len(lines) - 1:
-                break
-            if row.get("event") == "eval":
-                valid[int(row["step"])] = float(row["eval_loss"])
-            elif row.get("event") == "progress" and int(row["step"]) > done:
-                rows.append(row)
-        for row in rows:
-            step = int(row["step"])
-            data = {"step": step, "train_loss": row["loss"], "total_steps": row["total"],
+    def sync_metrics(self, job_id: str, metrics: MetricsLog, final: bool = False) -> None:
+        """A metrics event for each training step the log has completed since the last call."""
+        steps = metrics.new_steps(final)
+        for step in steps:
+            row = metrics.steps[step]
+            data = {"step": step, "train_loss": row["train_loss"], "total_steps": row["total"],
                     "train_mean_token_accuracy": None}
-            if step in valid:
-                data["valid_loss"] = valid[step]
-            self.store.add_event(job_id, f"Step {step}/{row['total']}: training loss={row['loss']:.4f}"
-                                 + (f", validation loss={valid[step]:.4f}" if step in valid else ""), data=data)
-            if row.get("eta_s") is not None:
-                self.store.update_job(job_id, estimated_finish=int(time.time() + row["eta_s"]))
+            if "valid_loss" in row:
+                data["valid_loss"] = row["valid_loss"]
+            self.store.add_event(job_id, f"Step {step}/{row['total']}: training loss={row['train_loss']:.4f}"
+                                 + (f", validation loss={row['valid_loss']:.4f}" if "valid_loss" in row else ""),
+                                 data=data)
+        if steps and metrics.steps[steps[-1]].get("eta_s") is not None:
+            self.store.update_job(job_id, estimated_finish=int(time.time() + metrics.steps[steps[-1]]["eta_s"]))
 
     def last_error(self, job_id: str) -> str | None:
         events, _ = self.store.events(job_id, None, 20)
         errors = [e["message"] for e in events if e["message"].startswith("error")]
         return errors[0].removeprefix("error:").strip() if errors else None
 
-    def succeed(self, job: dict) -> None:
+    def succeed(self, job: dict, metrics: MetricsLog) -> None:
         from edgeft.core.workspace import Workspace
         from edgeft.stages.train import Trained
 
         job_id = job["id"]
-        ws = Workspace(self.state / "jobs" / job_id)
+        ws = Workspace(job_workspace(self.state, job_id))
         trained = ws.read(Trained)
         model = fine_tuned_name(job)
-        self.record_checkpoints(job_id, ws, model)
+        self.record_checkpoints(job_id, ws, model, metrics)
         self.store.update_job(job_id, status="succeeded", fine_tuned_model=model, estimated_finish=None,
                               trained_tokens=trained.tokens_seen if trained else None)
         self.store.add_event(job_id, f"New fine-tuned model created: {model}")
         self.store.add_event(job_id, "The job has successfully completed")
 
-    def record_checkpoints(self, job_id: str, ws, model: str) -> None:
+    def record_checkpoints(self, job_id: str, ws, model: str, metrics: MetricsLog) -> None:
         """The run's kept checkpoints (its last ones and its best), with the metrics at their steps."""
-        metrics = {}
-        for line in (ws.training / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if row.get("event") == "progress":
-                metrics.setdefault(int(row["step"]), {})["train_loss"] = row["loss"]
-            elif row.get("event") == "eval":
-                metrics.setdefault(int(row["step"]), {})["valid_loss"] = row["eval_loss"]
         steps = sorted(int(p.name.removeprefix("step-")) for p in ws.checkpoints.glob("step-*") if p.is_dir())
         for step in steps:
-            self.store.add_checkpoint(job_id, step, {"step": step, **metrics.get(step, {})},
-                                      f"{model}:ckpt-step-{step}")
+            losses = {k: v for k, v in metrics.steps.get(step, {}).items() if k in ("train_loss", "valid_loss")}
+            self.store.add_checkpoint(job_id, step, {"step": step, **losses}, f"{model}:ckpt-step-{step}")
+
+
+class MetricsLog:
+    """A job's training metrics log (WS/train/metrics.jsonl), read as it grows from where the last read stopped:
+    each step's training loss (and total, ETA), and its validation loss where it was evaluated."""
+
+    def __init__(self, path: Path, emitted: int = 0):
+        self.path, self.offset, self.emitted = Path(path), 0, emitted  # emitted: the last step already an event
+        self.steps: dict[int, dict] = {}
+        self.newest: int | None = None  # a step's row with nothing after it yet: its evaluation may follow
+
+    def new_steps(self, final: bool = False) -> list[int]:
+        """Steps past `emitted` whose rows are complete: the newest waits for the next line unless the run has
+        ended (a resumed run's log repeats none of them: its steps go on from the checkpoint)."""
+        if self.path.is_file():
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            whole = chunk[:chunk.rfind(b"\n") + 1]  # a line being written waits for its end
+            self.offset += len(whole)
+            for line in whole.decode(errors="replace").splitlines():
+                self._take(line)
+        ready = sorted(s for s, row in self.steps.items()
+                       if s > self.emitted and "train_loss" in row and (final or s != self.newest))
+        if ready:
+            self.emitted = ready[-1]
+        return ready
+
+    def _take(self, line: str) -> None:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return
+        self.newest = None
+        if row.get("event") == "progress":
+            step = int(row["step"])
+            self.steps.setdefault(step, {}).update(train_loss=row["loss"], total=row["total"], eta_s=row.get("eta_s"))
+            self.newest = step
+        elif row.get("event") == "eval":
+            self.steps.setdefault(int(row["step"]), {})["valid_loss"] = float(row["eval_loss"])
 
 
 def fine_tuned_name(job: dict) -> str:

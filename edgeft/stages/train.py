@@ -262,7 +262,8 @@ class Trained(Record):
     peak_rss_mb: float = spec("peak memory of the training process (the highest rank's, distributed)", 0.0)
     rank_peak_rss_mb: list[float] = spec("each rank's peak memory, in rank order", default_factory=list)
     rank_training_peak_rss_mb: list[float] = spec("each rank's peak memory after its model was loaded (distributed: "
-                                                   "ddp and zero2 load the whole model, zero3 and fsdp a layer at a time)", default_factory=list)
+                                                   "ddp and zero2 load the whole model, zero3 and fsdp a layer at a "
+                                                   "time)", default_factory=list)
     last: str = spec("the last checkpoint", "")
     best: str | None = spec("the best checkpoint", None)
 
