@@ -72,10 +72,10 @@ def start(*argv, **kwargs):
     nohup) ignores SIGINT, every process it starts inherits that, and Python then installs no Ctrl-C handler."""
     return subprocess.Popen([sys.executable, "-m", "edgeft", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_default_sigint, **kwargs)
+                            preexec_fn=default_sigint, **kwargs)
 
 
-def _default_sigint() -> None:  # in the child, before exec
+def default_sigint() -> None:  # in the child, before exec
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

@@ -18,7 +18,7 @@ from edgeft.stages.prepare import PrepareConfig, prepare
 from edgeft.stages.train import TrainConfig, train
 from edgeft.trainer import checkpoints
 from edgeft.trainer.torch_engine import ADAPTER
-from tests.helpers import DATA, FAST, fresh, losses, stages
+from tests.helpers import DATA, FAST, default_sigint, fresh, losses, stages
 
 
 def trained(checkpoint, tmp_path):
@@ -153,7 +153,7 @@ def test_ctrl_c_saves_and_prints_the_resume_command(exported, tmp_path):
     # As from a terminal: a test run started in the background by a non-interactive shell ignores SIGINT, and
     # an ignored signal stays ignored in every process it starts; the run must see Ctrl-C as a user's would.
     proc = subprocess.Popen(cli(ws, "--max-steps", "400"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True, preexec_fn=default_sigint)
     wait_for_step(ws, 2, proc)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
