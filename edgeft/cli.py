@@ -189,7 +189,7 @@ def cmd_data_check(args) -> int:
 
     cfg = _parse(DataConfig, args, "data check options")
     profile = profiles.load(args.device) if args.device else None
-    report = check.check(Path(args.file), Path(args.model), cfg.seq_len, profile, cfg.train_on_prompt)
+    report = check.check(Path(args.file), Path(args.model), cfg.seq_len, profile, cfg.train_on_prompt, cfg.columns)
     print(json.dumps(report, indent=2) if args.json else check.render(report))
     return 0 if report["clean"] else 1
 
@@ -533,11 +533,12 @@ COMMANDS: tuple[Command, ...] = (
         arg("--prompt", help="one prompt; without it, read prompts from stdin")), "edgeft.stages.chat:ChatConfig"),
     Command("serve", cmd_serve, (), "edgeft.service.serve:ServeConfig"),
     Command("data check", cmd_data_check, (
-        arg("file", help="training data: .jsonl or .json (chat, prompt/completion or text)"),
+        arg("file", help="training data: .jsonl, .json, .parquet or a save_to_disk folder (chat, prompt/completion "
+                         "or text)"),
         arg("--model", required=True, help="model folder whose tokenizer and chat template to use"),
         arg("--device", help="device profile for the time estimate"),
         arg("--json", action="store_true")), "edgeft.data.dataset:DataConfig",
-        ("seq_len", "truncation", "train_on_prompt")),
+        ("seq_len", "truncation", "train_on_prompt", "columns")),
     Command("runtime install", cmd_runtime_install, (
         arg("--cuda", action="store_true",
             help="the CUDA training build with its CUDA 11.8 / cuDNN 8 libraries (about 2.9 GB) instead of the CPU one"),

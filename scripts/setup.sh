@@ -50,8 +50,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-echo "setup: installing edgeft with the dev, fleet, distributed and serve extras"
-DS_BUILD_OPS=0 "${PIP[@]}" install -e ".[dev,fleet,distributed,serve]"
+echo "setup: installing edgeft with the dev, fleet, distributed, serve, data and trackers extras"
+DS_BUILD_OPS=0 "${PIP[@]}" install -e ".[dev,fleet,distributed,serve,data,trackers]"
 # DeepSpeed compiles its shared-memory collective for CPU ranks on first use (about 3 min, cached under
 # ~/.cache/torch_extensions): once here, not in the first distributed run
 "$VENV/bin/python" -c "import deepspeed.comm.torch as c; c.build_shm_op()" >/dev/null 2>&1 \

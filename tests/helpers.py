@@ -112,10 +112,10 @@ def fresh(exported: Path, tmp_path: Path, name: str = "ws") -> Path:
     return ws
 
 
-def losses(ws: Path) -> list[float]:
-    """The training losses a workspace's run logged, step by step."""
+def losses(ws: Path, key: str = "loss") -> list[float]:
+    """The training losses (or another progress value) a workspace's run logged, step by step."""
     rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "progress"]
+    return [r[key] for r in rows if r["event"] == "progress"]
 
 
 def assert_backends_agree(ws: Path, tmp_path: Path, steps: int) -> None:

@@ -12,8 +12,9 @@ import numpy as np
 from edgeft.data import formats, tokenize
 
 
-def check(path: Path, model_dir: Path, seq_len: int = 512, profile=None, train_on_prompt: bool = False) -> dict:
-    result = formats.read(path)
+def check(path: Path, model_dir: Path, seq_len: int = 512, profile=None, train_on_prompt: bool = False,
+          columns: str | None = None) -> dict:
+    result = formats.read(path, formats.parse_columns(columns))
     tok = tokenize.load_tokenizer(model_dir)
     encoded, template_problems, _ = tokenize.encode_all(tok, result.records, 10**9, "drop", train_on_prompt)
     problems = result.problems + template_problems

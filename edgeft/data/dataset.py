@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,11 @@ class DataConfig:
     val_fraction: float = spec("share of the data held out for validation when no eval file is given", 0.1,
                                min=0.0, max=0.5)
     seed: int = spec("seed of the validation split", 0)
+    columns: str | None = spec("the data's own names for the format's fields, NAME=COLUMN[,...] with NAME messages, prompt, "
+                                  "completion or text (e.g. messages=conversations)", None)
+
+    def __post_init__(self):
+        formats.parse_columns(self.columns)  # refused here, before any reading
 
 
 @dataclass
@@ -51,13 +57,21 @@ def cache_key(data: Path, eval_data: Path | None, model_dir: Path, cfg: DataConf
     sha = (hashes or fingerprint.Hashes()).of
     h = hashlib.sha256()
     h.update(json.dumps({"v": FORMAT_VERSION, "cfg": dataclasses.asdict(cfg)}, sort_keys=True).encode())
-    h.update(sha(data).encode())
+    h.update(digest(data, hashes).encode())
     if eval_data:
-        h.update(sha(eval_data).encode())
+        h.update(digest(eval_data, hashes).encode())
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).is_file():
             h.update(name.encode() + sha(Path(model_dir) / name).encode())
     return h.hexdigest()[:20]
+
+
+def digest(data: Path, hashes: fingerprint.Hashes | None = None) -> str:
+    """The sha256 of a data file, or of a saved dataset's files."""
+    hashes = hashes or fingerprint.Hashes()
+    if Path(data).is_dir():
+        return hashlib.sha256(json.dumps(hashes.folder(data, data), sort_keys=True).encode()).hexdigest()
+    return hashes.of(data)
 
 
 def _cached(root: Path, hashes: fingerprint.Hashes) -> Dataset | None:
@@ -76,14 +90,26 @@ def _cached(root: Path, hashes: fingerprint.Hashes) -> Dataset | None:
     return Dataset(root, meta)
 
 
-def read_clean(path: Path) -> formats.ReadResult:
-    result = formats.read(path)
+def read_clean(path: Path, columns: str | None = None) -> formats.ReadResult:
+    result = formats.read(path, formats.parse_columns(columns))
     if result.problems:
         kinds = ", ".join(f"{k} ({len(v)}: line {', '.join(map(str, v[:3]))}{'...' if len(v) > 3 else ''})"
                           for k, v in result.problems_by_kind().items())
         raise EdgeftError(f"{path} has {len(result.problems)} problem(s): {kinds}; "
                           f"run `edgeft data check {path} --model MODEL_DIR` for the full list")
     return result
+
+
+def system_prompts(records: list[formats.Record]) -> dict:
+    """The most common system prompt of chat records and its share of them (the bundle's default when it
+    dominates: package's chat defaults)."""
+    prompts = Counter(m["content"] if (m := r.data["messages"][0])["role"] == "system" else None
+                      for r in records if r.format == "chat")
+    if not prompts:
+        return {"most_common": None, "share": 0.0, "distinct": 0}
+    text, count = prompts.most_common(1)[0]
+    return {"most_common": text, "share": round(count / sum(prompts.values()), 4),
+            "distinct": len([t for t in prompts if t is not None])}
 
 
 def to_arrays(samples: list[Encoded]) -> dict[str, np.ndarray]:
@@ -115,12 +141,12 @@ def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataCon
     if (cached := _cached(root, hashes)) is not None:
         return cached
     tok = tokenize.load_tokenizer(model_dir)
-    train_read = read_clean(data)
+    train_read = read_clean(data, cfg.columns)
     train, problems, stats = tokenize.encode_all(tok, train_read.records, cfg.seq_len, cfg.truncation,
                                                  cfg.train_on_prompt)
     val_stats = None
     if eval_data:
-        val_read = read_clean(eval_data)
+        val_read = read_clean(eval_data, cfg.columns)
         val, val_problems, val_stats = tokenize.encode_all(tok, val_read.records, cfg.seq_len, cfg.truncation,
                                                            cfg.train_on_prompt)
         problems += val_problems
@@ -138,7 +164,7 @@ def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataCon
         "version": FORMAT_VERSION, "key": key, "config": dataclasses.asdict(cfg), "format": train_read.format,
         "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
         "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "truncation": stats, "eval_truncation": val_stats,
+        "truncation": stats, "eval_truncation": val_stats, "system_prompts": system_prompts(train_read.records),
         "splits": {name: {"samples": len(s), "tokens": int(sum(len(x.input_ids) for x in s)),
                           "target_tokens": int(sum(int(x.loss_mask.sum()) for x in s))}
                    for name, s in (("train", train), ("val", val))},

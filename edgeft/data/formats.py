@@ -5,7 +5,10 @@ Formats (auto-detected, never mixed in one file):
   (OpenAI chat fine-tuning format; weight 0 excludes an assistant message from the loss)
 - prompt/completion: {"prompt": str, "completion": str}
 - text: {"text": str}
-Files: .jsonl (one object per line) or .json (a list of objects).
+Files: .jsonl (one object per line), .json (a list of objects), .parquet (a row per record), or a folder a
+Hugging Face `datasets.Dataset` was saved to (`save_to_disk`). In a table, "line" is the row (from 1) and
+columns the format does not use are left out; `columns` maps the format's names to a file's own
+(messages=conversations, prompt=question, ...), in any of these files.
 """
 
 from __future__ import annotations
@@ -122,17 +125,84 @@ CHECKS = {
 }
 
 
+KINDS = "a .jsonl, .json or .parquet file, or a folder a datasets.Dataset was saved to (save_to_disk)"
+
+
 def check_path(path: Path, what: str = "data file") -> Path:
-    """`path` if it can be a data file (it exists, is a file, ends in .jsonl or .json); `what` names it in messages
-    (the option it came from)."""
+    """`path` if it can be a data file (a .jsonl, .json or .parquet file, or a `save_to_disk` folder); `what` names
+    it in messages (the option it came from)."""
     path = Path(path)
     if not path.exists():
-        raise EdgeftError(f"{what} {path} does not exist; pass a .jsonl (or .json) file of training records")
+        raise EdgeftError(f"{what} {path} does not exist; pass {KINDS}")
     if path.is_dir():
-        raise EdgeftError(f"{what} {path} is a directory; pass a .jsonl or .json file")
-    if path.suffix not in (".jsonl", ".json"):
-        raise EdgeftError(f"{what} {path}: expected a .jsonl or .json file, got '{path.suffix or 'no extension'}'")
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+            raise EdgeftError(f"{what} {path} is a DatasetDict (splits: {', '.join(map(str, splits))}); pass one "
+                              f"split's folder, e.g. {path / (splits[0] if splits else 'train')}")
+        if not (path / "state.json").is_file():
+            raise EdgeftError(f"{what} {path} is a directory but not a saved dataset (no state.json); pass {KINDS}")
+        return path
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise EdgeftError(f"{what} {path}: expected {KINDS}, got '{path.suffix or 'no extension'}'")
     return path
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """'messages=conversations,prompt=question' as {format's name: the file's name}, checked."""
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    for part in str(text).split(","):
+        ours, sep, theirs = (x.strip() for x in part.partition("="))
+        if not sep or not theirs or ours not in FIELDS:
+            raise EdgeftError(f"--columns {text!r}: give NAME=COLUMN pairs separated by commas, NAME one of "
+                              f"{', '.join(FIELDS)} (e.g. messages=conversations or prompt=question,completion=answer)")
+        out[ours] = theirs
+    return out
+
+
+FIELDS = ("messages", "prompt", "completion", "text")
+
+
+def _mapped(obj, columns: dict[str, str], table: bool):
+    """A record with the file's names mapped to the format's; from a table, only the format's columns, and no
+    null values (a table's struct column gives every message every key, null where a message lacks it)."""
+    if not isinstance(obj, dict):
+        return obj
+    if columns:
+        obj = dict(obj)
+        for ours, theirs in columns.items():
+            if theirs in obj:
+                obj[ours] = obj.pop(theirs)
+    if not table:
+        return obj
+    obj = {k: v for k, v in obj.items() if k in FIELDS and v is not None}
+    if isinstance(obj.get("messages"), list):
+        obj["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                           for m in obj["messages"]]
+    return obj
+
+
+def _rows(path: Path) -> list[tuple[int, object]]:
+    """The rows of a .parquet file or a saved dataset, as (row from 1, record)."""
+    try:
+        if path.is_dir():
+            from datasets import load_from_disk
+
+            rows = load_from_disk(str(path)).to_list()
+        else:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+    except ImportError as e:
+        raise EdgeftError(f"{path}: reading {'saved datasets' if path.is_dir() else 'Parquet'} needs {e.name}: "
+                          "pip install 'edgeft[data]'") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow's and datasets' errors for a damaged or foreign file
+        raise EdgeftError(f"{path}: cannot be read as {'a saved dataset' if path.is_dir() else 'Parquet'}: "
+                          f"{type(e).__name__}: {e}") from None
+    if not rows:
+        raise EdgeftError(f"{path} has no rows")
+    return list(enumerate(rows, start=1))
 
 
 def _open_checked(path: Path) -> bytes:
@@ -180,12 +250,14 @@ def _objects(text: str, path: Path, result: ReadResult) -> list[tuple[int, objec
     return out
 
 
-def read(path: Path) -> ReadResult:
-    """Every record and every problem; raises EdgeftError only when the file is unusable as a whole."""
+def read(path: Path, columns: dict[str, str] | None = None) -> ReadResult:
+    """Every record and every problem; raises EdgeftError only when the file is unusable as a whole. `columns`:
+    the format's names mapped to the file's (parse_columns)."""
     path = Path(path)
     result = ReadResult(path)
-    text = _decode(_open_checked(path), path)
-    objects = _objects(text, path, result)
+    table = check_path(path).is_dir() or path.suffix == ".parquet"
+    objects = _rows(path) if table else _objects(_decode(_open_checked(path), path), path, result)
+    objects = [(line, _mapped(obj, columns or {}, table)) for line, obj in objects]
     formats: Counter[str] = Counter()
     first_line: dict[str, int] = {}
     for line, obj in objects:

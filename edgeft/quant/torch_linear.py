@@ -49,7 +49,8 @@ class QuantizedLinear(torch.nn.Module):
             stored = {"codes": packed, "scale": scales, "zero_point": zero}
         for name, value in stored.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
-        self.bias = None if bias is None else bias.detach()
+        # a buffer, so that it goes where the module goes (.to(device))
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def dequantized(self) -> torch.Tensor:
         if self.precision == "int8":

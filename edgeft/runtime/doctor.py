@@ -133,11 +133,15 @@ def check_distributed() -> Check:
         strategies += ["zero2", "zero3"]
     except md.PackageNotFoundError:
         deepspeed = None
+    import torch
+
+    gpus = torch.cuda.device_count() if "nccl" in backends else 0  # NCCL ranks, one per GPU (train --ep cuda)
     ok = dist.is_available() and bool(backends)
     return Check("distributed", ok, deepspeed, f"backends {', '.join(backends) or 'none'}; strategies "
-                 f"{', '.join(strategies)}" + ("" if deepspeed else " (zero2/zero3 need DeepSpeed)"),
+                 f"{', '.join(strategies)}" + ("" if deepspeed else " (zero2/zero3 need DeepSpeed)") +
+                 f"; {gpus} GPU rank{'s' * (gpus != 1)} (--ep cuda)",
                  "" if deepspeed else "DS_BUILD_OPS=0 pip install 'edgeft[distributed]' (or `make setup`)",
-                 required=False, extra={"backends": backends, "strategies": strategies})
+                 required=False, extra={"backends": backends, "strategies": strategies, "gpus": gpus})
 
 
 def check_disk(root: Path) -> Check:

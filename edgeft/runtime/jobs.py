@@ -56,6 +56,10 @@ class GenerateArtifacts(Job):
     data_inputs: list[str]
     nominal_checkpoint: bool = False
     ort_format: bool = False
+    # the optimizer graph shipped is the one a run with train's defaults (TrainConfig) runs: no weight decay,
+    # the gradient norm clipped at 1 (a run with other values builds its own, ort_engine.optimizer_for)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
 
 
 @dataclass(frozen=True)

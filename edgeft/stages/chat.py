@@ -17,7 +17,7 @@ from edgeft.stages.bundle import context_length, generator, load_adapter, open_m
 @dataclass(frozen=True)
 class ChatConfig:
     max_new_tokens: int = spec("longest reply in tokens (capped at what the model's context leaves)", 256, min=1)
-    system: str | None = spec("system prompt (use the one the model was fine-tuned with)", None)
+    system: str | None = spec("system prompt (default: the bundle's, the one the model was fine-tuned with)", None)
     adapter: str | None = spec("a swappable adapter of the bundle to chat with (its name, or an .onnx_adapter file)",
                                None)
 

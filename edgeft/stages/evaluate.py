@@ -13,6 +13,7 @@ onnxruntime-genai, the way an app runs it. Writes `WS/eval/report.{md,json}` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -30,6 +31,7 @@ from edgeft.data import formats
 from edgeft.data.tokenize import encode, load_tokenizer
 from edgeft.models.lazy import load_base
 from edgeft.quant import quantize
+from edgeft.stages import tracking
 from edgeft.stages.bundle import REBUILD, load_adapter, open_model, own_adapter
 from edgeft.stages.merge import Merged
 from edgeft.stages.package.stage import Packaged
@@ -303,6 +305,10 @@ def evaluate(ws_path: Path, data: Path, cfg: EvalConfig = EvalConfig(), shots_fr
         ws.write(Evaluated(data=report["data"], samples=len(items), report=str(ws.eval_reports / "report.md"),
                            key=key(ws, data, cfg, shots_from),
                            results={r["variant"]: {k: r[k] for k in ("loss", "exact_match")} for r in results}))
+        if results and (trackers := tracking.Trackers.of_run(ws.training, ws.root.name)):
+            with contextlib.closing(trackers):  # the training run's trackers get the table (train --report-to)
+                trackers.table("eval", [{k: v for k, v in r.items() if isinstance(v, str | int | float)}
+                                        for r in results])
     return report
 
 

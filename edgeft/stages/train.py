@@ -27,14 +27,14 @@ from edgeft.data.dataset import DataConfig, build, cache_key
 from edgeft.devices import plan, profiles
 from edgeft.runtime import jobs, launcher, torchrun, training_build
 from edgeft.runtime.torchrun import SHARDS_BASE, STRATEGIES, parse_rdzv
-from edgeft.stages import planning
+from edgeft.stages import planning, tracking
 from edgeft.stages.export import Exported, check_artifacts
 from edgeft.stages.prepare import Prepared
 from edgeft.trainer import checkpoints
 from edgeft.trainer.batching import Split
 from edgeft.trainer.schedule import SCHEDULES
 
-CADENCE = ("eval_every", "save_every", "keep_last")  # may change between a run and its resume
+CADENCE = ("eval_every", "save_every", "keep_last", "report_to")  # may change between a run and its resume
 LAUNCH = ("nproc", "strategy", "nnodes", "node_rank", "rdzv", "rdzv_timeout")  # where it runs, not what it computes
 DEFAULT_SEQ_LEN = 512
 
@@ -55,12 +55,17 @@ class TrainConfig:
     train_on_prompt: bool = spec("train on every token, not only the answers", False)
     val_fraction: float = spec("validation share when no --eval-data is given", 0.1, min=0, max=0.5)
     seed: int = spec("seed for data order and split", 0)
+    columns: str | None = spec("the data's own names for the format's fields, NAME=COLUMN[,...] with NAME "
+                               "messages, prompt, completion or text (e.g. messages=conversations)", None)
     eval_every: int = spec("steps between evaluations (0: once per epoch)", 0, min=0)
     save_every: int = spec("steps between checkpoints (0: only at evaluations and the end)", 0, min=0)
     keep_last: int = spec("checkpoints kept besides the best", 2, min=1)
     max_grad_norm: float | None = spec("clip the gradient norm (none: no clipping)", 1.0, gt=0)
     backend: str = spec("ort: ONNX Runtime training; torch: PEFT + torch AdamW", "ort", choices=("ort", "torch"))
-    ep: str = spec("execution provider of the ORT backend", "cpu", choices=("cpu", "cuda"))
+    ep: str = spec("where training computes: cpu, or cuda (ort: the CUDA training build; torch: one rank per GPU, "
+                   "NCCL between them, launched by torchrun also on one GPU)", "cpu", choices=("cpu", "cuda"))
+    bf16: bool = spec("torch backend: matmuls in bfloat16 (autocast), a replica's frozen base held in bf16; LoRA "
+                      "weights, gradients and AdamW state stay fp32", False)
     recompute: bool | None = spec("recompute each decoder layer's activations in the backward pass (torch backend: "
                                   "checkpointing; the ORT backend recomputes as exported); default: as the "
                                   "workspace was exported, or as prepare's device plan chose", None)
@@ -73,11 +78,18 @@ class TrainConfig:
                           min=0)
     rdzv: str | None = spec("node 0's HOST:PORT, where the machines meet (needed with --nnodes > 1)", None)
     rdzv_timeout: int = spec("seconds to wait for every rank to join", 300, min=5, max=86400)
+    report_to: str | None = spec("experiment trackers that also get the metrics, the options and eval's table: "
+                                 "tensorboard, wandb, mlflow, comma-separated (none by default)", None)
 
     def __post_init__(self):
         problems: list[str] = []
-        schema.check(problems, self.backend == "ort" or self.ep == "cpu",
-                     "ep: --ep cuda applies to the ort backend; the torch backend uses torch's own device")
+        for name, parse in (("columns", formats.parse_columns), ("report_to", tracking.parse)):
+            try:
+                parse(getattr(self, name))
+            except EdgeftError as e:
+                problems.append(f"{name}: {e}")
+        schema.check(problems, self.backend == "torch" or not self.bf16,
+                     "bf16: the ORT backend trains in fp32, as its artifacts were exported; add --backend torch")
         ranks = self.nproc * self.nnodes
         schema.check(problems, ranks == 1 or self.backend == "torch",
                      f"nproc/nnodes: {ranks} ranks train with the torch backend (the ONNX Runtime training build trains "
@@ -118,10 +130,11 @@ def changed_options(saved: dict | None, now: dict) -> str:
 
 
 class Reporter:
-    """Live progress on a terminal; a line every few percent otherwise (CI logs, pipes)."""
+    """Live progress on a terminal; a line every few percent otherwise (CI logs, pipes); the metrics to
+    metrics.jsonl and to the experiment trackers, if any (tracking.py)."""
 
-    def __init__(self, metrics_path: Path, resume_step: int):
-        self.metrics_path = metrics_path
+    def __init__(self, metrics_path: Path, resume_step: int, trackers: tracking.Trackers | None = None):
+        self.metrics_path, self.trackers = metrics_path, trackers
         self.tty = sys.stdout.isatty()
         self.progress = self.task = None
         self.total = None
@@ -142,6 +155,8 @@ class Reporter:
         if kind in ("progress", "eval", "checkpoint"):
             self.file.write(json.dumps(event) + "\n")
             self.file.flush()
+            if self.trackers:
+                self.trackers.event(event)
         if kind == "start":
             self.total = event["total_steps"]
             self.every = max(1, self.total // 20)
@@ -163,12 +178,15 @@ class Reporter:
         elif kind == "progress":
             text = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  grad norm {event.get('grad_norm', 0):.3g}  "
                     f"{event['tokens_per_s']:.0f} tok/s  "
-                    f"rss {event['rss_mb']:.0f} MB (peak {event['peak_rss_mb']:.0f})")
+                    f"rss {event['rss_mb']:.0f} MB (peak {event['peak_rss_mb']:.0f})" +
+                    (f"  gpu {event['gpu_mb']:.0f} MB (peak {event['gpu_peak_mb']:.0f})" if "gpu_mb" in event else ""))
             if self.progress:
                 self.progress.update(self.task, completed=event["step"], description=text)
             elif event["step"] % self.every == 0 or event["step"] == self.total:
                 eta = f"  eta {event['eta_s']:.0f} s" if event.get("eta_s") is not None else ""
                 print(f"step {event['step']}/{event['total']}  {text}{eta}", flush=True)
+        elif kind == "log":
+            (self.progress.console.print if self.progress else print)(f"train: {event['message']}")
         elif kind == "eval":
             line = f"step {event['step']}: eval loss {event['eval_loss']:.4f}" + ("  (best)" if event["best"] else "")
             (self.progress.console.print if self.progress else print)(line)
@@ -177,6 +195,8 @@ class Reporter:
         if self.progress:
             self.progress.stop()
         self.file.close()
+        if self.trackers:
+            self.trackers.close()
 
 
 def plot(metrics_path: Path, out: Path) -> Path:
@@ -294,7 +314,7 @@ def key(cfg: TrainConfig, data_key: str, identity: str) -> str:
 
 
 def data_config(cfg: TrainConfig) -> DataConfig:
-    return DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed)
+    return DataConfig(cfg.seq_len, cfg.truncation, cfg.train_on_prompt, cfg.val_fraction, cfg.seed, cfg.columns)
 
 
 def unchanged(ws: Workspace, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None
@@ -336,7 +356,9 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         if resume is not True and (previous := ws.unchanged(Trained, stage_key)) and checkpoints.latest(ws.checkpoints):
             print(f"train: finished with these data and options at {previous.finished_at}; nothing to do")
             return previous
+        check_torch_device(cfg)
         check_strategy(prep, cfg)
+        tracking.check_installed(tracking.parse(cfg.report_to))
         run = _Run(cfg, dataset, identity, recompute, stage_key)
         if cfg.node_rank > 0:  # node 0 resumes, writes the checkpoints and hands its state to every rank
             ws.training.mkdir(parents=True, exist_ok=True)
@@ -345,9 +367,33 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         return _launch(ws, run, data, resume_path, device)
 
 
+def check_torch_device(cfg: TrainConfig) -> None:
+    """Refuse a torch-backend run on a device this machine lacks, with the reason and the fix."""
+    if cfg.backend != "torch" or cfg.ep != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU (no NVIDIA " \
+              "driver, or CUDA_VISIBLE_DEVICES hides them all)"
+        raise EdgeftError(f"--ep cuda: {why}. Train on the CPU with --ep cpu, or on a machine with an NVIDIA GPU")
+    if cfg.nproc > (gpus := torch.cuda.device_count()):
+        raise EdgeftError(f"--nproc {cfg.nproc} with --ep cuda runs one rank per GPU, and this machine has {gpus}; "
+                          f"use --nproc {gpus} or fewer (--batch-size stays the global batch)")
+    if cfg.bf16 and not torch.cuda.is_bf16_supported():
+        raise EdgeftError(f"--bf16: {torch.cuda.get_device_name()} does not compute in bfloat16 (it needs compute "
+                          "capability 8.0 or later); train without --bf16")
+
+
+def launched_by_torchrun(cfg: TrainConfig) -> bool:
+    """Whether the run goes through torchrun: several ranks, or the torch backend on CUDA (one GPU is then a world
+    of one, on NCCL, running its strategy)."""
+    return cfg.nproc * cfg.nnodes > 1 or (cfg.backend == "torch" and cfg.ep == "cuda")
+
+
 def check_strategy(prep: Prepared, cfg: TrainConfig) -> None:
     """Refuse a data-parallel run that cannot run here, with the reason."""
-    if cfg.nproc * cfg.nnodes == 1:
+    if not launched_by_torchrun(cfg):
         return
     if cfg.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
         raise EdgeftError(f"--strategy {cfg.strategy} runs on DeepSpeed, which is not installed: "
@@ -411,7 +457,7 @@ def _start(ws: Workspace, run: _Run, resume: bool | None) -> Path | None:
     if swept := checkpoints.sweep(ws.checkpoints):
         print(f"train: removed {len(swept)} unfinished checkpoint folder(s) a stopped run left: {', '.join(swept)}")
     if not resume:
-        for stale in (ws.metrics, ws.checkpoints / "best.json"):
+        for stale in (ws.metrics, ws.checkpoints / "best.json", ws.training / tracking.STATE):
             stale.unlink(missing_ok=True)
     return latest if resume else None
 
@@ -445,11 +491,13 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
         options=options(cfg), **run.bound, artifacts=str(ws.artifacts), work=str(ws.training / "work"),
         model_dir=str(prep.model_dir), adapter_init=str(ws.adapter_init), device=cfg.ep, resume_state=resume_state,
         resume_path=str(resume_path) if resume_path else None)
-    reporter = Reporter(ws.metrics, resume_state["position"]["step"] if resume_state else 0)
+    trackers = tracking.Trackers(tracking.parse(cfg.report_to), ws.training, ws.root.name, options(cfg) | {
+        "data": str(data), "recompute": run.recompute}) if cfg.report_to and cfg.node_rank == 0 else None
+    reporter = Reporter(ws.metrics, resume_state["position"]["step"] if resume_state else 0, trackers)
     started = time.time()
     launch = torchrun.Launch(cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.rdzv, cfg.rdzv_timeout)
     try:
-        if launch.world > 1:
+        if launched_by_torchrun(cfg):
             result = torchrun.run(job, launch, on_event=reporter, log_path=ws.log("train"))
         else:
             result = launcher.run(job, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"))
@@ -458,7 +506,7 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
             print(f"interrupted; continue with `{resume_command(ws, data)}` (with the same options)", file=sys.stderr)
         raise
     except launcher.TrainingRuntimeError as e:
-        if launch.world > 1 and (last := checkpoints.latest(ws.checkpoints)):
+        if launched_by_torchrun(cfg) and (last := checkpoints.latest(ws.checkpoints)):
             raise launcher.TrainingRuntimeError(f"{e}\n  continue from {last.name} with `{resume_command(ws, data)}` "
                                                 "(with the same options)", log_path=e.log_path) from None
         raise

@@ -13,7 +13,7 @@ from edgeft.core.errors import EdgeftError
 from edgeft.graph import detach, frozen_base, recompute
 from edgeft.runtime import jobs
 from edgeft.trainer import events
-from edgeft.trainer.ort_engine import torch_adamw
+from edgeft.trainer.ort_engine import adamw_as_trained
 from edgeft.trainer.session import INPUTS_FILE, open_module
 
 
@@ -36,7 +36,8 @@ def generate(job: jobs.GenerateArtifacts) -> dict:
         model, requires_grad=list(job.requires_grad), frozen_params=[], loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
         ort_format=False, nominal_checkpoint=job.nominal_checkpoint)
-    onnx.save(torch_adamw(onnx.load(str(out / "optimizer_model.onnx"))), str(out / "optimizer_model.onnx"))
+    onnx.save(adamw_as_trained(onnx.load(str(out / "optimizer_model.onnx")), job.weight_decay, job.max_grad_norm),
+              str(out / "optimizer_model.onnx"))
     recomputed, dequantizers = None, 0
     # Rewrite each graph once: the training graph loses its logits output, then recomputation, then dequantize_at_use.
     graphs = {name: onnx.load(str(out / name), load_external_data=False)

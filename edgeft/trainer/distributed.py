@@ -12,7 +12,8 @@ Strategies (the engines are in torch_engine.py):
     zero2  DeepSpeed ZeRO stage 2: optimizer state and gradients sharded, parameters whole
     zero3  DeepSpeed ZeRO stage 3: parameters sharded too (the frozen base included)
     fsdp   PyTorch FSDP2 (`fully_shard` per decoder layer): parameters, gradients and state sharded
-The ranks talk over gloo: the torch engine computes on the CPU (a CUDA engine with NCCL is still to come).
+The ranks talk over gloo when the engine computes on the CPU, over NCCL on CUDA (one rank per GPU; on CUDA every
+run is launched by torchrun, so one GPU is a world of one running its strategy).
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # by torchrun (a world of one, too): the strategy's engine and a process group
 
     @classmethod
     def from_env(cls) -> World:
         """The world torchrun describes in the environment (a world of one without it)."""
         if "WORLD_SIZE" not in os.environ:
             return cls()
-        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                   launched=True)
 
     @property
     def distributed(self) -> bool:
@@ -50,13 +53,22 @@ class World:
         """The rank that reports and writes (checkpoints, metrics)."""
         return self.rank == 0
 
-    def start(self, timeout_s: int = 300) -> None:
-        """Join the process group: gloo, as the torch engine computes on the CPU (also on a machine with GPUs; NCCL
-        comes with a CUDA engine)."""
+    def device(self, kind: str):
+        """The torch device this rank computes on: the CPU, or for "cuda" the GPU of its local rank."""
+        import torch
+
+        return torch.device("cuda", self.local_rank) if kind == "cuda" else torch.device("cpu")
+
+    def start(self, device, timeout_s: int = 300) -> None:
+        """Join the process group: NCCL between GPUs, gloo between CPUs (also on a machine with GPUs)."""
+        import torch
         import torch.distributed as dist
 
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if self.launched and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
 
     def share(self, batch: dict) -> tuple[dict, float]:
         """This rank's rows of a global micro-batch and their share of its target tokens."""
@@ -76,7 +88,9 @@ class World:
         import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor(values, dtype=torch.float64)
+        # NCCL reduces tensors on the rank's GPU only
+        on = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=on)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -97,7 +111,7 @@ class World:
             dist.barrier()
 
     def stop(self) -> None:
-        if self.distributed:
+        if self.launched:
             import torch.distributed as dist
 
             if dist.is_initialized():

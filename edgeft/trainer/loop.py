@@ -8,6 +8,7 @@ It sees the model only through an engine:
     eval_loss(batch) -> float           mean loss over the batch's target tokens, no gradients
     save(folder) -> None                adapter weights and optimizer state
     weights() / load_weights(arrays)    the trainable tensors as numpy arrays, by the engine's names
+    memory() -> dict                    accelerator memory, for progress (gpu_mb, gpu_peak_mb; {} on the CPU)
 Gradients are summed over the micro-batches of a step (each micro-batch loss is its own token mean);
 AdamW is scale-invariant, and --max-grad-norm clips that sum, in both backends alike.
 
@@ -195,7 +196,7 @@ class _Loop:
                         loss=float(np.mean(losses)), lr=lr, grad_norm=grad_norm, tokens=tokens,
                         tokens_per_s=tokens / dt, step_s=dt, elapsed_s=elapsed,
                         eta_s=(self.total - pos.step) / rate if rate else None,
-                        rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1))
+                        rss_mb=round(rss.current_mb(), 1), peak_rss_mb=round(rss.peak_mb(), 1), **engine.memory())
         return float(np.mean(losses))
 
     def forward_backward(self, batch: dict) -> float:

@@ -25,11 +25,47 @@ def build_optimizer(state, out: Path, weight_decay: float, max_grad_norm: float 
     with onnxblock.empty_base(opset_version=17):
         block((params, []))
         model = block.to_model_proto()
-    model = torch_adamw(model)
-    if max_grad_norm:
-        model = clip_in_fixed_order(model, max_grad_norm)
-    onnx.save(model, str(out))
+    onnx.save(adamw_as_trained(model, weight_decay, max_grad_norm), str(out))
     return out
+
+
+def adamw_as_trained(optimizer_model, weight_decay: float, max_grad_norm: float | None):
+    """An onnxblock AdamW graph as training runs it: torch's AdamW, this weight decay, clipped in a fixed order."""
+    model = torch_adamw(optimizer_model)
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "weight_decay":
+                    attr.f = weight_decay
+    return clip_in_fixed_order(model, max_grad_norm) if max_grad_norm else model
+
+
+def optimizer_settings(path: Path) -> dict:
+    """weight_decay and max_grad_norm (None: no clipping) of an AdamW graph `adamw_as_trained` made."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    adamw = next(n for n in graph.node if n.op_type == "AdamWOptimizer")
+    attrs = {a.name: helper.get_attribute_value(a) for a in adamw.attribute}
+    clip = next((n for n in graph.node if n.output[0] == "clip.max_norm"), None)
+    return {"weight_decay": float(attrs.get("weight_decay", 0.0)), "adam_mode": attrs.get("adam_mode"),
+            "max_grad_norm": float(numpy_helper.to_array(clip.attribute[0].t)) if clip is not None else None}
+
+
+def optimizer_for(artifacts: Path, work: Path, weight_decay: float, max_grad_norm: float | None):
+    """The artifacts' optimizer graph where it is this run's (train's defaults), else a builder of this run's (in
+    `work`, from the checkpoint state): training runs the graph shipped whenever the options allow."""
+    import numpy as np
+
+    shipped = Path(artifacts) / "optimizer_model.onnx"
+    if shipped.is_file():
+        have = optimizer_settings(shipped)
+        want = {"weight_decay": float(np.float32(weight_decay)), "adam_mode": 0,
+                "max_grad_norm": float(np.float32(max_grad_norm)) if max_grad_norm else None}
+        if have == want:
+            return shipped
+    return lambda state: build_optimizer(state, Path(work) / "optimizer_model.onnx", weight_decay, max_grad_norm)
 
 
 def torch_adamw(optimizer_model):
@@ -120,6 +156,10 @@ class OrtEngine:
                          for _, p in self.opened.state.parameters if p.requires_grad)
         return math.sqrt(math.fsum(squares))
 
+    @staticmethod
+    def memory() -> dict:
+        return {}  # the process's RSS is its memory (ORT's CUDA arena is not reported)
+
     def finite(self) -> bool:
         """Whether every trained value is finite (checked before a checkpoint is written)."""
         return all(np.isfinite(np.asarray(p.data)).all() for _, p in self.opened.state.parameters if p.requires_grad)
@@ -156,11 +196,11 @@ def main(job: jobs.Train) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cfg = job.config
 
-    def optimizer(state) -> Path:
-        return build_optimizer(state, work / "optimizer_model.onnx", cfg["weight_decay"], cfg["max_grad_norm"])
-
+    optimizer = optimizer_for(Path(job.artifacts), work, cfg["weight_decay"], cfg["max_grad_norm"])
     engine = OrtEngine(Path(job.artifacts), optimizer, resume, job.device)
-    events.log(f"ONNX Runtime {onnxruntime.__version__} engine ready")
+    events.log(f"ONNX Runtime {onnxruntime.__version__} engine ready, optimizer graph: " +
+               ("the artifacts' (train's defaults)" if isinstance(optimizer, Path) else
+                f"built for weight decay {cfg['weight_decay']}, clipping at {cfg['max_grad_norm']}"))
     return loop.train(engine, job)
 
 

@@ -1,9 +1,16 @@
 """The PyTorch engine of the training loop: PEFT + torch AdamW, the reference for parity and the
 fallback where the training runtime cannot be installed (Linux aarch64). Runs in a subprocess of the
-main environment, so its memory is measured like the ONNX Runtime engine's."""
+main environment, so its memory is measured like the ONNX Runtime engine's.
+
+It computes on the CPU, or with `--ep cuda` on the GPU of its local rank (the ranks then talk over NCCL). With
+`--bf16` the matmuls run in bfloat16 under torch.autocast and a replica's frozen base is held in bf16; the
+trained LoRA weights, their gradients and AdamW's state stay fp32, so checkpoints and adapters are fp32 as
+without it. (Under zero3 and fsdp the base stays fp32 in its shards, computed in bf16.)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -34,10 +41,17 @@ class TorchEngine:
         from edgeft.quant import torch_linear
 
         torch.manual_seed(int(cfg["seed"]))
+        self.device = world.device(cfg.get("ep", "cpu"))
+        self.bf16 = bool(cfg.get("bf16"))
         model, self.shards = torch_linear.load_lazily(model_dir, adapter_init,
                                                       cfg.get("base_quant", {"precision": "fp32"}))
-        if not (world.distributed and cfg.get("strategy") in SHARDS_BASE):
+        if not (world.launched and cfg.get("strategy") in SHARDS_BASE):
             lazy.load_(model, self.shards)  # whole; a strategy sharding the base reads it in parts (load_in_parts)
+            if self.bf16:
+                for p in model.parameters():
+                    if not p.requires_grad and p.is_floating_point():
+                        p.data = p.data.to(torch.bfloat16)
+            model.to(self.device)
         if cfg.get("recompute"):  # one decoder layer's activations at a time, recomputed in the backward pass
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.wrapper = CausalLMLoss(model, logits=False)  # the loss alone: no head over unlabelled positions
@@ -58,10 +72,11 @@ class TorchEngine:
 
     def wrap(self) -> torch.nn.Module:
         """The module that runs forward: the wrapper itself, or a strategy's wrapping of it."""
-        if not self.world.distributed:
+        if not self.world.launched:
             return self.wrapper
         # the buffers (a quantized base's packed weights) are frozen and equal on every rank: never broadcast
-        return torch.nn.parallel.DistributedDataParallel(self.wrapper, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(
+            self.wrapper, broadcast_buffers=False, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def load_in_parts(self, shard) -> None:
         """Read the frozen base part by part (each decoder layer, the embedding, the LM head, then the rest) and
@@ -88,14 +103,19 @@ class TorchEngine:
         """torch AdamW's state_dict over `self.params` in order, whole (collective under sharding)."""
         return self.optimizer.state_dict()
 
-    @staticmethod
-    def _tensors(batch: dict):
-        return [torch.from_numpy(np.ascontiguousarray(batch[k])) for k in INPUT_NAMES]
+    def _tensors(self, batch: dict):
+        return [torch.from_numpy(np.ascontiguousarray(batch[k])).to(self.device) for k in INPUT_NAMES]
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """The batch's loss, computed in bf16 under autocast with --bf16 (the loss itself in fp32)."""
+        cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with cast:
+            return self.model(*self._tensors(batch))[0].float()
 
     def forward_backward(self, batch: dict, scale: float = 1.0) -> float:
         """The batch's loss; its gradient, times `scale` (this rank's share, distributed.py), accumulated."""
         self.model.train()
-        loss = self.model(*self._tensors(batch))[0]
+        loss = self._loss(batch)
         self.backward(loss * scale if scale != 1.0 else loss)
         return float(loss.detach())
 
@@ -112,7 +132,7 @@ class TorchEngine:
         return all(bool(torch.isfinite(p).all()) for p in self.params.values())
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {name: p.detach().numpy().copy() for name, p in self.params.items()}
+        return {name: p.detach().cpu().numpy().copy() for name, p in self.params.items()}
 
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -135,16 +155,33 @@ class TorchEngine:
     def eval_loss(self, batch: dict) -> float:
         self.model.eval()
         with torch.no_grad():
-            return float(self.model(*self._tensors(batch))[0])
+            return float(self._loss(batch))
+
+    def memory(self) -> dict:
+        """The GPU memory this rank's engine holds now and at its peak (nothing on the CPU: RSS says it)."""
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_mb": round(torch.cuda.memory_allocated(self.device) / 2**20, 1),
+                "gpu_peak_mb": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)}
 
     def save(self, folder: Path | None) -> None:
         """The adapter and the optimizer state to `folder`; under a strategy every rank calls it (the state is
-        gathered) and rank 0 alone writes (the others pass None)."""
+        gathered) and rank 0 alone writes (the others pass None). Both on the CPU: a checkpoint resumes anywhere."""
         adapter = {name: torch.from_numpy(value) for name, value in self.weights().items()}
-        optimizer = self.optimizer_state()
+        optimizer = _to_cpu(self.optimizer_state())
         if folder is not None:
             save_file(adapter, str(Path(folder) / ADAPTER))
             torch.save(optimizer, Path(folder) / OPTIMIZER)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def read_checkpoint(folder: Path) -> dict:
@@ -156,7 +193,7 @@ def read_checkpoint(folder: Path) -> dict:
 def main(job: jobs.TorchTrain) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     world = World.from_env()
-    world.start(int(job.config.get("rdzv_timeout") or 300))
+    world.start(world.device(job.config.get("ep", "cpu")), int(job.config.get("rdzv_timeout") or 300))
     try:
         if world.distributed:  # every rank resumes from rank 0's checkpoint (the other nodes need not have it)
             shared = [(job.resume_state, read_checkpoint(Path(job.resume_path)) if job.resume_path else None)]
@@ -165,13 +202,14 @@ def main(job: jobs.TorchTrain) -> dict:
             resume = shared[0][1]
         else:
             resume = read_checkpoint(Path(job.resume_path)) if job.resume_path else None
-        engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.distributed else TorchEngine
+        engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.launched else TorchEngine
         engine = engine_type(Path(job.model_dir), Path(job.adapter_init), job.config, resume, world)
         if world.distributed:  # the peak of loading (and sharding, for zero3 and fsdp), then training's from here
             engine.load_peak_mb = round(rss.peak_mb(), 1)
             rss.reset_peak()
-        events.log(f"PyTorch {torch.__version__} engine ready" +
-                   (f", {job.config['strategy']} over {world.size} ranks" if world.distributed else ""))
+        events.log(f"PyTorch {torch.__version__} engine ready on {engine.device}" + (", bf16" if engine.bf16 else "") +
+                   (f", {job.config['strategy']} over {world.size} rank{'s' * world.distributed} "
+                    f"({torch.distributed.get_backend()})" if world.launched else ""))
         result = loop.train(engine, job)
         world.barrier()  # no rank tears the group down while a peer still talks to it
         return result
@@ -187,8 +225,8 @@ class FsdpEngine(TorchEngine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        # the engine computes on the CPU: a mesh of CPUs (FSDP2's default is the machine's accelerator, if any)
-        mesh = init_device_mesh("cpu", (self.world.size,))
+        # the engine's device: a mesh of CPUs on CPU ranks (FSDP2's default is the machine's accelerator, if any)
+        mesh = init_device_mesh(self.device.type, (self.world.size,))
         # one group per part, the embedding and the LM head apart too: left in the root group they would stay
         # gathered from the forward pass to the backward pass (FSDP2 does not reshard the root in between)
         self.load_in_parts(lambda part: fully_shard(part, mesh=mesh))
@@ -206,7 +244,7 @@ class FsdpEngine(TorchEngine):
         return all(bool(torch.isfinite(self._whole(p)).all()) for p in self.params.values())
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {name: self._whole(p.detach()).numpy().copy() for name, p in self.params.items()}
+        return {name: self._whole(p.detach()).cpu().numpy().copy() for name, p in self.params.items()}
 
     def optimizer_state(self) -> dict:
         state = self.optimizer.state_dict()
@@ -231,7 +269,7 @@ class DeepSpeedEngine(TorchEngine):
         return self.wrapper  # deepspeed.initialize wraps it with the optimizer (make_optimizer)
 
     def make_optimizer(self):
-        os.environ["DS_ACCELERATOR"] = "cpu"  # the engine computes on the CPU, on a machine with GPUs too
+        os.environ["DS_ACCELERATOR"] = self.device.type  # "cpu" on a machine with GPUs too, where asked
         import deepspeed
 
         stage = {"zero2": 2, "zero3": 3}[self.cfg["strategy"]]

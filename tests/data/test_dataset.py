@@ -84,3 +84,20 @@ def test_problems_stop_the_build_with_a_pointer_to_data_check(tiny_model, tmp_pa
 def test_everything_too_long_is_a_clear_error(tiny_model, tmp_path):
     with pytest.raises(EdgeftError, match="no training samples left.*raise --seq-len or use --truncation right"):
         build(DATA_DIR / "val.jsonl", tiny_model("phi3-mini-4k"), tmp_path, DataConfig(seq_len=8))
+
+
+def test_a_parquet_copy_of_the_data_tokenizes_as_the_jsonl(home, tiny_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds, out = home
+    rows = [json.loads(x) for x in (DATA_DIR / "train.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist([{"conv": r["messages"]} for r in rows]), tmp_path / "train.parquet")
+    copy = build(tmp_path / "train.parquet", tiny_model("phi3-mini-4k"), out,
+                 DataConfig(seq_len=256, columns="messages=conv"))
+    assert copy.root != ds.root and copy.meta["splits"] == ds.meta["splits"]
+    for split in ("train", "val"):
+        a, b = np.load(ds.split(split)), np.load(copy.split(split))
+        assert all(np.array_equal(a[k], b[k]) for k in ("tokens", "loss_mask", "offsets", "lines"))
+    assert copy.meta["system_prompts"] == ds.meta["system_prompts"]
+    assert copy.meta["system_prompts"]["share"] == 1.0

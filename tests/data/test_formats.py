@@ -89,7 +89,7 @@ def test_missing_and_wrong_extension(tmp_path):
     with pytest.raises(EdgeftError, match="does not exist"):
         formats.read(tmp_path / "none.jsonl")
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(EdgeftError, match="expected a .jsonl or .json file"):
+    with pytest.raises(EdgeftError, match="expected a .jsonl, .json or .parquet file, or a folder"):
         formats.read(tmp_path / "d.csv")
     (tmp_path / "d.json").write_text('{"text": "x"}')
     with pytest.raises(EdgeftError, match="must hold a list"):
@@ -104,3 +104,66 @@ def test_50mb_single_line_is_reported_not_loaded(tmp_path):
     result = formats.read(path)
     assert result.problems_by_kind() == {"line_too_long": [2]}
     assert "50 MB" in result.problems[0].message
+
+
+# Parquet and datasets folders: the same records and checks as JSONL, columns mapped by name.
+
+def home_rows(n: int = 50) -> list[dict]:
+    from edgeft.tasks.home import DATA_DIR
+
+    return [json.loads(x) for x in (DATA_DIR / "train.jsonl").read_text().splitlines()[:n]]
+
+
+def test_a_parquet_file_gives_the_jsonl_records_and_ignores_other_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = home_rows()
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "id": i, "source": "home"} for i, r in enumerate(rows)]), path)
+    result = formats.read(path)
+    assert result.format == "chat" and not result.problems
+    assert [r.data for r in result.records] == rows and [r.line for r in result.records] == list(range(1, 51))
+
+
+def test_a_saved_dataset_with_its_own_column_names(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"question": "2+2?", "answer": "4"}, {"question": "capital of France?", "answer": "Paris"}]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "qa"))
+    unmapped = formats.read(tmp_path / "qa")
+    assert not unmapped.records and unmapped.problems[0].kind == "unknown_format"
+    mapped = formats.read(tmp_path / "qa", formats.parse_columns("prompt=question,completion=answer"))
+    assert mapped.format == "prompt_completion" and not mapped.problems
+    assert [r.data for r in mapped.records] == [{"prompt": r["question"], "completion": r["answer"]} for r in rows]
+    chats = Dataset.from_list([{"conversations": r["messages"]} for r in home_rows(5)])
+    chats.save_to_disk(str(tmp_path / "chats"))
+    assert [r.data for r in formats.read(tmp_path / "chats", {"messages": "conversations"}).records] == home_rows(5)
+
+
+def test_table_problems_name_the_row_and_a_datasetdict_names_its_splits(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    rows = home_rows(4)
+    rows[2]["messages"][2]["content"] = " "
+    rows[3]["messages"][0]["weight"] = 1  # a struct column: the other rows' messages get weight null, dropped
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    result = formats.read(tmp_path / "bad.parquet")
+    assert [(p.line, p.kind) for p in result.problems] == [(3, "empty_content"), (4, "bad_weight")]
+    assert len(result.records) == 2
+    DatasetDict({"train": Dataset.from_list(home_rows(3)), "test": Dataset.from_list(home_rows(2))}).save_to_disk(
+        str(tmp_path / "dd"))
+    with pytest.raises(EdgeftError, match="DatasetDict .splits: train, test.; pass one split's folder"):
+        formats.read(tmp_path / "dd")
+    assert len(formats.read(tmp_path / "dd" / "train").records) == 3
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(EdgeftError, match="cannot be read as Parquet"):
+        formats.read(tmp_path / "junk.parquet")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(EdgeftError, match="not a saved dataset"):
+        formats.read(tmp_path / "folder")
+    for bad in ("messages", "answer=x", "prompt=", "=q"):
+        with pytest.raises(EdgeftError, match="NAME=COLUMN"):
+            formats.parse_columns(bad)

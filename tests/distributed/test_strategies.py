@@ -180,3 +180,58 @@ def test_a_quantized_base_is_refused_where_the_strategy_shards_the_base(strategy
     shutil.copytree(built("prepared", lora_r=8, base_precision="int4"), ws)
     refused(cli("train", ws, "--data", DATA, "--backend", "torch", "--nproc", "2", "--strategy", strategy,
                 "--max-steps", "1"), "int4", "--strategy ddp or zero2")
+
+
+@pytest.fixture(scope="module")
+def one_process_bf16(built, tmp_path_factory):
+    ws = copy_prepared(built, tmp_path_factory.mktemp("one-bf16"), "ws")
+    train(ws, DATA, TrainConfig(**RUN, bf16=True))
+    return ws
+
+
+def test_bf16_trains_the_adapter_fp32_trains_within_bf16_rounding(one_process, one_process_bf16):
+    """--bf16 on the CPU (autocast, the frozen base held in bf16): the same run as fp32 to bf16's precision, the
+    adapter still fp32. Stated tolerances: losses and gradient norms within 1 % (bf16 keeps 8 bits of mantissa,
+    0.4 % per rounding); the trained LoRA B matrices point the same way (cosine >= 0.99). Adam's first steps move
+    each value by about the learning rate whatever the gradient's size, so values are not compared one by one."""
+    ws = one_process_bf16
+    got, want = last_adapter(ws), last_adapter(one_process)
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in got.values())
+    b = [k for k in want if "lora_B" in k]  # LoRA's B starts at zero: its value is how training moved it
+    cosine = sum(float(got[k].ravel() @ want[k].ravel()) for k in b) / np.sqrt(
+        sum(float(got[k].ravel() @ got[k].ravel()) for k in b) * sum(float(want[k].ravel() @ want[k].ravel()) for k in b))
+    assert cosine >= 0.99, cosine  # measured 0.9995
+    assert np.allclose(losses(ws, "grad_norm"), losses(one_process, "grad_norm"), rtol=1e-2, atol=0)
+    assert any(not np.array_equal(got[k], want[k]) for k in b)  # the run did compute in bf16
+    assert np.all(np.isfinite(losses(ws)))
+    assert np.allclose(losses(ws), losses(one_process), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["zero3", *(pytest.param(s, marks=pytest.mark.slow)
+                                                for s in ("ddp", "zero2", "fsdp"))])
+def test_two_ranks_in_bf16_train_as_one_process_in_bf16(strategy, one_process_bf16, built, tmp_path):
+    """Every strategy computes in bf16 (zero3 and fsdp over their fp32 shards of the base). Stated tolerance: losses
+    and gradient norms within 1e-3 relative of one bf16 process (measured <= 4e-4: the ranks' row split changes
+    bf16's rounding only in the sums)."""
+    ws = copy_prepared(built, tmp_path, "ws")
+    train(ws, DATA, TrainConfig(**RUN, nproc=2, strategy=strategy, bf16=True))
+    for key in ("loss", "grad_norm"):
+        got = losses(ws, key)
+        assert len(got) == 3 and np.all(np.isfinite(got))
+        assert np.allclose(got, losses(one_process_bf16, key), rtol=1e-3, atol=0), key
+
+
+def test_bf16_with_the_ort_backend_is_refused(built, tmp_path):
+    ws = copy_prepared(built, tmp_path, "ws")
+    refused(cli("train", ws, "--data", DATA, "--bf16"), "bf16", "--backend torch")
+
+
+def test_ep_cuda_with_the_torch_backend_and_no_gpu_is_refused(built, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    ws = copy_prepared(built, tmp_path, "ws")
+    refused(process("train", ws, "--data", DATA, "--backend", "torch", "--ep", "cuda", "--max-steps", "1"),
+            "--ep cuda", "--ep cpu")
+    assert not (ws / "train" / "checkpoints").exists()

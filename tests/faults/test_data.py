@@ -20,8 +20,8 @@ def write(path, content):
 # (id, file name, content (None: no file; "dir": a folder), phrases)
 DATA_FILES = [
     ("missing", "nothere.jsonl", None, ["does not exist", "pass a .jsonl"]),
-    ("a folder", "folder.jsonl", "dir", ["is a directory", "pass a .jsonl or .json file"]),
-    ("not jsonl", "data.csv", "a,b\n", ["expected a .jsonl or .json file, got '.csv'"]),
+    ("a folder", "folder.jsonl", "dir", ["is a directory but not a saved dataset", "pass a .jsonl"]),
+    ("not jsonl", "data.csv", "a,b\n", ["expected a .jsonl, .json or .parquet file, or a folder a datasets.Dataset was saved to (save_to_disk), got '.csv'"]),
     ("binary", "data.jsonl", b"\xff\xfe\x00\x01garbage\n", ["not valid UTF-8", "re-save the file as UTF-8"]),
     ("empty", "data.jsonl", "\n\n", ["is empty"]),
     ("nested 100,000 deep", "data.json", "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),

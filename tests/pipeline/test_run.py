@@ -162,6 +162,17 @@ def test_demo_on_the_committed_base_gains_at_least_60_points(tmp_path):
     assert em["base"] <= 0.05 and em["adapter"] >= 0.6 and em["bundle int4"] >= 0.6
     for line in ("exact match, fine-tuned", "training tokens/s", "decode tokens/s", "bundle"):
         assert line in proc.stdout
+    # The bundle carries the system prompt it was trained with: its README's snippet as written (a user message
+    # alone) and `edgeft chat` without --system answer the sample request.
+    import re
+
+    bundle = tmp_path / "demo" / "bundle"
+    want = {"service": "light.turn_on", "entity_id": "light.porch"}
+    snippet = re.search(r"```python\n(.*?)```", (bundle / "README.md").read_text(), re.S)[1]
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=bundle.parent, capture_output=True, text=True)
+    assert run.returncode == 0 and json.loads(run.stdout) == want, run.stdout + run.stderr
+    chat = edgeft("chat", str(bundle), "--prompt", "turn on the porch light")
+    assert chat.returncode == 0 and json.loads(chat.stdout) == want, chat.stdout + chat.stderr
 
 
 def test_bench_bad_input(tiny_model, tmp_path):

@@ -66,3 +66,49 @@ def test_cuda_training_follows_the_cpu_run(exported, tmp_path):
         assert stages(ws)["train"]["config"]["ep"] == ep
     # Stated tolerance: 1e-3 absolute per step (GPU kernels sum in another order, TF32 is off in ORT's CUDA EP).
     assert np.max(np.abs(runs["cpu"] - runs["cuda"])) < 1e-3, runs
+
+
+TORCH_GPUS = __import__("torch").cuda.device_count()
+needs_torch_gpu = pytest.mark.skipif(not TORCH_GPUS, reason="needs an NVIDIA GPU that torch can use")
+
+
+def _torch_run(built, tmp_path, name: str, **options):
+    from edgeft.stages.train import TrainConfig, train
+    from tests.distributed.test_strategies import RUN, copy_prepared
+
+    ws = copy_prepared(built, tmp_path, name)
+    train(ws, DATA, TrainConfig(**{**RUN, "max_steps": 1, **options}))
+    return ws
+
+
+@needs_torch_gpu
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
+def test_one_torch_step_per_strategy_on_nccl_follows_the_cpu_run(strategy, built, tmp_path):
+    """The torch engine on CUDA under torchrun, its ranks on NCCL (one GPU: a world of one). Stated tolerance:
+    the loss and gradient norm within 1e-4 relative of the CPU's, the adapter after one AdamW step within 1e-4
+    absolute (torch keeps TF32 off for fp32 matmuls by default)."""
+    from tests.distributed.test_strategies import last_adapter
+
+    cpu = _torch_run(built, tmp_path, "cpu")
+    gpu = _torch_run(built, tmp_path, "gpu", ep="cuda", nproc=min(2, TORCH_GPUS), strategy=strategy)
+    for key in ("loss", "grad_norm"):
+        assert np.all(np.isfinite(losses(gpu, key))) and np.allclose(losses(gpu, key), losses(cpu, key), rtol=1e-4)
+    got, want = last_adapter(gpu), last_adapter(cpu)
+    assert all(np.isfinite(v).all() for v in got.values())
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= 1e-4
+    assert losses(gpu, "gpu_peak_mb")[0] > 0
+    assert f"{strategy} over" in _events_text(gpu) and "(nccl)" in _events_text(gpu)
+
+
+@needs_torch_gpu
+def test_bf16_on_cuda_follows_the_fp32_cpu_run(built, tmp_path):
+    """Stated tolerance: as test_strategies' bf16 test on the CPU, loss and gradient norm within 1 %."""
+    cpu = _torch_run(built, tmp_path, "cpu")
+    gpu = _torch_run(built, tmp_path, "gpu", ep="cuda", bf16=True)
+    for key in ("loss", "grad_norm"):
+        assert np.all(np.isfinite(losses(gpu, key))) and np.allclose(losses(gpu, key), losses(cpu, key), rtol=1e-2)
+
+
+def _events_text(ws) -> str:
+    """Every log the run left in its workspace (the launch's output and events)."""
+    return "\n".join(p.read_text(errors="replace") for p in ws.rglob("*") if p.is_file() and p.suffix in (".log", ".jsonl"))

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,55 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(out), "--prompt", "lock the front door",
                            "--max-new-tokens", "5"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    # the README's snippet, as written, from the bundle's folder
+    snippet = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)[1]
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=out.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr
+    assert_carries_the_training_system_prompt(out)
+
+
+SYSTEM = json.loads((DATA_DIR / "train.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+
+
+def rendered(bundle, messages) -> str:
+    import onnxruntime_genai as og
+
+    return og.Tokenizer(og.Model(str(bundle))).apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+
+
+def assert_carries_the_training_system_prompt(bundle):
+    """The sample task's data has one system prompt: the bundle renders it when a conversation has none, keeps an
+    app's own, and generates up to the training length (256) by default."""
+    chat = json.loads((bundle / "manifest.json").read_text())["chat_defaults"]
+    assert chat["system_prompt"] == SYSTEM and "100% of its chat records" in chat["system_prompt_from"]
+    assert chat["max_length"] == 256 == json.loads((bundle / "genai_config.json").read_text())["search"]["max_length"]
+    assert 2 in chat["stop_token_ids"]
+    assert (bundle / "system_prompt.txt").read_text() == SYSTEM
+    user = [{"role": "user", "content": "turn on the porch light"}]
+    assert rendered(bundle, user).startswith(f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\nturn on the porch light")
+    own = rendered(bundle, [{"role": "system", "content": "Be brief."}, *user])
+    assert own.startswith("<|system|>\nBe brief.<|end|>") and SYSTEM not in own
+
+
+def test_chat_defaults_choice_and_any_system_text(merged_ws, tmp_path):
+    from edgeft.stages.package import chat_defaults
+
+    data = {"system_prompts": {"most_common": "A", "share": 0.6, "distinct": 3}}
+    assert chat_defaults.choose(None, data)[0] == "A"
+    assert chat_defaults.choose("B", data) == ("B", "--system") and chat_defaults.choose("", data)[0] is None
+    split = {"system_prompts": {"most_common": "A", "share": 0.4, "distinct": 3}}
+    assert chat_defaults.choose(None, split)[0] is None and "--system" in chat_defaults.choose(None, split)[1]
+    assert chat_defaults.choose(None, {"system_prompts": {"most_common": None, "share": 1.0, "distinct": 0}})[0] is None
+    # quotes, backslashes, newlines, braces and non-ASCII reach the prompt as written (Jinja and genai's renderer)
+    ws = copy(merged_ws, tmp_path)
+    bundle = package(ws, PackageConfig(precision="fp32", system='Say "hi" \\ {{ x }} {% raw %}\nzweite Zeile: ü'))
+    text = 'Say "hi" \\ {{ x }} {% raw %}\nzweite Zeile: ü'
+    assert (bundle / "system_prompt.txt").read_text() == text
+    assert rendered(bundle, [{"role": "user", "content": "x"}]).startswith(f"<|system|>\n{text}<|end|>")
+    none = package(ws, PackageConfig(precision="fp32", system="", force=True))
+    assert not (none / "system_prompt.txt").exists()
+    assert rendered(none, [{"role": "user", "content": "x"}]).startswith("<|user|>")
+    assert json.loads((none / "manifest.json").read_text())["chat_defaults"]["system_prompt"] is None
 
 
 def matmul_nbits(bundle):
@@ -185,7 +235,8 @@ def test_adapter_bundle_switches_the_lora_at_run_time(merged_ws, tiny_model, tmp
                                "--max-new-tokens", "6", *extra], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         (expected,), _ = genai_generate(out, [ids], 6, active)
-        assert proc.stdout.rstrip("\n") == tok.decode(np.asarray(expected, dtype=np.int32))
+        # chat holds back an incomplete character (U+FFFD) at the end of what it has decoded
+        assert proc.stdout.rstrip("\n") == tok.decode(np.asarray(expected, dtype=np.int32)).rstrip("\ufffd")
     assert "no adapter active; this bundle ships ws (--adapter ws)" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "edgeft", "chat", str(out), "--adapter", "other", "--prompt", "x"],
                           capture_output=True, text=True)

@@ -45,6 +45,26 @@ def test_ort_and_torch_agree_over_20_steps(exported, tmp_path):
     assert rec["step"] == 20 and rec["tokens_per_s"] > 0 and rec["peak_rss_mb"] > 0
 
 
+def test_training_runs_the_optimizer_graph_the_artifacts_ship(exported, tmp_path, capsys):
+    """The artifacts' optimizer_model.onnx is the graph a run with train's defaults runs (torch's AdamW, clipped in a
+    fixed order; the ORT-vs-torch parity above trains with it); other options build their own."""
+    from edgeft.trainer.ort_engine import optimizer_for, optimizer_settings
+
+    artifacts = exported / "artifacts"
+    shipped = artifacts / "optimizer_model.onnx"
+    defaults = TrainConfig()
+    assert optimizer_settings(shipped) == {"weight_decay": defaults.weight_decay, "adam_mode": 0,
+                                           "max_grad_norm": defaults.max_grad_norm}
+    assert (jobs.GenerateArtifacts.weight_decay, jobs.GenerateArtifacts.max_grad_norm) == (
+        defaults.weight_decay, defaults.max_grad_norm)
+    assert optimizer_for(artifacts, tmp_path, defaults.weight_decay, defaults.max_grad_norm) == shipped
+    for other in ((0.01, 1.0), (0.0, None), (0.0, 0.5)):
+        assert callable(optimizer_for(artifacts, tmp_path, *other)), other
+    ws = fresh(exported, tmp_path)
+    train(ws, DATA, TrainConfig(**FAST, max_steps=1))
+    assert "engine ready, optimizer graph: the artifacts'" in capsys.readouterr().out
+
+
 def run_clip(gradients, max_norm):
     import onnxruntime as ort
     from onnx import TensorProto, helper

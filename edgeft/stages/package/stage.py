@@ -17,9 +17,9 @@ from edgeft.core.errors import EdgeftError, command
 from edgeft.core.schema import spec
 from edgeft.core.workspace import Record, Workspace, key_of, library_versions
 from edgeft.devices.profiles import Quantization
-from edgeft.stages.bundle import REBUILD
+from edgeft.stages.bundle import REBUILD, context_length
 from edgeft.stages.merge import Merged
-from edgeft.stages.package import readme, verify
+from edgeft.stages.package import chat_defaults, readme, verify
 from edgeft.stages.package.builder import (
     BUILDER_EPS,
     BUILDER_PRECISIONS,
@@ -28,6 +28,7 @@ from edgeft.stages.package.builder import (
     set_cpu_threads,
 )
 from edgeft.stages.prepare import Prepared
+from edgeft.stages.train import Trained
 from edgeft.trainer.ort_engine import CHECKPOINT
 
 
@@ -45,6 +46,8 @@ class PackageConfig:
     weights: str = spec("how the transformers reference reads the fp32 weights: 'load' holds the model; 'stream' "
                         "one decoder layer at a time; 'auto' streams past 4 GiB", "auto",
                         choices=("auto", "load", "stream"))
+    system: str | None = spec("the bundle's default system prompt, rendered when a conversation brings none "
+                              "(default: the training data's, when one is in most of its records; '' for none)", None)
 
     def __post_init__(self):
         problems: list[str] = []
@@ -194,14 +197,18 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
                 raise EdgeftError(f"package verification failed: the fp32 model's greedy tokens differ from "
                                   f"transformers' (agreement {verification['token_agreement']:.1%}); nothing was "
                                   "written")
+            trained = ws.read(Trained)
+            system, source = chat_defaults.choose(cfg.system, trained.data if trained else {})
+            chat = chat_defaults.apply(tmp, system, source, trained.config.seq_len if trained else None,
+                                       context_length(tmp))
             files = [p for p in tmp.rglob("*") if p.is_file()]
             (tmp / "README.md").write_text(readme.readme(ws.bundle.name, precision, cfg.ep, __version__,
-                                                         list(adapter_files)))
+                                                         list(adapter_files), system))
             manifest = {
                 "edgeft": __version__, "kind": "base+adapters" if cfg.adapters else "merged",
                 "precision": precision, "execution_provider": cfg.ep, "cpu_threads": threads,
                 "quantization": dataclasses.asdict(quant) if precision in ("int4", "int8") else None,
-                "build": built, "device": device.name if device else None,
+                "build": built, "device": device.name if device else None, "chat_defaults": chat,
                 **_sources(prep, merged_rec, adapter_files, sources), "verification": verification,
                 "versions": library_versions(), "files": fingerprint.Hashes().files([tmp / "README.md", *files], tmp),
                 "bytes": sum(p.stat().st_size for p in files),
