@@ -112,6 +112,17 @@ def system_prompts(records: list[formats.Record]) -> dict:
             "distinct": len([t for t in prompts if t is not None])}
 
 
+def declared_tools(records: list[formats.Record]) -> dict:
+    """The most common `tools` declaration of the records and its share of them (the bundle's default when it
+    dominates, as the system prompt)."""
+    lists = Counter(json.dumps(r.data["tools"], sort_keys=True) if r.data.get("tools") else None for r in records
+                    if r.format == "chat")
+    if not lists or lists.most_common(1)[0][0] is None:
+        return {"most_common": None, "share": 0.0}
+    text, count = lists.most_common(1)[0]
+    return {"most_common": json.loads(text), "share": round(count / sum(lists.values()), 4)}
+
+
 def to_arrays(samples: list[Encoded]) -> dict[str, np.ndarray]:
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -165,6 +176,7 @@ def build(data: Path, model_dir: Path, out_root: Path, cfg: DataConfig = DataCon
         "data": str(Path(data).resolve()), "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
         "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         "truncation": stats, "eval_truncation": val_stats, "system_prompts": system_prompts(train_read.records),
+        "tools": declared_tools(train_read.records),
         "splits": {name: {"samples": len(s), "tokens": int(sum(len(x.input_ids) for x in s)),
                           "target_tokens": int(sum(int(x.loss_mask.sum()) for x in s))}
                    for name, s in (("train", train), ("val", val))},

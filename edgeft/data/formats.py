@@ -1,8 +1,12 @@
 """Reading training files and checking their records, with every problem's line number.
 
 Formats (auto-detected, never mixed in one file):
-- chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
-  (OpenAI chat fine-tuning format; weight 0 excludes an assistant message from the loss)
+- chat: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight"?: 0|1}, ...],
+  "tools"?: [...]} (OpenAI chat fine-tuning format; weight 0 excludes an assistant message from the loss). With
+  function calling: `tools` declares {"type": "function", "function": {"name", "description"?, "parameters"?}},
+  an assistant message may carry `tool_calls` ([{"id", "type": "function", "function": {"name", "arguments":
+  a JSON object as a string}}], several: parallel calls) instead of or with content, and a "tool" message
+  answers a call (`tool_call_id`).
 - prompt/completion: {"prompt": str, "completion": str}
 - text: {"text": str}
 Files: .jsonl (one object per line), .json (a list of objects), .parquet (a row per record), or a folder a
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from edgeft.core.errors import EdgeftError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("chat", "prompt_completion", "text")
 MAX_LINE_BYTES = 8 * 2**20
 
@@ -70,6 +74,7 @@ def _check_chat(obj: dict, line: int) -> list[Problem]:
     if not msgs:
         return [Problem(line, "empty_messages", "'messages' is empty")]
     problems = [p for i, m in enumerate(msgs) for p in _check_message(m, i, line)]
+    problems += _check_tools(obj, msgs, line)
     roles = [m.get("role") for m in msgs if isinstance(m, dict)]
     if "assistant" not in roles:
         problems.append(Problem(line, "no_assistant", "no assistant message: nothing to learn from"))
@@ -88,7 +93,9 @@ def _check_message(m, i: int, line: int) -> list[Problem]:
     role, content = m.get("role"), m.get("content")
     if role not in ROLES:
         problems.append(Problem(line, "unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}"))
-    if not isinstance(content, str):
+    if role == "assistant" and m.get("tool_calls") and content in (None, ""):
+        pass  # a message of calls alone
+    elif not isinstance(content, str):
         problems.append(Problem(line, "content_not_string",
                                 f"messages[{i}].content must be a string, got {type(content).__name__}"))
     elif not content.strip():
@@ -97,9 +104,93 @@ def _check_message(m, i: int, line: int) -> list[Problem]:
         problems.append(Problem(line, "bad_weight", f"messages[{i}].weight must be 0 or 1, got {m['weight']!r}"))
     if "weight" in m and role != "assistant":
         problems.append(Problem(line, "bad_weight", f"messages[{i}].weight is only allowed on assistant messages"))
-    if unknown := set(m) - {"role", "content", "weight", "name"}:
+    if unknown := set(m) - {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}:
         problems.append(Problem(line, "unknown_key", f"messages[{i}] has unknown keys {sorted(unknown)}"))
     return problems
+
+
+def _declared(obj: dict, line: int) -> tuple[set[str] | None, list[Problem]]:
+    """The names of the record's declared tools (None: it declares none), and the problems of the declarations."""
+    if "tools" not in obj:
+        return None, []
+    tools = obj["tools"]
+    if not isinstance(tools, list):
+        return set(), [Problem(line, "bad_tools", f"'tools' must be a list, got {type(tools).__name__}")]
+    names, problems = set(), []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(name, str) and name):
+            problems.append(Problem(line, "bad_tools", f'tools[{i}] must be {{"type": "function", "function": '
+                                                       '{"name": ..., "parameters": ...}}'))
+        elif not isinstance(function.get("parameters", {}), dict):
+            problems.append(Problem(line, "bad_tools", f"tools[{i}] ({name}): parameters must be a JSON schema object"))
+        else:
+            names.add(name)
+    return names, problems
+
+
+def _check_tools(obj: dict, msgs: list, line: int) -> list[Problem]:
+    """Function calling: each call names a declared tool with a JSON object of arguments; each tool result
+    answers an earlier call."""
+    declared, problems = _declared(obj, line)
+    call_ids: set[str] | None = None  # None until a call is made
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if "tool_calls" in m and role != "assistant":
+            problems.append(Problem(line, "bad_tool_call", f"messages[{i}].tool_calls: only assistant messages "
+                                                           "call tools"))
+        elif "tool_calls" in m:
+            ids, found = _check_calls(m["tool_calls"], declared, f"messages[{i}].tool_calls", line)
+            problems += found
+            call_ids = (call_ids or set()) | ids if ids is not None else call_ids
+        if "tool_call_id" in m and role != "tool":
+            problems.append(Problem(line, "bad_tool_call", f"messages[{i}].tool_call_id: only tool messages "
+                                                           "answer calls"))
+        answered = m.get("tool_call_id")
+        if role == "tool" and (call_ids is None or (answered is not None and answered not in call_ids)):
+            problems.append(Problem(line, "tool_without_call", f"messages[{i}] is a tool result " + (
+                "with no call before it" if call_ids is None else
+                f"for call {answered!r}, which no earlier assistant message made")))
+    return problems
+
+
+def _check_calls(calls, declared: set[str] | None, where: str, line: int) -> tuple[set[str] | None, list[Problem]]:
+    """An assistant message's tool_calls: the ids of its calls (None: none is well formed), and its problems."""
+    if not isinstance(calls, list) or not calls:
+        return None, [Problem(line, "bad_tool_call", f"{where} must be a non-empty list")]
+    ids, problems, made = set(), [], False
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            problems.append(Problem(line, "bad_tool_call", f'{where}[{j}] must be {{"type": "function", '
+                                                           '"function": {"name": ..., "arguments": "{...}"}}'))
+            continue
+        made = True
+        if isinstance(call.get("id"), str):
+            ids.add(call["id"])
+        if declared is None or name not in declared:
+            problems.append(Problem(line, "undeclared_tool", f"{where}[{j}] calls {name!r}, " + (
+                "but the record declares no tools (add 'tools')" if declared is None else
+                f"which 'tools' does not declare ({', '.join(sorted(declared))})")))
+        problems += _check_arguments(function.get("arguments"), f"{where}[{j}]", line)
+    return (ids if made else None), problems
+
+
+def _check_arguments(arguments, where: str, line: int) -> list[Problem]:
+    if isinstance(arguments, dict):
+        return []  # already an object (some datasets store it parsed)
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError as e:
+        return [Problem(line, "bad_arguments", f"{where}.function.arguments is not JSON: {e}")]
+    if not isinstance(value, dict):
+        return [Problem(line, "bad_arguments", f"{where}.function.arguments must be a JSON object (as a string), got "
+                                               f"{type(value if isinstance(arguments, str) else arguments).__name__}")]
+    return []
 
 
 def _check_fields(obj: dict, line: int, keys: tuple[str, ...]) -> list[Problem]:
@@ -161,7 +252,7 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return out
 
 
-FIELDS = ("messages", "prompt", "completion", "text")
+FIELDS = ("messages", "tools", "prompt", "completion", "text")
 
 
 def _mapped(obj, columns: dict[str, str], table: bool):

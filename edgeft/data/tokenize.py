@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeft.core.errors import EdgeftError
+from edgeft.data.calls import arguments
 from edgeft.data.formats import Problem, Record
 
 TRUNCATION = ("drop", "right")
@@ -48,26 +49,58 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def _render(tok, messages, add_generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tok, messages, add_generation_prompt: bool, tools: list | None = None) -> str:
+    return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def chat_spans(tok, messages: list[dict], train_on_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans that carry loss."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    full = _render(tok, plain, False)
+def template_message(m: dict) -> dict:
+    """A record's message as chat templates take it: a call's arguments as an object (the OpenAI format has them
+    as a JSON string; templates write them with `tojson`), content "" beside calls alone."""
+    out = {"role": m["role"], "content": m.get("content") or ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"type": "function", "function": {
+            "name": c["function"]["name"], "arguments": arguments(c["function"].get("arguments"))}}
+            for c in m["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if key in m:
+            out[key] = m[key]
+    return out
+
+
+def _check_renders_tools(full: str, tools: list | None, messages: list[dict]) -> None:
+    """Refuse a template that drops the tools or the calls (a template without function calling ignores them)."""
+    names = [t["function"]["name"] for t in tools or []]
+    names += [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]
+    if missing := [n for n in dict.fromkeys(names) if n not in full]:
+        raise EdgeftError(f"the model's chat template does not render function calling (the tools or calls "
+                          f"{', '.join(missing[:3])} vanish from the prompt); train tool calls with a model whose "
+                          "template renders `tools` and `tool_calls` (Qwen2.5, Llama 3.2, edgeft's demo base), or "
+                          "write the calls into the assistant's content")
+
+
+def chat_spans(tok, messages: list[dict], train_on_prompt: bool,
+               tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the character spans that carry loss (assistant turns, their tool calls included)."""
+    plain = [template_message(m) for m in messages]
+    full = _render(tok, plain, False, tools)
+    if tools or any("tool_calls" in m for m in plain):
+        _check_renders_tools(full, tools, plain)
     if train_on_prompt:
         return full, [(0, len(full))]
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
-        before = _render(tok, plain[:i], True) if i else ""
-        through = _render(tok, plain[: i + 1], False)
+        before = _render(tok, plain[:i], True, tools) if i else ""
+        through = _render(tok, plain[: i + 1], False, tools)
         if not full.startswith(before):
             raise ValueError("the chat template renders earlier turns differently once later turns are added, "
                              "so the assistant tokens cannot be located")
-        spans.append((len(before), _common_prefix(through, full)))
+        end = _common_prefix(through, full)
+        eos = tok.eos_token or ""
+        if eos and end < len(through) and through.endswith(eos):  # a later turn follows: not the EOS, nor a first
+            end = min(end, len(through) - len(eos))               # character the next turn shares with it
+        spans.append((len(before), end))
     return full, spans
 
 
@@ -85,7 +118,7 @@ def encode(tok, record: Record, train_on_prompt: bool = False) -> Encoded:
         if tok.chat_template is None:
             raise EdgeftError("chat data needs a tokenizer with a chat template (tokenizer_config.json "
                               "'chat_template' or chat_template.jinja); use prompt/completion data instead")
-        text, spans = chat_spans(tok, data["messages"], train_on_prompt)
+        text, spans = chat_spans(tok, data["messages"], train_on_prompt, data.get("tools"))
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, mask = enc["input_ids"], _mask_from_spans(enc["offset_mapping"], spans)
     elif record.format == "prompt_completion":

@@ -5,7 +5,8 @@ and a README that is its blank template. `describe_adapter` replaces both in WS/
 the hub id its folder came from when the folder says (the Hugging Face cache's models--ORG--NAME/snapshots/REV
 layout, or a config.json `_name_or_path` of the form ORG/NAME), else by the folder's name; the local path stays
 in the workspace's manifest. The card gives the base, the data (file, sha256, size, samples, tokens), the
-training settings and results, and how to load the adapter with PEFT and in a bundle.
+training settings and results, how to load the adapter with PEFT and in a bundle, and, once `edgeft eval` has
+run, its results (`add_evaluation`: the card is documentation, left out of merge's recorded hashes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from edgeft.core import atomic, fingerprint
 
+CARD = "README.md"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -43,7 +45,7 @@ def describe_adapter(adapter: Path, ws_name: str, model_dir: Path, prep, trained
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base
     atomic.write_json(config_path, config)
-    atomic.write_text(Path(adapter) / "README.md", card(ws_name, base, model_dir, prep, trained, step, checkpoint,
+    atomic.write_text(Path(adapter) / CARD, card(ws_name, base, model_dir, prep, trained, step, checkpoint,
                                                        config, __version__))
     return base
 
@@ -97,3 +99,24 @@ def card(ws_name: str, base: str, model_dir: Path, prep, trained, step: int, che
         "In an onnxruntime-genai bundle: `edgeft package WS --adapters` writes "
         f"`bundle/adapters/{ws_name}.onnx_adapter` beside the int4 base; an app loads it with "
         "`og.Adapters(model).load(path, name)` and makes it active per generator with `set_active_adapter`.", ""])
+
+
+def add_evaluation(adapter: Path, report: dict, finished_at: str) -> None:
+    """Put eval's results into the adapter's card (replacing an earlier evaluation's), before "## Use it"."""
+    path = Path(adapter) / CARD
+    if not path.is_file():
+        return
+    rows = report["results"]
+    metric = rows[0].get("metric", "exact_match").replace("_", " ") if rows else "exact match"
+    section = ["## Evaluation", "", f"On `{Path(report['data']).name}` ({report['samples']} samples), "
+               f"{finished_at}, by `edgeft eval`: {metric} of the greedy answers, and the loss on the answers' "
+               "tokens.", "", f"| variant | runner | {metric} | loss |", "|---|---|---|---|",
+               *[f"| {r['variant']} | {r['runner']} | {r['exact_match']:.1%} | {r['loss']:.4f} |" for r in rows], "", ""]
+    text = path.read_text()
+    start = text.find("## Evaluation")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1 if end >= 0 else len(text):]
+    at = text.find("## Use it")
+    at = at if at >= 0 else len(text)
+    atomic.write_text(path, text[:at] + "\n".join(section) + text[at:])

@@ -11,6 +11,7 @@ import numpy as np
 
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
+from edgeft.data.calls import parse_calls
 from edgeft.stages.bundle import context_length, generator, load_adapter, open_model
 
 
@@ -117,6 +118,8 @@ class _Session:
                 print(text_now[len(shown):], end="", flush=True)
                 shown = text_now
         print()
+        for call in parse_calls(shown):  # a model fine-tuned to call tools: what an app would run
+            print(f"call: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})", file=sys.stderr)
 
     def _rendered(self, text: str) -> str:
         system = self.cfg.system

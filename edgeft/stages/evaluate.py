@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
 from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.data import formats
-from edgeft.data.tokenize import encode, load_tokenizer
+from edgeft.data.calls import arguments, parse_calls
+from edgeft.data.tokenize import encode, load_tokenizer, template_message
 from edgeft.models.lazy import load_base
 from edgeft.quant import quantize
-from edgeft.stages import tracking
+from edgeft.stages import card, tracking
 from edgeft.stages.bundle import REBUILD, load_adapter, open_model, own_adapter
 from edgeft.stages.merge import Merged
 from edgeft.stages.package.stage import Packaged
@@ -59,6 +61,8 @@ class Item:
     answer: str
     ids: np.ndarray
     mask: np.ndarray
+    tools: list | None = None  # the record's declared tools, rendered with the prompt
+    calls: list | None = None  # the expected tool calls ({"name", "arguments"}), when the answer calls tools
 
 
 def load_items(tok, path: Path, limit: int | None = None) -> list[Item]:
@@ -74,13 +78,16 @@ def load_items(tok, path: Path, limit: int | None = None) -> list[Item]:
             msgs = record.data["messages"]
             if msgs[-1]["role"] != "assistant":
                 raise EdgeftError(f"{path} line {record.line}: the last turn must be the assistant's answer to score")
-            prompt, answer = msgs[:-1], msgs[-1]["content"]
+            prompt, answer = msgs[:-1], msgs[-1].get("content") or ""
+            calls = [{"name": c["function"]["name"], "arguments": arguments(c["function"].get("arguments"))}
+                     for c in msgs[-1].get("tool_calls") or []] or None
         elif record.format == "prompt_completion":
             prompt, answer = record.data["prompt"], record.data["completion"]
         else:
             raise EdgeftError(f"{path}: eval needs chat or prompt/completion records (an answer to score), not text")
         enc = encode(tok, record)
-        items.append(Item(prompt, answer, enc.input_ids, enc.loss_mask))
+        items.append(Item(prompt, answer, enc.input_ids, enc.loss_mask, record.data.get("tools"),
+                          calls if record.format == "chat" else None))
     if not items:
         raise EdgeftError(f"{path} has no records to evaluate")
     return items
@@ -91,8 +98,7 @@ def with_shots(prompt: list[dict] | str, shots: list[Item]) -> list[dict] | str:
     if isinstance(prompt, str):
         return "".join(f"{s.prompt}{s.answer}\n\n" for s in shots) + prompt
     system = [m for m in prompt[:1] if m["role"] == "system"]
-    turns = [m for s in shots for m in (*[m for m in s.prompt if m["role"] != "system"],
-                                        {"role": "assistant", "content": s.answer})]
+    turns = [m for s in shots for m in (*[m for m in s.prompt if m["role"] != "system"], reply(s))]
     return [*system, *turns, *prompt[len(system):]]
 
 
@@ -102,16 +108,25 @@ def shot_item(tok, x: Item, shots: list[Item]) -> Item:
     if isinstance(prompt, str):
         record = formats.Record(0, "prompt_completion", {"prompt": prompt, "completion": x.answer})
     else:
-        record = formats.Record(0, "chat", {"messages": [*prompt, {"role": "assistant", "content": x.answer}]})
+        record = formats.Record(0, "chat", {"messages": [*prompt, reply(x)], **({"tools": x.tools} if x.tools else {})})
     enc = encode(tok, record)
-    return Item(prompt, x.answer, enc.input_ids, enc.loss_mask)
+    return dataclasses.replace(x, prompt=prompt, ids=enc.input_ids, mask=enc.loss_mask)
 
 
-def render_prompt(tok, prompt: list[dict] | str) -> str:
-    """The prompt as the model sees it: chat turns through the template, ending where the answer starts."""
-    if isinstance(prompt, str):
-        return prompt
-    return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+def reply(x: Item) -> dict:
+    """The item's expected answer as an assistant message (its tool calls included)."""
+    calls = [{"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+             for c in x.calls or []]
+    return {"role": "assistant", "content": x.answer, **({"tool_calls": calls} if calls else {})}
+
+
+def render_prompt(tok, x: Item) -> str:
+    """The prompt as the model sees it: chat turns (and the declared tools) through the template, ending where the
+    answer starts."""
+    if isinstance(x.prompt, str):
+        return x.prompt
+    return tok.apply_chat_template([template_message(m) for m in x.prompt], tools=x.tools, tokenize=False,
+                                   add_generation_prompt=True)
 
 
 def stop_ids(tok, config_eos) -> list[int]:
@@ -226,7 +241,16 @@ def genai_loss(model, items: list[Item], adapter: tuple | None = None) -> tuple[
 # -- scoring ----------------------------------------------------------------------------------------------
 
 def score(answers: list[str], items: list[Item]) -> dict:
-    """Exact match (and per-field accuracy for JSON actions) of the answers against the items'."""
+    """Exact match (and per-field accuracy for JSON actions) of the answers against the items'; for answers that
+    call tools, call exact match: the calls parsed from the reply equal the expected ones (names and arguments,
+    in any order)."""
+    if any(x.calls for x in items):
+        got = [sorted(json.dumps(c, sort_keys=True) for c in parse_calls(a)) for a in answers]
+        want = [sorted(json.dumps(c, sort_keys=True) for c in x.calls or []) for x in items]
+        names = sum(sorted(json.loads(c)["name"] for c in g) == sorted(json.loads(c)["name"] for c in w)
+                    for g, w in zip(got, want, strict=True))
+        return {"samples": len(items), "exact_match": sum(g == w for g, w in zip(got, want, strict=True)) / len(items),
+                "name_match": names / len(items), "metric": "call_exact_match"}
     gold = [home.parse_action(x.answer) for x in items]
     if all(g is not None for g in gold) and all(x.answer.strip().startswith("{") for x in items):
         return home.score(answers, gold) | {"metric": "json_exact_match"}
@@ -239,7 +263,8 @@ def variant(name: str, runner: str, loss: tuple[float, int], answers: list[str],
     metrics = score(answers, items)
     return {"variant": name, "runner": runner, "loss": loss[0], "perplexity": math.exp(min(loss[0], 50)),
             "target_tokens": loss[1], **metrics, "seconds": round(seconds, 1),
-            "examples": [{"expected": x.answer, "got": a} for x, a in list(zip(items, answers, strict=True))[:3]]}
+            "examples": [{"expected": x.answer or json.dumps(x.calls), "got": a}
+                         for x, a in list(zip(items, answers, strict=True))[:3]]}
 
 
 @dataclass(frozen=True)
@@ -305,6 +330,8 @@ def evaluate(ws_path: Path, data: Path, cfg: EvalConfig = EvalConfig(), shots_fr
         ws.write(Evaluated(data=report["data"], samples=len(items), report=str(ws.eval_reports / "report.md"),
                            key=key(ws, data, cfg, shots_from),
                            results={r["variant"]: {k: r[k] for k in ("loss", "exact_match")} for r in results}))
+        if results:
+            card.add_evaluation(ws.adapter, report, ws.read(Evaluated).finished_at)
         if results and (trackers := tracking.Trackers.of_run(ws.training, ws.root.name)):
             with contextlib.closing(trackers):  # the training run's trackers get the table (train --report-to)
                 trackers.table("eval", [{k: v for k, v in r.items() if isinstance(v, str | int | float)}
@@ -363,7 +390,7 @@ def _transformers_variant(name: str, models: _Models, tok, items: list[Item], cf
     model = models.load(name).eval()
     with torch.no_grad():
         loss = torch_loss(model, use_items)
-        answers = torch_answers(model, tok, [render_prompt(tok, x.prompt) for x in use_items], cfg.max_new_tokens)
+        answers = torch_answers(model, tok, [render_prompt(tok, x) for x in use_items], cfg.max_new_tokens)
     return variant(name, "transformers", loss, answers, items, time.time() - started)
 
 
@@ -380,7 +407,7 @@ def _bundle_variant(bundle: Path, tok, items: list[Item], cfg: EvalConfig) -> di
     config_eos = state.read_json(bundle / "genai_config.json", "the bundle's genai_config.json", REBUILD,
                                  keys=("model",))["model"].get("eos_token_id")
     loss = genai_loss(model, items, active)
-    prompts = [render_prompt(tok, x.prompt) for x in items]
+    prompts = [render_prompt(tok, x) for x in items]
     answers = genai_answers(model, tok, prompts, cfg.max_new_tokens, stop_ids(tok, config_eos), active)
     return variant(name, "onnxruntime-genai", loss, answers, items, time.time() - started)
 

@@ -250,9 +250,14 @@ def merge(ws_path: Path, cfg: MergeConfig = MergeConfig()) -> Path:
         ws.write(Merged(
             config=cfg, checkpoint=ckpt.name, step=state["position"]["step"], backend=trained.config.backend,
             trained_at=trained.finished_at, verification=verification, key=key(cfg, trained, ckpt),
-            outputs={name: ws.hashes.folder(ws.root / name, ws.root) for name in ("adapter", "merged")},
+            outputs={name: outputs(ws, name) for name in ("adapter", "merged")},
             seconds=round(time.time() - started, 1), peak_rss_mb=round(rss.peak_mb(), 1)))
     return ws.root
+
+
+def outputs(ws: Workspace, name: str) -> dict[str, str]:
+    """sha256 of the files merge wrote to WS/NAME, but the adapter's card (README.md): eval adds its results to it."""
+    return {k: v for k, v in ws.hashes.folder(ws.root / name, ws.root).items() if k != f"{name}/{card.CARD}"}
 
 
 def _checkpoint(ws: Workspace, trained: Trained, cfg: MergeConfig) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 SYSTEM = {
     "home": "You control the Lindqvist home. Answer with exactly one JSON action.",
     "generic": "Turn the request into one JSON command.",
+    "tools": "You control the Lindqvist home. Call its tools for each request.",
 }
 
 # (entity_id, room, kind, phrases that name it)
@@ -149,7 +150,47 @@ def render(meaning: dict, schema: str) -> dict:
     return action
 
 
+def tool_name(service: str) -> str:
+    """The function a service is called through (OpenAI's function names have no dots)."""
+    return service.replace(".", "_")
+
+
+def _tools() -> list[dict]:
+    """One tool per service: the entity to act on, the service's value, and a time for later."""
+    tools = {}
+    for (_, op), service in SERVICES.items():
+        properties = {"entity_id": {"type": "string"}}
+        if op in VALUE_FIELD:
+            properties[VALUE_FIELD[op]] = {"type": "number"}
+        if op not in ("play", "pause", "volume"):
+            properties["at"] = {"type": "string", "description": "HH:MM"}
+        tool = tools.setdefault(service, {"type": "function", "function": {
+            "name": tool_name(service), "parameters": {"type": "object", "properties": {}, "required": ["entity_id"]}}})
+        tool["function"]["parameters"]["properties"].update(properties)
+    return list(tools.values())
+
+
+TOOLS = _tools()
+
+
+def calls_of(meanings: list[dict]) -> list[dict]:
+    """The tool calls that carry out the requests (one each, in order: parallel calls for a double request)."""
+    out = []
+    for i, meaning in enumerate(meanings):
+        action = render(meaning, "home")
+        service = action.pop("service")
+        out.append({"id": f"call_{i}", "type": "function",
+                    "function": {"name": tool_name(service), "arguments": json.dumps(action)}})
+    return out
+
+
 def example(rng: random.Random, schema: str, home: Home | None = None) -> dict:
+    if schema == "tools":  # one request, or two joined (parallel calls), a fifth of the time
+        (text, meaning), *more = [command(rng) for _ in range(1 + (rng.random() < 0.2))]
+        text = " and ".join([text, *(t for t, _ in more)])
+        return {"tools": TOOLS, "messages": [
+            {"role": "system", "content": SYSTEM[schema]}, {"role": "user", "content": text},
+            {"role": "assistant", "tool_calls": calls_of([meaning, *(m for _, m in more)])}]}
     text, meaning = command(rng, home.entities) if home else command(rng)
     if home:
         text = home.phrase(rng, text)

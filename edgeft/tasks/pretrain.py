@@ -39,11 +39,22 @@ SKETCH_PROJECTIONS = 8
 # Of each tensor's norm: about 100x the rounding measured between kernels; 1e-3 of one tensor's norm gives 2e-3.
 REPRODUCTION_TOLERANCE = 1e-4
 
-# Phi-3-mini's chat template, in behaviour: no generation markers, EOS after the last turn.
+# Phi-3-mini's chat template, in behaviour: no generation markers, EOS after the last turn. Phi-3's own renders no
+# tools; this one also renders function calling, with the calls in the Hermes convention Qwen2.5's template uses:
+# the declared tools' names first (one a line: onnxruntime-genai hands a template the tools' parameters in its
+# own reshaped form, transformers as given, so a template that wrote them would prompt differently in the two),
+# an assistant's calls as <tool_call>{"name", "arguments"}</tool_call>, and tool results as their own turn. A
+# conversation without tools renders exactly as Phi-3's.
 PHI3_TEMPLATE = (
+    "{% if tools %}{{ '<|tools|>\n' }}{% for tool in tools %}{% if tool['function'] %}"
+    "{{ tool['function']['name'] + '\n' }}{% else %}{{ tool['name'] + '\n' }}{% endif %}{% endfor %}"
+    "{{ '<|end|>\n' }}{% endif %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content']}}"
+    "{% if message['tool_calls'] %}{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}{% endfor %}{% endif %}{{ '<|end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}{{'<|tool|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 

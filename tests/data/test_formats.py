@@ -167,3 +167,49 @@ def test_table_problems_name_the_row_and_a_datasetdict_names_its_splits(tmp_path
     for bad in ("messages", "answer=x", "prompt=", "=q"):
         with pytest.raises(EdgeftError, match="NAME=COLUMN"):
             formats.parse_columns(bad)
+
+
+# Function calling (OpenAI's fine-tuning format)
+
+TOOLS = [{"type": "function", "function": {"name": "light_turn_on", "parameters": {"type": "object", "properties": {
+    "entity_id": {"type": "string"}}}}}, {"type": "function", "function": {"name": "lock_lock"}}]
+
+
+def call(name, arguments='{"entity_id": "light.porch"}', id_="call_1"):
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_record(calls, *after, tools=TOOLS):
+    return {"tools": tools, "messages": [{"role": "user", "content": "porch light on"},
+                                         {"role": "assistant", "tool_calls": calls}, *after]}
+
+
+def test_tool_calls_parallel_calls_and_tool_results_are_chat_records(tmp_path):
+    good = [tool_record([call("light_turn_on")]),
+            tool_record([call("light_turn_on"), call("lock_lock", "{}", "call_2")],
+                        {"role": "tool", "tool_call_id": "call_2", "content": "locked"},
+                        {"role": "tool", "tool_call_id": "call_1", "content": "on"},
+                        {"role": "assistant", "content": "Done."}),
+            tool_record([call("lock_lock", "{}", None)], {"role": "tool", "content": "locked"})]
+    result = formats.read(write(tmp_path, good))
+    assert not result.problems and result.format == "chat" and len(result.records) == 3
+
+
+@pytest.mark.parametrize("record, kind, phrase", [
+    (tool_record([call("light_turn_off")]), "undeclared_tool", "'light_turn_off', which 'tools' does not declare"),
+    (tool_record([call("light_turn_on")], tools=None) | {"tools": None}, "bad_tools", "'tools' must be a list"),
+    ({"messages": tool_record([call("lock_lock", "{}")])["messages"]}, "undeclared_tool", "declares no tools"),
+    (tool_record([call("light_turn_on", "{entity_id: porch}")]), "bad_arguments", "arguments is not JSON"),
+    (tool_record([call("light_turn_on", "[1, 2]")]), "bad_arguments", "must be a JSON object"),
+    (tool_record([call("light_turn_on")], {"role": "tool", "tool_call_id": "call_9", "content": "on"}),
+     "tool_without_call", "for call 'call_9', which no earlier assistant message made"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "on"},
+                   {"role": "assistant", "content": "y"}]}, "tool_without_call", "with no call before it"),
+    (tool_record([]), "bad_tool_call", "must be a non-empty list"),
+    (tool_record([{"type": "function", "function": {"arguments": "{}"}}]), "bad_tool_call", '"name"'),
+    ({"tools": [{"type": "function", "name": "x"}], "messages": CHAT["messages"]}, "bad_tools", "tools[0] must be"),
+])
+def test_bad_tool_calling_records_are_named(tmp_path, record, kind, phrase):
+    result = formats.read(write(tmp_path, [record]))
+    assert not result.records and kind in [p.kind for p in result.problems], result.problems
+    assert any(phrase in p.message and p.line == 1 for p in result.problems if p.kind == kind), result.problems

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from edgeft.core.errors import EdgeftError
 from edgeft.data import tokenize
 from edgeft.data.formats import Record
 from tests.tiny_models import build_tokenizer
@@ -77,3 +78,36 @@ def test_truncation_policies_are_counted(tok):
     kept, _, stats = tokenize.encode_all(tok, records, 20, "right")
     assert [len(e.input_ids) for e in kept][1:] == [20, 20] and stats["truncated"] == 2
     assert all(isinstance(e.input_ids, np.ndarray) for e in kept)
+
+
+TOOLS = [{"type": "function", "function": {"name": "light_turn_on", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "lock_lock", "parameters": {"type": "object"}}}]
+CALLS = [{"id": "c1", "type": "function", "function": {"name": "light_turn_on", "arguments": '{"entity_id": "l.p"}'}},
+         {"id": "c2", "type": "function", "function": {"name": "lock_lock", "arguments": "{}"}}]
+
+
+def test_tool_calls_train_the_calls_and_the_answer_not_the_results(tok):
+    """The template renders the tools' names, each call as <tool_call>{"name", "arguments"}</tool_call> (arguments as an
+    object, from the record's JSON string), and the results as their own turn; the loss covers the assistant's
+    parallel calls and its answer, not the declarations, the request or the results."""
+    msgs = [{"role": "user", "content": "porch on, lock up"}, {"role": "assistant", "tool_calls": CALLS},
+            {"role": "tool", "tool_call_id": "c1", "content": "on"}, {"role": "tool", "tool_call_id": "c2",
+                                                                       "content": "locked"},
+            {"role": "assistant", "content": "done"}]
+    enc = tokenize.encode(tok, Record(1, "chat", {"messages": msgs, "tools": TOOLS}))
+    text = marked(tok, enc)
+    assert text.startswith("<|tools|>\nlight_turn_on\nlock_lock\n<|end|>\n<|user|>\nporch on, lock up<|end|>")
+    trained = "".join(tok.decode([int(i)]) for i, m in zip(enc.input_ids, enc.loss_mask, strict=True) if m)
+    assert trained == ('<tool_call>{"name": "light_turn_on", "arguments": {"entity_id": "l.p"}}</tool_call>'
+                       '<tool_call>{"name": "lock_lock", "arguments": {}}</tool_call><|end|>\ndone<|end|>\n</s>')
+    assert "<|tool|>\non<|end|>\n<|tool|>\nlocked<|end|>\n<|assistant|>\n[d]" in text
+
+
+def test_a_template_without_function_calling_is_refused(tok):
+    phi3 = build_tokenizer()
+    phi3.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    record = Record(1, "chat", {"messages": [{"role": "user", "content": "x"},
+                                             {"role": "assistant", "tool_calls": CALLS[:1]}], "tools": TOOLS})
+    with pytest.raises(EdgeftError, match="does not render function calling .the tools or calls light_turn_on"):
+        tokenize.encode(phi3, record)

@@ -47,8 +47,9 @@ def test_int4_bundle_with_profile_settings_and_manifest(merged_ws, tmp_path):
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "README.md"} <= set(manifest["files"])
-    assert set(manifest["source"]["adapter_sha256"]) == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                                                         "adapter/README.md"}
+    # the adapter's weights and config (its card is documentation that eval adds its results to)
+    assert set(manifest["source"]["adapter_sha256"]) == {"adapter/adapter_config.json",
+                                                         "adapter/adapter_model.safetensors"}
     v = manifest["verification"]
     assert 0 <= v["token_agreement"] <= 1 and v["max_logit_error"] >= 0
     config = json.loads((out / "genai_config.json").read_text())
@@ -103,6 +104,20 @@ def test_chat_defaults_choice_and_any_system_text(merged_ws, tmp_path):
     text = 'Say "hi" \\ {{ x }} {% raw %}\nzweite Zeile: ü'
     assert (bundle / "system_prompt.txt").read_text() == text
     assert rendered(bundle, [{"role": "user", "content": "x"}]).startswith(f"<|system|>\n{text}<|end|>")
+    # a fine-tune on tool calls: its tools declared by default, the caller's own taking their place
+    from edgeft.tasks import home
+
+    tooled = tmp_path / "tooled"
+    shutil.copytree(bundle, tooled)
+    chat = chat_defaults.apply(tooled, None, "test", None, None, home.TOOLS[:2])
+    assert chat["tools"] == ["light_turn_on", "light_turn_off"]
+    assert "<|tools|>\nlight_turn_on\nlight_turn_off\n<|end|>\n" in rendered(tooled, [{"role": "user", "content": "x"}])
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og.Model(str(tooled)))
+    own = tok.apply_chat_template(json.dumps([{"role": "user", "content": "x"}]), tools=json.dumps(home.TOOLS[5:6]),
+                                  add_generation_prompt=True)
+    assert "<|tools|>\ncover_open_cover\n<|end|>" in own and "light_turn_on" not in own
     none = package(ws, PackageConfig(precision="fp32", system="", force=True))
     assert not (none / "system_prompt.txt").exists()
     assert rendered(none, [{"role": "user", "content": "x"}]).startswith("<|user|>")

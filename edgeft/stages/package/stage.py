@@ -200,7 +200,7 @@ def package(ws_path: Path, cfg: PackageConfig = PackageConfig(), device=None) ->
             trained = ws.read(Trained)
             system, source = chat_defaults.choose(cfg.system, trained.data if trained else {})
             chat = chat_defaults.apply(tmp, system, source, trained.config.seq_len if trained else None,
-                                       context_length(tmp))
+                                       context_length(tmp), chat_defaults.tools_of(trained.data if trained else {}))
             files = [p for p in tmp.rglob("*") if p.is_file()]
             (tmp / "README.md").write_text(readme.readme(ws.bundle.name, precision, cfg.ep, __version__,
                                                          list(adapter_files), system))
