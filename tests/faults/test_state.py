@@ -175,12 +175,12 @@ def test_chat_names_a_damaged_bundle(workspace, damage, phrases):
 def test_chat_caps_the_reply_at_the_models_context_and_refuses_what_cannot_fit(workspace):
     ws, bundle = bundle_copy(workspace)
     config = json.loads((bundle / "genai_config.json").read_text())
-    config["model"]["context_length"] = 48
+    config["model"]["context_length"] = 96  # the bundle's default system prompt takes about 65 of them
     (bundle / "genai_config.json").write_text(json.dumps(config))
     result = cli("chat", ws, "--prompt", "lights")  # default --max-new-tokens 256, past the context
     assert result.code == 0, result.err
-    assert "replies are capped at" in result.err and "the model's context is 48 tokens" in result.err
-    refused(cli("chat", ws, "--prompt", "lights " * 60), "the model's context is 48", "shorten the prompt")
+    assert "replies are capped at" in result.err and "the model's context is 96 tokens" in result.err
+    refused(cli("chat", ws, "--prompt", "lights " * 60), "the model's context is 96", "shorten the prompt")
 
 
 def test_chat_refuses_input_that_is_not_utf8(workspace):
