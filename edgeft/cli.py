@@ -126,7 +126,8 @@ def cmd_devices_show(args) -> int:
 
 
 def cmd_devices_probe(args) -> int:
-    """Measure this machine (cores, ISA, memory, fp32 MatMul GFLOP/s, bandwidth) and write a profile."""
+    """Measure this machine, or a device over SSH (--on), (cores, ISA, memory, fp32 MatMul GFLOP/s, bandwidth) and
+    write a profile."""
     from edgeft.devices import probe
 
     out = Path(args.out)
@@ -138,7 +139,12 @@ def cmd_devices_probe(args) -> int:
         raise EdgeftError(f"{out} exists; pass --force to overwrite it")
     if not out.absolute().parent.is_dir():
         raise EdgeftError(f"--out {out}: the folder {out.absolute().parent} does not exist; create it first")
-    profile = probe.probe(args.name or out.stem)
+    if args.on:
+        from edgeft.targets.probe import probe_on
+
+        profile, _ = probe_on(_target(args), args.name or out.stem, args.device_python, args.device_dir)
+    else:
+        profile = probe.probe(args.name or out.stem)
     if profile.name != out.stem:
         raise EdgeftError(f"--name {profile.name!r} must equal the file name {out.stem!r}")
     probe.write(profile, out)
@@ -465,6 +471,15 @@ def options_of(cls: type, only: tuple[str, ...] | None = None) -> list[tuple[tup
 
 PREPARE = "edgeft.stages.prepare:PrepareConfig"
 FLEET = "edgeft.fleet.config:FleetConfig"
+# A target device over SSH (targets/): where a command runs instead of here
+TARGET_ARGS = (
+    arg("--on", metavar="[USER@]HOST[:PORT]", help="run on this device over SSH (key authentication; host keys "
+                                                    "checked as OpenSSH does)"),
+    arg("--ssh-key", metavar="FILE", help="the private key for --on (default: your ssh configuration's)"),
+    arg("--known-hosts", metavar="FILE", help="known_hosts file with the device's host key (default: OpenSSH's)"),
+    arg("--device-python", default="python3", help="the device's Python 3.10+ (default: python3)"),
+    arg("--device-dir", metavar="DIR", help="where edgeft keeps its runtime and files on the device (default: "
+                                            "~/.cache/edgeft)"))
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", cmd_doctor, (arg("--json", action="store_true", help="machine-readable output"),)),
     Command("prepare", cmd_prepare, (
@@ -550,8 +565,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("devices probe", cmd_devices_probe, (
         arg("--out", required=True, help="profile file to write (NAME.yaml)"),
         arg("--name", help="profile name (default: the file name)"),
-        arg("--force", action="store_true", help="overwrite an existing file"))),
+        arg("--force", action="store_true", help="overwrite an existing file"),
+        *TARGET_ARGS)),
 )
+
+
+def _target(args):
+    from edgeft.targets.ssh import Target
+
+    return Target.parse(args.on, args.ssh_key, args.known_hosts)
 
 
 def _config(path: str) -> type:
