@@ -14,7 +14,6 @@ from pathlib import Path
 from edgeft.core.errors import EdgeftError
 from edgeft.core.workspace import Workspace
 from edgeft.pipeline import run
-from edgeft.tasks import home
 
 RECIPE = run.SHIPPED["recipes"] / "home-demo.yaml"
 
@@ -74,5 +73,5 @@ def table(s: dict) -> str:
     return "\n".join(["", "edgeft demo: one home's commands, fine-tuned on this machine", "",
                       *(f"  {k:<{width}}  {v}" for k, v in rows), "",
                       f"reports: {s['workspace']}/eval/report.md, {s['workspace']}/bench/bench.md",
-                      f"try it: edgeft chat {s['bundle']} --system \"{home.SYSTEM['home']}\" "
-                      "--prompt \"dim the counter lights to 40% at 7 pm\""])
+                      f"try it: edgeft chat {s['bundle']} --prompt \"dim the counter lights to 40% at 7 pm\"  "
+                      "(the bundle carries the system prompt it was trained with)"])
