@@ -289,8 +289,13 @@ def cmd_bench(args) -> int:
 
     cfg = _parse(bench.BenchConfig, args, "bench options")
     profile = profiles.load(args.device) if args.device else None
+    device = None
+    if args.on:
+        from edgeft.targets.bench import OnDevice
+
+        device = OnDevice(_target(args), args.device_python, args.device_dir)
     report = bench.bench(Path(args.target), profile, cfg, args.backend, Path(args.data) if args.data else None,
-                       Path(args.out) if args.out else None)
+                       Path(args.out) if args.out else None, device=device)
     print(json.dumps(report, indent=2) if args.json else bench.markdown(report))
     return 0
 
@@ -510,7 +515,7 @@ COMMANDS: tuple[Command, ...] = (
         arg("--backend", choices=("ort", "torch"), help="training backend (default: the profile's)"),
         arg("--data", help="text for the batches and prompts (default: the sample task)"),
         arg("--out", help="report folder (default: WS/bench, or BUNDLE-bench beside a bundle)"),
-        arg("--json", action="store_true")), "edgeft.stages.bench:BenchConfig"),
+        arg("--json", action="store_true"), *TARGET_ARGS), "edgeft.stages.bench:BenchConfig"),
     Command("run", cmd_run, (
         arg("recipe", help="recipe YAML (see recipes/)"),
         arg("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)"),

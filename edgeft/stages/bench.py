@@ -25,6 +25,7 @@ from edgeft.core import atomic, plots, rss
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
 from edgeft.core.workspace import Record, Workspace, key_of
+from edgeft.devices import genai_bench
 from edgeft.devices.profiles import Profile
 from edgeft.runtime import jobs, launcher
 from edgeft.stages import planning
@@ -99,14 +100,24 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
 def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int, data: Path | None,
                     log_dir: Path) -> dict:
     """The bundle's time to first token and decode speed, in a process of its own (its adapter active)."""
+    adapter = own_adapter(bundle)
+    job = jobs.BenchInference(bundle=str(bundle), prompt=bench_prompt(bundle, prompt_tokens, data), new_tokens=new_tokens,
+                              runs=runs, adapter=adapter.relative_to(bundle).as_posix() if adapter else None)
+    result = launcher.run(job, log_path=log_dir / "bench-inference.log")
+    return inference_figures(result, prompt_tokens, new_tokens, job.adapter, bundle)
+
+
+def bench_prompt(bundle: Path, prompt_tokens: int, data: Path | None) -> list[int]:
+    """`prompt_tokens` real token ids (the data's text, repeated if short)."""
     ids = _tokens(bundle, data)
     if len(ids) < prompt_tokens:
         ids = np.tile(ids, -(-prompt_tokens // max(len(ids), 1)))
-    adapter = own_adapter(bundle)
-    job = jobs.BenchInference(bundle=str(bundle), prompt=ids[:prompt_tokens].tolist(), new_tokens=new_tokens,
-                              runs=runs, adapter=adapter.relative_to(bundle).as_posix() if adapter else None)
-    result = launcher.run(job, log_path=log_dir / "bench-inference.log")
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": job.adapter,
+    return ids[:prompt_tokens].tolist()
+
+
+def inference_figures(result: dict, prompt_tokens: int, new_tokens: int, adapter: str | None, bundle) -> dict:
+    """genai_bench's timings as the report's figures."""
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "adapter": adapter,
             "ttft_ms": _stats([1000 * t for t in result["ttft_s"]]),
             "prompt_tokens_per_s": _stats([prompt_tokens / t for t in result["ttft_s"]]),
             "decode_tokens_per_s": _stats([(new_tokens - 1) / t for t in result["decode_s"]]),
@@ -116,36 +127,14 @@ def bench_inference(bundle: Path, runs: int, prompt_tokens: int, new_tokens: int
 def genai_child(job: jobs.BenchInference) -> dict:
     """Runs in its own process so that its peak RSS is the app's: model load, prefill, decode (with the bundle's
     adapter active, if it ships swappable ones)."""
-    import onnxruntime_genai as og
-
-    from edgeft.stages.bundle import generator, load_adapter, open_model
+    from edgeft.stages.bundle import load_adapter, open_model
     from edgeft.trainer import events
 
     model = open_model(Path(job.bundle))
     active = load_adapter(model, Path(job.bundle) / job.adapter) if job.adapter else None
-    prompt = np.asarray(job.prompt, dtype=np.int32)
-    new = job.new_tokens
-    ttft, decode = [], []
-    for i in range(job.runs + 1):  # the first run warms up
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-        gen = generator(model, params, active)
-        t0 = time.perf_counter()
-        gen.append_tokens(prompt)
-        gen.generate_next_token()
-        t1 = time.perf_counter()
-        produced = 1
-        while not gen.is_done():
-            gen.generate_next_token()
-            produced += 1
-        t2 = time.perf_counter()
-        if produced != new:
-            raise EdgeftError(f"the generator stopped after {produced} of {new} tokens")
-        if i:
-            ttft.append(t1 - t0)
-            decode.append(t2 - t1)
-        events.progress(step=i, total=job.runs, ttft_s=t1 - t0)
-    return {"ttft_s": ttft, "decode_s": decode, "peak_rss_mb": rss.peak_mb()}
+    timed = genai_bench.time_generation(model, job.prompt, job.new_tokens, job.runs, active,
+                                        lambda i, t: events.progress(step=i, total=job.runs, ttft_s=t))
+    return timed | {"peak_rss_mb": rss.peak_mb()}
 
 
 # -- judging and writing ----------------------------------------------------------------------------------
@@ -260,19 +249,21 @@ def unchanged(ws: Workspace, profile: Profile | None, cfg: BenchConfig = BenchCo
 
 
 def bench(target: Path, profile: Profile | None, cfg: BenchConfig = BenchConfig(), backend: str | None = None,
-          data: Path | None = None, out: Path | None = None, what: tuple[str, ...] = ("training", "inference")) -> dict:
-    """Bench a workspace (holding its lock: the report goes into it) or a bundle; the report."""
+          data: Path | None = None, out: Path | None = None, what: tuple[str, ...] = ("training", "inference"),
+          device=None) -> dict:
+    """Bench a workspace (holding its lock: the report goes into it) or a bundle; the report. `device`: where the
+    bundle runs instead of here (targets.bench.OnDevice: a device over SSH); training is then not measured."""
     target = Path(target).absolute()
     if not target.exists():
         raise EdgeftError(f"{target} does not exist; pass a workspace or a bundle folder")
     if (target / "genai_config.json").is_file():
-        return _bench(target, None, profile, cfg, backend, data, Path(out or f"{target}-bench"), what)
+        return _bench(target, None, profile, cfg, backend, data, Path(out or f"{target}-bench"), what, device)
     ws = Workspace(target)
     if not ws.manifest_path.is_file():
         raise EdgeftError(f"{target} is neither a workspace (no manifest.json) nor a bundle (no genai_config.json)")
     with ws.lock("bench"):
         out = Path(out or ws.bench_reports)
-        report = _bench(target, ws, profile, cfg, backend, data, out, what)
+        report = _bench(target, ws, profile, cfg, backend, data, out, what, device)
         ws.write(Benched(device=report["device"], report=str(out / "bench.md"),
                          judged={r["figure"]: r["verdict"] for r in report["judged"]},
                          key=key(ws, profile, cfg, backend, data)))
@@ -280,14 +271,17 @@ def bench(target: Path, profile: Profile | None, cfg: BenchConfig = BenchConfig(
 
 
 def _bench(target: Path, ws: Workspace | None, profile: Profile | None, cfg: BenchConfig, backend: str | None,
-           data: Path | None, out: Path, what: tuple[str, ...]) -> dict:
+           data: Path | None, out: Path, what: tuple[str, ...], device=None) -> dict:
     import platform
 
+    if device is not None:
+        what = tuple(w for w in what if w == "inference")  # training on the device is `train --on`
     runs, seq_len, batch_size = cfg.runs, cfg.seq_len, cfg.batch_size
     prompt_tokens, new_tokens = cfg.prompt_tokens, cfg.new_tokens
     is_bundle = ws is None
     backend = backend or (profile.execution_providers.training_backend if profile else "ort")
-    report: dict = {"device": profile.name if profile else None, "machine": platform.node(),
+    report: dict = {"device": profile.name if profile else None,
+                    "machine": device.name if device is not None else platform.node(),
                     "date": time.strftime("%Y-%m-%d"), "runs": runs, "target": str(target)}
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -295,7 +289,10 @@ def _bench(target: Path, ws: Workspace | None, profile: Profile | None, cfg: Ben
         report["training"] = bench_training(ws, profile, runs, seq_len, batch_size, backend, work, data)
     bundle = target if is_bundle else ws.bundle
     if "inference" in what and (bundle / "genai_config.json").is_file():
-        report["inference"] = bench_inference(bundle, runs, prompt_tokens, new_tokens, data, out)
+        if device is not None:
+            report["inference"] = device.bench_inference(bundle, runs, prompt_tokens, new_tokens, data)
+        else:
+            report["inference"] = bench_inference(bundle, runs, prompt_tokens, new_tokens, data, out)
     if "training" not in report and "inference" not in report:
         raise EdgeftError(f"nothing to bench in {target}: no training artifacts (`edgeft export`) and no bundle "
                           "(`edgeft package`)")
