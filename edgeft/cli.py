@@ -148,7 +148,8 @@ def cmd_devices_probe(args) -> int:
     if profile.name != out.stem:
         raise EdgeftError(f"--name {profile.name!r} must equal the file name {out.stem!r}")
     probe.write(profile, out)
-    print(f"measured: {profile.cpu.cores} cores, {profile.cpu.peak_fp32_gflops.value:g} GFLOP/s fp32 MatMul, "
+    int8 = f"{profile.cpu.peak_int8_gops.value:g} GOP/s int8, " if profile.cpu.peak_int8_gops else ""
+    print(f"measured: {profile.cpu.cores} cores, {profile.cpu.peak_fp32_gflops.value:g} GFLOP/s fp32 MatMul, {int8}"
           f"{profile.memory.bandwidth_gbs.value:g} GB/s, {profile.memory.total_gb.value:g} GB")
     print(f"wrote {out}\nnext: `{command('edgeft', 'devices', 'show', out)}`")
     return 0

@@ -71,6 +71,8 @@ def test_probe_writes_a_loadable_profile(probed):
     assert profile.name == "this-box"
     assert profile.cpu.cores >= 1
     assert profile.cpu.peak_fp32_gflops.source == "measured" and profile.cpu.peak_fp32_gflops.value > 1
+    assert profile.cpu.peak_int8_gops.source == "measured" and "MatMulInteger" in profile.cpu.peak_int8_gops.ref
+    assert profile.cpu.peak_int8_gops.value > 1
     assert profile.memory.bandwidth_gbs.value > 0.5
     assert profile.budgets is None
     assert "cpu" in profile.execution_providers.inference

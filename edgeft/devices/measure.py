@@ -2,7 +2,7 @@
 onnxruntime only, so that the same file runs on a target device over SSH (`devices probe --on`, targets/) with
 nothing of edgeft installed there. Run as a script it prints the measurements as JSON:
 
-    python measure.py MATMUL.onnx N
+    python measure.py MATMUL.onnx N [MATMUL_INT8.onnx]
 """
 
 from __future__ import annotations
@@ -88,6 +88,24 @@ def matmul_gflops(model: Path, n: int, repeats: int = 5) -> tuple[float, str]:
     return 2 * n**3 / best / 1e9, ref
 
 
+def matmul_int8_gops(model: Path, n: int, repeats: int = 5) -> tuple[float, str]:
+    """int8 MatMulInteger n x n x n (u8 x s8 -> s32: MLAS's int8 kernels, VNNI where the CPU has it), best of
+    repeats. `model`: the one-node graph (probe.matmul_model(..., int8=True) builds it)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cores()
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
+    sess.run(None, feeds)
+    best = min(timed(lambda: sess.run(None, feeds)) for _ in range(repeats))
+    ref = (f"onnxruntime {ort.__version__} MatMulInteger u8 x s8 {n}x{n}x{n}, {opts.intra_op_num_threads} threads, "
+           f"best of {repeats}")
+    return 2 * n**3 / best / 1e9, ref
+
+
 def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> tuple[float, str]:
     """Copy bandwidth (read + write bytes per second, as STREAM counts it), one thread per core."""
     import numpy as np
@@ -121,7 +139,7 @@ def nvidia_gpus() -> list[tuple[str, float]]:
     return [(name.strip(), float(mem)) for name, mem in (line.split(",", 1) for line in out.strip().splitlines())]
 
 
-def measure(model: Path, n: int) -> dict:
+def measure(model: Path, n: int, int8_model: Path | None = None) -> dict:
     """Everything a profile records of this machine, as plain values."""
     import onnxruntime as ort
     import psutil
@@ -131,10 +149,11 @@ def measure(model: Path, n: int) -> dict:
     return {"arch": arch(), "cpu_model": info.get("model name") or platform.processor() or arch(),
             "cores": cores(), "isa": isa(info), "freq_ghz": freq, "freq_ref": freq_ref,
             "matmul": list(matmul_gflops(model, n)), "bandwidth": list(memory_bandwidth_gbs()),
+            "matmul_int8": list(matmul_int8_gops(int8_model, n)) if int8_model else None,
             "memory_total_gb": psutil.virtual_memory().total / 1e9, "ort_providers": ort.get_available_providers(),
             "gpus": nvidia_gpus(), "node": platform.node(), "python": platform.python_version(),
             "modules": sorted({m.split(".")[0] for m in sys.modules})}
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(Path(sys.argv[1]), int(sys.argv[2]))))
+    print(json.dumps(measure(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)))

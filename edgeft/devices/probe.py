@@ -17,15 +17,16 @@ ORT_EP_NAMES = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml", 
 MATMUL_N = 2048
 
 
-def matmul_model(path: Path, n: int = MATMUL_N) -> Path:
-    """The one-node fp32 MatMul graph measure.py times (built here: the device needs no onnx package)."""
+def matmul_model(path: Path, n: int = MATMUL_N, int8: bool = False) -> Path:
+    """The one-node MatMul graph measure.py times, fp32 (or int8: MatMulInteger, u8 x s8 -> s32); built here, so
+    the device needs no onnx package."""
     from onnx import TensorProto, helper, save
 
+    a, b, c = ((TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32) if int8 else (TensorProto.FLOAT,) * 3)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        [helper.make_node("MatMulInteger" if int8 else "MatMul", ["a", "b"], ["c"])], "mm",
+        [helper.make_tensor_value_info("a", a, [n, n]), helper.make_tensor_value_info("b", b, [n, n])],
+        [helper.make_tensor_value_info("c", c, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     save(model, str(path))
@@ -47,7 +48,8 @@ def torch_matmul_gflops(n: int = 4096, repeats: int = 5) -> tuple[float, str] | 
 def probe(name: str, budget_fraction: float = 0.75) -> profiles.Profile:
     """Measure this machine into a Profile (no budgets: those are targets a person sets)."""
     with tempfile.TemporaryDirectory(prefix="edgeft-probe-") as tmp:
-        measured = measure.measure(matmul_model(Path(tmp) / "matmul.onnx"), MATMUL_N)
+        measured = measure.measure(matmul_model(Path(tmp) / "matmul.onnx"), MATMUL_N,
+                                   matmul_model(Path(tmp) / "matmul_int8.onnx", int8=True))
     if (t := torch_matmul_gflops()) is not None:
         measured["matmul_torch"] = list(t)
     return profile_of(measured, name, budget_fraction, training_eps=(["cuda"] if training_build.is_installed("cuda")
@@ -76,7 +78,8 @@ def profile_of(m: dict, name: str, budget_fraction: float = 0.75, training_eps: 
         description=f"measured by `edgeft devices probe{where}` on {m['node'] or 'this machine'}, {today}",
         cpu=profiles.CPU(arch=m["arch"], model=re.sub(r"\s+", " ", m["cpu_model"]), cores=m["cores"], isa=m["isa"],
                         max_freq_ghz=f(freq, m["freq_ref"]) if freq == freq else f(1.0, "unknown: no frequency reported"),
-                        peak_fp32_gflops=f(gflops, gflops_ref)),
+                        peak_fp32_gflops=f(gflops, gflops_ref),
+                        peak_int8_gops=f(*m["matmul_int8"]) if m.get("matmul_int8") else None),
         memory=profiles.Memory(total_gb=f(total, "psutil.virtual_memory().total"),
                               budget_gb=profiles.Figure(round(total * budget_fraction, 2), "derived",
                                                        f"{budget_fraction:.0%} of memory.total_gb"),

@@ -52,6 +52,8 @@ class CPU:
     isa: list[str] = spec("ISA extensions that matter for kernels (avx512f, neon, dotprod, i8mm...)")
     max_freq_ghz: Figure = spec("highest sustained all-core clock")
     peak_fp32_gflops: Figure = spec("fp32 peak across all cores (FMA = 2 FLOPs)")
+    peak_int8_gops: Figure | None = spec("int8 MatMul peak across all cores (u8 x s8 -> s32, 2 ops a multiply-add; "
+                                         "VNNI, dot-product and i8mm units), as `devices probe` measures it", None)
 
 
 @dataclass(frozen=True)

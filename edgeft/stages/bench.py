@@ -94,6 +94,9 @@ def bench_training(ws: Workspace, profile: Profile | None, runs: int, seq_len: i
     if profile:
         out["mfu"] = predicted.flops_per_step / step["median"] / (predicted.peak_gflops * 1e9)
         out["peak_gflops"] = predicted.peak_gflops
+        if profile.cpu.peak_int8_gops:  # against the int8 kernels' peak too (an int4 base's matmuls can run there)
+            out["mfu_int8"] = predicted.flops_per_step / step["median"] / (profile.cpu.peak_int8_gops.value * 1e9)
+            out["peak_int8_gops"] = profile.cpu.peak_int8_gops.value
     return out
 
 
@@ -163,6 +166,8 @@ def judge(report: dict, profile: Profile | None) -> list[dict]:
         row("training peak RSS", t["peak_rss_mb"], "MiB", mem, False)
         if "mfu" in t:
             row("training MFU", t["mfu"], "of peak", None, True)
+        if "mfu_int8" in t:
+            row("training MFU against the int8 peak", t["mfu_int8"], "of peak", None, True)
     if "inference" in report:
         i = report["inference"]
         row("time to first token (median)", i["ttft_ms"]["median"], "ms", budget("ttft_ms"), False)

@@ -26,6 +26,7 @@ def test_the_device_is_measured_with_its_minimal_runtime(probed, sshd):
     profile, measured = probed
     assert profile.cpu.cores >= 1 and profile.cpu.peak_fp32_gflops.value > 0
     assert profile.memory.total_gb.value > 0 and profile.memory.bandwidth_gbs.value > 0
+    assert profile.cpu.peak_int8_gops.value > 0  # MatMulInteger, measured there too
     assert measured["python"].startswith("3.11") and "onnxruntime" in profile.cpu.peak_fp32_gflops.ref
     # the device side imported neither torch nor transformers, and its runtime has neither installed
     assert "onnxruntime" in measured["modules"] and not {"torch", "transformers", "edgeft"} & set(measured["modules"])
