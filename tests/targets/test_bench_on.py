@@ -11,9 +11,9 @@ from tests.helpers import cli
 
 @pytest.fixture(scope="module")
 def bundle(built):
-    from edgeft.stages.package.stage import PackageConfig, package
-
     import shutil
+
+    from edgeft.stages.package.stage import PackageConfig, package
 
     ws = built("merged", lora_r=8)
     copy = ws.parent / "for-bench"
@@ -57,3 +57,36 @@ def test_the_bundle_is_copied_once_and_a_cut_copy_is_redone(bundle, sshd, tmp_pa
     assert result.code == 0, result.err
     assert folder.is_dir() and not folder.with_name(folder.name + ".partial").exists()
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # every file was already there, by content
+
+
+def test_a_link_cut_mid_run_is_a_clear_error_and_leaves_no_report(bundle, sshd, tmp_path):
+    """The SSH session's processes on the device are killed while the bench runs there (as a dropped link ends
+    them): a user error that says to run it again, no traceback, no report."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "report"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeft", "bench", str(bundle), "--runs", "400", "--prompt-tokens",
+                             "64", "--new-tokens", "64", "--out", str(out), *map(str, sshd.flags())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        err = ""
+        deadline = time.time() + 300
+        while "run 3/400" not in err and time.time() < deadline:
+            err += proc.stderr.readline()
+        assert "run 3/400" in err, err
+        for child in psutil.Process(sshd.pid).children(recursive=True):  # the sessions, not the server
+            child.kill()
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err += rest
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "the SSH link failed (Connection to 127.0.0.1 closed by remote host.)" in err, err
+    assert "run the command again" in err
+    assert not (out / "bench.json").exists()
+    assert psutil.pid_exists(sshd.pid)  # the server is still there for the next test
