@@ -120,6 +120,8 @@ def cmd_devices_show(args) -> int:
     q = profile.quantization
     con.print(f"  package: {q.precision}, block {q.block_size}, accuracy level {q.accuracy_level}, "
               f"{'symmetric' if q.symmetric else 'asymmetric'}")
+    for line in profiles.over_ssh(profile):
+        con.print(f"  over SSH: {line}")
     for note in profile.notes:
         con.print(f"  [yellow]note:[/] {note}")
     return 0

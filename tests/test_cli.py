@@ -31,6 +31,15 @@ def test_user_error_exits_2_without_traceback():
     assert "Traceback" not in proc.stderr
 
 
+def test_devices_show_says_what_runs_on_the_device_over_ssh():
+    pi, n100 = run_cli("devices", "show", "raspberry-pi-5-8gb"), run_cli("devices", "show", "intel-n100-mini-pc-8gb")
+    for proc in (pi, n100):
+        assert proc.returncode == 0 and "over SSH: bench --on: the bundle under onnxruntime-genai" in proc.stdout
+        assert "over SSH: devices probe --on" in proc.stdout
+    assert "train --on: not built yet (the device trains with the torch backend" in pi.stdout  # aarch64
+    assert "train --on: not built yet (the device trains with the ort backend" in n100.stdout  # x86-64
+
+
 def test_devices_show_json(capsys):
     assert main(["devices", "show", "jetson-agx-orin-64gb", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

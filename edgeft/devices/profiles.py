@@ -195,3 +195,15 @@ def figures(profile: Profile) -> list[tuple[str, Figure]]:
 
     walk(profile, "")
     return out
+
+
+def over_ssh(profile: Profile) -> list[str]:
+    """What runs on this device from a workstation (`--on`), and how: the device needs Python 3.10+ with venv, and
+    gets a runtime of only what each command needs (targets/)."""
+    return ["devices probe --on: numpy, psutil and onnxruntime there",
+            "bench --on: the bundle under onnxruntime-genai there (" + ", ".join(profile.execution_providers.inference)
+            + ")",
+            f"train --on: not built yet (the device trains with the {profile.execution_providers.training_backend} "
+            "backend: " + ("the ONNX Runtime training build has wheels for x86-64 Linux" if
+                            profile.execution_providers.training_backend == "ort" else
+                            "the ONNX Runtime training build has no wheel for it") + ")"]
