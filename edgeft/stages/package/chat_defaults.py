@@ -109,7 +109,11 @@ def apply(bundle: Path, system: str | None, source: str, seq_len: int | None, co
         raise EdgeftError("the model has no chat template, so the bundle cannot carry a system prompt; package "
                           "with --system '' (and prompt the model as it was trained)")
     user = [{"role": "user", "content": "hello"}]
-    if system is not None and system not in _renders(template, [{"role": "system", "content": system}, *user]):
+    try:
+        renders_system = system is None or system in _renders(template, [{"role": "system", "content": system}, *user])
+    except Exception:  # noqa: BLE001 - a template that refuses system messages raises (raise_exception)
+        renders_system = False
+    if not renders_system:
         raise EdgeftError("the model's chat template does not render a system message, so the bundle cannot carry "
                           "one; package with --system ''")
     changed = with_defaults(template, system, tools)
