@@ -154,7 +154,12 @@ def initial_weights(fed: Federation, work: Path) -> dict[str, np.ndarray]:
 
 
 def _simulation(cfg: FleetConfig, fed_path: Path, devices: int, recorder, log_path: Path) -> None:
-    """Flower's simulation engine; its own log goes to `log_path` (warnings to the terminal too)."""
+    """Flower's simulation engine; its own log goes to `log_path` (warnings to the terminal too).
+
+    Ray rewrites this process's environment (PYTHONPATH with this interpreter's whole sys.path, PYTHONBREAKPOINT,
+    RAY_*): it is put back afterwards, so that no later subprocess (a training runtime, a device runtime, torchrun)
+    inherits it."""
+    saved = dict(os.environ)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
@@ -164,10 +169,14 @@ def _simulation(cfg: FleetConfig, fed_path: Path, devices: int, recorder, log_pa
     from edgeft.fleet.client import client_app
     from edgeft.fleet.server import server_app
 
-    run_simulation(server_app(cfg, devices, recorder, Federation.load(fed_path).train), client_app(fed_path),
-                   num_supernodes=devices,
-                   backend_config={"client_resources": {"num_cpus": cfg.resources, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
+    try:
+        run_simulation(server_app(cfg, devices, recorder, Federation.load(fed_path).train), client_app(fed_path),
+                       num_supernodes=devices,
+                       backend_config={"client_resources": {"num_cpus": cfg.resources, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def flower_log(path: Path) -> None:

@@ -56,7 +56,7 @@ class OnDevice:
             prompt_path, script = self.device.put(prompt), self.device.put(Path(genai_bench.__file__))
         rel = adapter.relative_to(bundle).as_posix() if adapter else None
         progress(f"benchmarking on {self.name}: {runs} runs of {prompt_tokens} prompt + {new_tokens} new tokens")
-        out = self.target.run(f"{quote(runtime)} {quote(script)} {quote(remote)} {quote(prompt_path)} {new_tokens} "
+        out = self.target.run(f"{quote(runtime)} -I {quote(script)} {quote(remote)} {quote(prompt_path)} {new_tokens} "
                               f"{runs}" + (f" {quote(rel)}" if rel else ""), stream=progress, timeout=3600)
         try:
             self.measured = json.loads(out.strip().splitlines()[-1])

@@ -58,7 +58,8 @@ class Device:
         return "/".join([self.root, *parts])
 
     def runtime(self, packages: list[str]) -> str:
-        """The device's Python with exactly `packages` installed (made once per set, reused after); its path."""
+        """The device's Python with exactly `packages` installed (made once per set, reused after); its path. Run it
+        with -I: a device's PYTHONPATH (ROS on a Jetson sets one) or user site must not reach the runtime."""
         key = hashlib.sha256(json.dumps([sorted(packages), self.version]).encode()).hexdigest()[:16]
         venv = self.path(f"runtime-{key}")
         python = f"{venv}/bin/python"
@@ -68,7 +69,7 @@ class Device:
         progress(f"making the runtime {venv} ({', '.join(packages)})")
         self.target.run(" && ".join([f"rm -rf {quote(venv)}", f"mkdir -p {quote(self.path())}",
                                      f"{quote(self.base_python)} -m venv {quote(venv)}",
-                                     f"{quote(python)} -m pip install --disable-pip-version-check -q "
+                                     f"{quote(python)} -I -m pip install --disable-pip-version-check -q "
                                      f"{quote(*packages)} 1>&2", f"touch {quote(venv + '/.complete')}"]),
                         stream=progress, timeout=1800)
         return python

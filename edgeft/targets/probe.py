@@ -29,7 +29,7 @@ def probe_on(target: Target, name: str, python: str = "python3",
         model = device.put(probe.matmul_model(Path(tmp) / "matmul.onnx"))
         int8 = device.put(probe.matmul_model(Path(tmp) / "matmul_int8.onnx", int8=True))
     progress("measuring (cores, ISA, fp32 and int8 MatMul, memory bandwidth)")
-    out = target.run(f"{quote(runtime)} {quote(script)} {quote(model)} {probe.MATMUL_N} {quote(int8)}", timeout=1800)
+    out = target.run(f"{quote(runtime)} -I {quote(script)} {quote(model)} {probe.MATMUL_N} {quote(int8)}", timeout=1800)
     try:
         measured = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):

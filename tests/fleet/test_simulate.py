@@ -2,6 +2,7 @@
 server averages; checked against single-device `train` runs of the same data, options and data order."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,11 @@ train: {{batch_size: 4, seq_len: 256, lr: 0.001}}
 stages: [prepare, export, train, merge]
 fleet: {{clients: 3, rounds: 1, local_steps: 2}}
 """)
+    environment = dict(os.environ)
     result = cli("fleet", "sim", recipe, "--rounds", "2")
     assert result.code == 0, result.err[-3000:]
     _no_children_left()
+    assert dict(os.environ) == environment, "Ray's PYTHONPATH and RAY_* were left for later subprocesses"
     ws = tmp_path / "ws"
     assert "fleet: round 2/2: 3/3 updates" in result.out
     rows = [json.loads(line) for line in (ws / "fleet" / "metrics.jsonl").read_text().splitlines()]

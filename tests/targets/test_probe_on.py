@@ -33,7 +33,7 @@ def test_the_device_is_measured_with_its_minimal_runtime(probed, sshd):
     (runtime,) = sshd.device_dir.glob("runtime-*")
     assert (runtime / ".complete").is_file()
     for module in ("torch", "transformers", "edgeft"):
-        proc = subprocess.run([str(runtime / "bin" / "python"), "-c", f"import {module}"], capture_output=True,
+        proc = subprocess.run([str(runtime / "bin" / "python"), "-I", "-c", f"import {module}"], capture_output=True,
                               cwd=sshd.device_dir)
         assert proc.returncode != 0, module
     assert f"--on {sshd.on}" in profile.description
