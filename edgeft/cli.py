@@ -210,7 +210,12 @@ def cmd_train(args) -> int:
 
     cfg = _parse(TrainConfig, args, "train options")
     device = profiles.load(args.device) if args.device else None
-    result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume)
+    on = None
+    if args.on:
+        from edgeft.targets.train import TrainOn
+
+        on = TrainOn(_target(args), args.device_python, args.device_dir)
+    result = train(Path(args.workspace), Path(args.data), cfg, args.eval_data, device, args.resume, on)
     if isinstance(result, Joined):
         print(f"node {result.node_rank} of {result.nnodes}: trained {result.step}/{result.total_steps} steps with the "
               "others; node 0 holds the checkpoints and the record")
@@ -502,8 +507,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("workspace"), arg("--data", required=True, help="training JSONL"),
         arg("--eval-data", help="validation JSONL (default: --val-fraction of --data)"),
         arg("--device", help="device profile name or file"),
-        arg("--resume", action="store_true", help="continue from the latest checkpoint")),
-        "edgeft.stages.train:TrainConfig"),
+        arg("--resume", action="store_true", help="continue from the latest checkpoint"),
+        *TARGET_ARGS), "edgeft.stages.train:TrainConfig"),
     Command("merge", cmd_merge, (arg("workspace"),), "edgeft.stages.merge:MergeConfig"),
     Command("package", cmd_package, (
         arg("workspace"), arg("--device", help="device profile: quantization settings and allowed providers")),

@@ -137,9 +137,9 @@ class _Child:
         os.close(write_fd)
         self.events = os.fdopen(read_fd, "r", encoding="utf-8")
 
-    def outcome(self, on_event: EventHandler | None, one_job: bool = False) -> _Outcome:
-        outcome = _Outcome(on_event, one_job)
-        listen(self.proc, lambda: outcome.read(self.events), outcome)
+    def outcome(self, on_event: EventHandler | None, one_job: bool = False) -> Outcome:
+        outcome = Outcome(on_event, one_job)
+        listen(lambda: outcome.read(self.events), outcome, passes_on(self.proc))
         return outcome
 
     def __enter__(self) -> _Child:
@@ -159,17 +159,25 @@ class _Child:
         self.events.close()
 
 
-def listen(proc: subprocess.Popen, read: Callable[[], None], outcome: _Outcome) -> None:
-    """`read()` the child's events into `outcome`. Ctrl-C reached the child too (same process group); SIGTERM
-    reached this process only, so it is passed on. The child stops where it can save: keep listening until it
-    reports, so its final report (where it saved) reaches the user."""
+def listen(read: Callable[[], None], outcome: Outcome, stop: Callable[[KeyboardInterrupt], None]) -> None:
+    """`read()` the child's events into `outcome`. On Ctrl-C or SIGTERM, `stop(e)` asks the child to stop where it
+    can save, and the events are read on until it reports, so that its final report (where it saved) reaches the
+    user."""
     try:
         read()
     except KeyboardInterrupt as e:
         outcome.interrupted = e
+        stop(e)
+        read()
+
+
+def passes_on(proc: subprocess.Popen) -> Callable[[KeyboardInterrupt], None]:
+    """The stop of a child in this process group: Ctrl-C reached it too; SIGTERM reached this process only, and
+    is passed on."""
+    def stop(e: KeyboardInterrupt) -> None:
         if isinstance(e, Terminated):
             proc.send_signal(signal.SIGTERM)
-        read()
+    return stop
 
 
 def _temporary_log() -> Path:
@@ -178,7 +186,7 @@ def _temporary_log() -> Path:
     return Path(name)
 
 
-class _Outcome:
+class Outcome:
     """The child's events: progress and logs go to `on_event`; the result or the error is kept."""
 
     def __init__(self, on_event: EventHandler | None, one_job: bool = False):

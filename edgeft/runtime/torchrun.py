@@ -81,11 +81,11 @@ def run(job: launcher.Call, launch: Launch, *, on_event: launcher.EventHandler |
     host, port = launch.endpoint()
     if host in LOOPBACK:
         env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on the loopback interface, as the rendezvous
-    outcome = launcher._Outcome(on_event)
+    outcome = launcher.Outcome(on_event)
     with open(log_path, "w", encoding="utf-8") as log, open(events_path, encoding="utf-8") as events:
         proc = subprocess.Popen(command(launch, host, port, job, job_file), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
-        launcher.listen(proc, lambda: _follow(proc, events, outcome), outcome)
+        launcher.listen(lambda: _follow(proc, events, outcome), outcome, launcher.passes_on(proc))
         code = proc.wait()
     if code != 0 and outcome.interrupted is None:
         if outcome.result is None and outcome.error is None and _never_met(log_path):

@@ -241,9 +241,9 @@ def recomputes(ws: Workspace, cfg: TrainConfig) -> bool:
     return default if cfg.recompute is None else cfg.recompute
 
 
-def resume_command(ws: Workspace, data: Path) -> str:
-    """The command that continues this run, shell-quoted."""
-    return command("edgeft", "train", ws.root, "--data", data, "--resume")
+def resume_command(ws: Workspace, data: Path, on=None) -> str:
+    """The command that continues this run (on the same device, `on`: a targets.train.TrainOn), shell-quoted."""
+    return command("edgeft", "train", ws.root, "--data", data, "--resume", *(on.flags if on else ()))
 
 
 def default_seq_len(cfg: TrainConfig, max_len: int, quiet: bool = False) -> TrainConfig:
@@ -331,10 +331,11 @@ def unchanged(ws: Workspace, data: Path, cfg: TrainConfig = TrainConfig(), eval_
 
 
 def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data: Path | None = None,
-          device=None, resume: bool | None = False) -> Trained | Interrupted:
+          device=None, resume: bool | None = False, on=None) -> Trained | Interrupted:
     """Train the workspace's adapter on `data` (holding the workspace's lock); the record, or, when interrupted,
     where it stopped. `resume`: continue the run the latest checkpoint belongs to; None (edgeft run): continue it
-    if it is this run, put a finished run of other options aside and start over."""
+    if it is this run, put a finished run of other options aside and start over. `on`: the device the loop runs on
+    over SSH (a targets.train.TrainOn; its checkpoints come back here as they are written)."""
     ws = Workspace.existing(ws_path)
     data = formats.check_path(Path(data), "--data")
     eval_data = formats.check_path(Path(eval_data), "--eval-data") if eval_data else None
@@ -342,7 +343,8 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         identity = trained_from(ws, cfg.backend)
         prep = ws.read(Prepared)
         cfg = default_seq_len(cfg, prep.max_seq_len)
-        if cfg.backend == "ort" and training_build.unsupported_reason():
+        check_on(cfg, on)
+        if cfg.backend == "ort" and training_build.unsupported_reason() and on is None:
             raise EdgeftError(training_build.unsupported_reason())
         dataset = build(data, prep.model_dir, ws.data, data_config(cfg), eval_data, ws.hashes)
         device = _device(prep, device)
@@ -364,7 +366,19 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
             ws.training.mkdir(parents=True, exist_ok=True)
             return _launch(ws, run, data, None, device)
         resume_path = _start(ws, run, resume)
-        return _launch(ws, run, data, resume_path, device)
+        return _launch(ws, run, data, resume_path, device, on)
+
+
+def check_on(cfg: TrainConfig, on) -> None:
+    """Refuse what `train --on` cannot run on the device, with the fix."""
+    if on is None:
+        return
+    problems = []
+    schema.check(problems, cfg.backend == "ort", "backend: --on trains with the ONNX Runtime training build on the "
+                 "device (the torch backend would need torch and transformers there); drop --backend torch")
+    schema.check(problems, cfg.ep == "cpu", "ep: --on trains on the device's CPU; drop --ep cuda")
+    schema.check(problems, cfg.nproc * cfg.nnodes == 1, "nproc/nnodes: --on trains in one process on the device")
+    schema.raise_if(problems, "train --on")
 
 
 def check_torch_device(cfg: TrainConfig) -> None:
@@ -480,7 +494,7 @@ def job_config(prep: Prepared, cfg: TrainConfig, recompute: bool) -> dict:
     return dataclasses.asdict(cfg) | {"base_quant": prep.config.base_quant, "recompute": recompute}
 
 
-def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, device) -> Trained | Interrupted:
+def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, device, on=None) -> Trained | Interrupted:
     """The training runtime (or the torch engine) runs the loop; progress is shown and logged as it comes."""
     prep, cfg = ws.read(Prepared), run.cfg
     resume_state = checkpoints.read_state(resume_path) if resume_path else None
@@ -497,13 +511,16 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
     started = time.time()
     launch = torchrun.Launch(cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.rdzv, cfg.rdzv_timeout)
     try:
-        if launched_by_torchrun(cfg):
+        if on is not None:
+            result = on.run(job, reporter, ws.log("train"), resume_command(ws, data, on))
+        elif launched_by_torchrun(cfg):
             result = torchrun.run(job, launch, on_event=reporter, log_path=ws.log("train"))
         else:
             result = launcher.run(job, ep=cfg.ep, on_event=reporter, log_path=ws.log("train"))
     except KeyboardInterrupt:  # before the loop could save: continue from the last checkpoint, if there is one
         if checkpoints.latest(ws.checkpoints):
-            print(f"interrupted; continue with `{resume_command(ws, data)}` (with the same options)", file=sys.stderr)
+            print(f"interrupted; continue with `{resume_command(ws, data, on)}` (with the same options)",
+                  file=sys.stderr)
         raise
     except launcher.TrainingRuntimeError as e:
         if launched_by_torchrun(cfg) and (last := checkpoints.latest(ws.checkpoints)):
@@ -514,7 +531,7 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
         reporter.close()
     png = plot(ws.metrics, ws.training / "metrics.png")
     if result["interrupted"]:
-        return Interrupted(result["step"], result["total_steps"], result["checkpoint"], resume_command(ws, data))
+        return Interrupted(result["step"], result["total_steps"], result["checkpoint"], resume_command(ws, data, on))
     if result.get("follower"):
         return Joined(cfg.node_rank, cfg.nnodes, result["step"], result["total_steps"])
     return ws.write(Trained(

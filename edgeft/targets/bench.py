@@ -1,14 +1,12 @@
 """`edgeft bench BUNDLE|WS --on [user@]host[:port]`: the bundle's inference figures measured on the device.
 
-The device gets a runtime of numpy and onnxruntime-genai (this workstation's versions), the bundle's files (each
-copied once per content, then hard-linked (ONNX Runtime refuses external data behind a symbolic link) into a
-folder named by the bundle's digest, made under a temporary name and renamed) and devices/genai_bench.py, which needs nothing else. The figures come back as JSON and are judged here
-against the profile, as `bench` judges its own.
+The device gets a runtime of numpy and onnxruntime-genai (this workstation's versions), the bundle (a folder of
+its files, each cached by content: Device.folder) and devices/genai_bench.py, which needs nothing else. The figures
+come back as JSON and are judged here against the profile, as `bench` judges its own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -17,7 +15,7 @@ from edgeft.core.errors import EdgeftError
 from edgeft.devices import genai_bench
 from edgeft.stages import bench
 from edgeft.stages.bundle import own_adapter
-from edgeft.targets.device import Device, pinned
+from edgeft.targets.device import Device, files_of, pinned
 from edgeft.targets.ssh import Target, progress, quote
 
 PACKAGES = ("numpy", "onnxruntime", "onnxruntime-genai")
@@ -33,17 +31,7 @@ class OnDevice:
 
     def bundle(self, bundle: Path) -> str:
         """The bundle on the device, its files cached by content; the folder's path there."""
-        files = sorted(p for p in bundle.rglob("*") if p.is_file())
-        self.device.require_disk(sum(p.stat().st_size for p in files) / 1e9 + 0.2)
-        placed = {p.relative_to(bundle).as_posix(): self.device.put(p) for p in files}
-        digest = hashlib.sha256(json.dumps(placed, sort_keys=True).encode()).hexdigest()[:16]
-        folder = self.device.path("bundles", digest)
-        links = " && ".join(f"mkdir -p {quote(str(Path(folder + '.partial', rel).parent))} && "
-                            f"{{ ln -f {quote(path)} {dst} || cp {quote(path)} {dst}; }}"
-                            for rel, path in placed.items() for dst in [quote(folder + '.partial/' + rel)])
-        self.target.run(f"test -d {quote(folder)} || {{ rm -rf {quote(folder + '.partial')} && {links} && "
-                        f"mv {quote(folder + '.partial')} {quote(folder)}; }}", timeout=600)
-        return folder
+        return self.device.folder(files_of(bundle), "bundles")
 
     def bench_inference(self, bundle: Path, runs: int, prompt_tokens: int, new_tokens: int, data: Path | None) -> dict:
         runtime = self.device.runtime(pinned(*PACKAGES))

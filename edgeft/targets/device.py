@@ -47,7 +47,7 @@ class Device:
             raise EdgeftError(f"{target.name}: `{python}` has no venv module; install it (Debian and Raspberry Pi OS: "
                               "`sudo apt install python3-venv`)")
         self.root, self.version = facts["root"], tuple(facts["version"])
-        self.free_gb = facts["free_gb"]
+        self.free_gb, self.machine = facts["free_gb"], facts["machine"]
 
     def require_disk(self, gb: float = MIN_FREE_GB) -> None:
         if self.free_gb < gb:
@@ -57,10 +57,13 @@ class Device:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def runtime(self, packages: list[str]) -> str:
+    def runtime(self, packages: list[str], no_deps: bool = False) -> str:
         """The device's Python with exactly `packages` installed (made once per set, reused after); its path. Run it
-        with -I: a device's PYTHONPATH (ROS on a Jetson sets one) or user site must not reach the runtime."""
-        key = hashlib.sha256(json.dumps([sorted(packages), self.version]).encode()).hexdigest()[:16]
+        with -I: a device's PYTHONPATH (ROS on a Jetson sets one) or user site must not reach the runtime.
+        `no_deps`: `packages` is the whole list (a package's declared dependencies that the step never imports stay
+        off the device)."""
+        key = hashlib.sha256(json.dumps([sorted(packages), self.version] + (["no-deps"] if no_deps else []))
+                             .encode()).hexdigest()[:16]
         venv = self.path(f"runtime-{key}")
         python = f"{venv}/bin/python"
         if self.target.run(f"test -f {quote(venv + '/.complete')} && echo yes || echo no").strip() == "yes":
@@ -70,6 +73,7 @@ class Device:
         self.target.run(" && ".join([f"rm -rf {quote(venv)}", f"mkdir -p {quote(self.path())}",
                                      f"{quote(self.base_python)} -m venv {quote(venv)}",
                                      f"{quote(python)} -I -m pip install --disable-pip-version-check -q "
+                                     + ("--no-deps " if no_deps else "") +
                                      f"{quote(*packages)} 1>&2", f"touch {quote(venv + '/.complete')}"]),
                         stream=progress, timeout=1800)
         return python
@@ -94,9 +98,30 @@ class Device:
                                   "its name, run the command again") from None
         return final
 
+    def folder(self, files: dict[str, Path], kind: str) -> str:
+        """A folder on the device holding `files` (its relative paths: local files), each copied once per content
+        (`put`) and hard-linked in (ONNX Runtime refuses external data behind a symbolic link); named by its
+        content under `kind`/, made under a temporary name and renamed. Its path there."""
+        self.require_disk(sum(p.stat().st_size for p in files.values()) / 1e9 + 0.2)
+        placed = {rel: self.put(path) for rel, path in sorted(files.items())}
+        digest = hashlib.sha256(json.dumps(placed, sort_keys=True).encode()).hexdigest()[:16]
+        folder = self.path(kind, digest)
+        links = " && ".join(f"mkdir -p {quote(str(Path(folder + '.partial', rel).parent))} && "
+                            f"{{ ln -f {quote(path)} {dst} || cp {quote(path)} {dst}; }}"
+                            for rel, path in placed.items() for dst in [quote(folder + '.partial/' + rel)])
+        self.target.run(f"test -d {quote(folder)} || {{ rm -rf {quote(folder + '.partial')} && {links} && "
+                        f"mv {quote(folder + '.partial')} {quote(folder)}; }}", timeout=600)
+        return folder
+
+
+def files_of(folder: Path) -> dict[str, Path]:
+    """Every file under `folder`, by its path relative to it."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
 
 # Run by the device's Python with edgeft's folder there: its version, whether it has venv, the folder (made) and
 # the free space in it.
-PROBE_PYTHON = ("import json, os, shutil, sys, importlib.util as u; r = os.path.abspath(os.path.expanduser(sys.argv[1]));"
-                " os.makedirs(r, exist_ok=True); print(json.dumps({'version': list(sys.version_info[:2]), "
+PROBE_PYTHON = ("import json, os, platform, shutil, sys, importlib.util as u; "
+                "r = os.path.abspath(os.path.expanduser(sys.argv[1])); os.makedirs(r, exist_ok=True); "
+                "print(json.dumps({'version': list(sys.version_info[:2]), 'machine': platform.machine().lower(), "
                 "'venv': u.find_spec('venv') is not None, 'root': r, 'free_gb': shutil.disk_usage(r).free / 1e9}))")

@@ -62,11 +62,27 @@ class Target:
             options += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
         return ["ssh", *options, "--", f"{self.user + '@' if self.user else ''}{self.host}", remote]
 
+    def popen(self, remote: str, *, stdin=None, text: bool = True, own_session: bool = False) -> subprocess.Popen:
+        """`remote` started on the device, its output on pipes. `own_session`: a Ctrl-C on this terminal does not
+        reach ssh (the caller stops the remote command itself, so that it can save first)."""
+        return subprocess.Popen(self.command(remote), stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text,
+                                start_new_session=own_session)
+
+    def check(self, proc: subprocess.Popen, remote: str, err_lines: list[str]) -> None:
+        """Raise for a finished `proc`: EdgeftError naming the fix when the link failed, RemoteError when the
+        command did (with the end of its standard error)."""
+        if proc.returncode == SSH_FAILED:
+            raise EdgeftError(self.link_problem("\n".join(err_lines)))
+        if proc.returncode != 0:
+            tail = "\n".join(err_lines[-15:])
+            raise RemoteError(f"{self.name}: `{_short(remote)}` failed (exit {proc.returncode}):\n{tail}",
+                              proc.returncode, tail)
+
     def run(self, remote: str, *, stdin=None, timeout: float | None = None, stream=None) -> str:
         """`remote`'s standard output; its standard error goes to `stream` line by line (progress) when given.
         Raises EdgeftError naming the fix when the link fails, and when the command does (with its output)."""
-        proc = subprocess.Popen(self.command(remote), stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = self.popen(remote, stdin=stdin)
         err_lines: list[str] = []
         try:
             if stream is None:
@@ -89,12 +105,7 @@ class Target:
             proc.kill()
             raise EdgeftError(f"{self.name}: `{_short(remote)}` did not finish within {timeout:.0f} s; the run on the "
                               "device was stopped") from None
-        if proc.returncode == SSH_FAILED:
-            raise EdgeftError(self.link_problem("\n".join(err_lines)))
-        if proc.returncode != 0:
-            tail = "\n".join(err_lines[-15:])
-            raise RemoteError(f"{self.name}: `{_short(remote)}` failed (exit {proc.returncode}):\n{tail}",
-                              proc.returncode, tail)
+        self.check(proc, remote, err_lines)
         return out
 
     def link_problem(self, stderr: str) -> str:

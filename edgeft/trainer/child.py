@@ -12,10 +12,12 @@ served, a bug or an interruption ends it as above, and so does the end of stdin 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import sys
 import traceback
+import types
 from pathlib import Path
 
 from edgeft.core.errors import EdgeftError, storage_problem, terminate_like_interrupt
@@ -30,6 +32,23 @@ def _check_runtime() -> None:
     if expected_dir and not os.path.abspath(onnxruntime.__file__).startswith(os.path.abspath(expected_dir)):
         raise RuntimeError(f"the training subprocess imported onnxruntime from {onnxruntime.__file__}, "
                            f"not from the training runtime at {expected_dir}")
+
+
+def _training_api_without_torch() -> None:
+    """onnxruntime-training 1.19.2's package __init__ imports its PyTorch front end (amp and optim `import torch`),
+    which training with the artifacts never uses (microsoft/onnxruntime#22070, open). Where torch is not installed
+    (a device's runtime: targets/train.py), `onnxruntime.training` is entered without running that __init__: its
+    api, onnxblock and checkpoint modules load as they are."""
+    if "onnxruntime.training" in sys.modules or importlib.util.find_spec("torch") is not None:
+        return
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import onnxruntime
+
+    package = types.ModuleType("onnxruntime.training")
+    package.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
+    package.__package__ = "onnxruntime.training"
+    sys.modules["onnxruntime.training"] = onnxruntime.training = package
 
 
 def _die_with_parent() -> None:
@@ -52,6 +71,7 @@ def main() -> int:
         # `distributed` extra): 0.4 s more per start, accelerator chatter, and an import that can lose a Ctrl-C.
         sys.modules.setdefault("deepspeed", None)
     _die_with_parent()
+    _training_api_without_torch()
     terminate_like_interrupt()  # `kill` on the training runtime saves a checkpoint as Ctrl-C does
     events.open_channel()
     if sys.argv[1] == "--serve":

@@ -1,0 +1,242 @@
+"""`edgeft train WS --on [user@]host[:port]`: the training loop run on the device, with the ONNX Runtime training
+build there, and its checkpoints brought back as they are written.
+
+The device gets a runtime of onnxruntime-training-cpu, onnx, numpy, protobuf, flatbuffers and packaging (the
+training build's pins, this workstation's versions of the rest; nothing else, no torch, no transformers), the
+training side of edgeft as one zip (`edgeft.trainer` and what it imports: `core`, `runtime.jobs`, two graph
+helpers), the artifacts folder and the tokenized arrays (each file cached by content: Device.folder). The loop
+runs there as it runs here (trainer/child.py, the job on its stdin); its events come back over the SSH link on
+their own descriptor, its output stays in a log that comes back at the end.
+
+Each checkpoint the device writes is brought back into WS/train/checkpoints (a temporary folder checked against
+the hashes the checkpoint records, then renamed), and the device's pruning and best pointer are mirrored, so the
+workspace always holds what a local run would have held up to the last checkpoint. A dropped link ends the run
+on the device (it dies with its SSH session) and leaves that: `--resume` sends the latest checkpoint back and
+continues. Ctrl-C here asks the device's loop to save and stop, as Ctrl-C does locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import subprocess
+import tarfile
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import edgeft
+from edgeft.core import atomic
+from edgeft.core.atomic import atomic_dir
+from edgeft.core.errors import EdgeftError
+from edgeft.core.fingerprint import sha256_file
+from edgeft.runtime import jobs, launcher, training_build
+from edgeft.targets.device import Device, files_of, pinned
+from edgeft.targets.ssh import SSH_FAILED, Target, progress, quote
+from edgeft.trainer import checkpoints
+
+# what the training side imports (trainer/__init__.py: it reads only an artifacts folder and tokenized arrays)
+CODE = ("__init__.py", "core/*.py", "runtime/__init__.py", "runtime/jobs.py", "trainer/*.py", "graph/__init__.py",
+        "graph/frozen_base.py", "graph/recompute.py")
+DATA = ("train.npz", "val.npz")
+STEP = re.compile(r"^step-\d{6,}$")
+# Run by the device's runtime (python -I): edgeft's zip first on the path, then the child as `python -m` runs it
+BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "runpy.run_module('edgeft.trainer.child', run_name='__main__', alter_sys=True)")
+
+
+def packages() -> list[str]:
+    """The device's training runtime: the training build and the onnx it reads artifacts with (training_build's
+    pins), and what they import, at this workstation's versions."""
+    return [f"onnxruntime-training-cpu=={training_build.ORT_TRAINING_VERSION}",
+            f"onnx=={training_build.ONNX_VERSION}", *pinned("numpy", "protobuf", "flatbuffers", "packaging")]
+
+
+def unsupported(device: Device) -> str | None:
+    """Why the ONNX Runtime training build cannot run on `device`, or None."""
+    version = training_build.ORT_TRAINING_VERSION
+    if device.machine not in ("x86_64", "amd64"):
+        return (f"{device.target.name} is {device.machine}: onnxruntime-training {version} has wheels for x86-64 "
+                "only, so `train --on` runs on x86-64 devices (an N100 box, a NUC); on an aarch64 board (a Pi, a "
+                "Jetson) train here, or on a workstation, and `package` the result for it")
+    if device.version > (3, 12):
+        return (f"{device.target.name}: its Python is {'.'.join(map(str, device.version))}, and onnxruntime-training "
+                f"{version} has wheels for Python 3.8 to 3.12; name one with --device-python (e.g. python3.12)")
+    return None
+
+
+def trainer_zip(out: Path) -> Path:
+    """The training side of edgeft as one zip (the same bytes for the same code, so the device caches it)."""
+    root = Path(edgeft.__file__).parent
+    files = sorted({p for pattern in CODE for p in root.glob(pattern)})
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in files:
+            info = zipfile.ZipInfo(f"edgeft/{path.relative_to(root).as_posix()}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            z.writestr(info, path.read_bytes())
+    return out
+
+
+class TrainOn:
+    """A device to train on (stages.train's `on`): its runtime and files prepared, the run followed."""
+
+    def __init__(self, target: Target, python: str = "python3", folder: str | None = None):
+        self.target, self.name = target, target.name
+        self.device = Device(target, python, folder)
+        self.flags = ["--on", target.name, *(["--ssh-key", str(target.key)] if target.key else []),
+                      *(["--known-hosts", str(target.known_hosts)] if target.known_hosts else []),
+                      *(["--device-python", python] if python != "python3" else []),
+                      *(["--device-dir", folder] if folder else [])]  # for the command that resumes
+        if problem := unsupported(self.device):
+            raise EdgeftError(problem)
+
+    def run(self, job: jobs.Train, on_event: launcher.EventHandler, log_path: Path, resume_hint: str) -> dict:
+        """Run `job` (its paths this workstation's) on the device; its result with this workstation's paths.
+        `resume_hint`: the command that continues the run, for a link that drops."""
+        local = Path(job.checkpoints)
+        remote_job, run = self._place(job)
+        events = Mirror(self, on_event, run + "/checkpoints", local)
+        command = (f"cd {quote(run)} && echo $$ > pid && EDGEFT_EVENT_FD=3 exec {quote(self.runtime)} -I -c "
+                   f"{quote(BOOT)} {quote(self.code)} {quote(remote_job.name)} 3>&1 >train.log 2>&1")
+        progress(f"training on {self.name} (its output: {run}/train.log there, {log_path} here at the end)")
+        proc = self.target.popen(command, stdin=subprocess.PIPE, own_session=True)
+        err_lines: list[str] = []
+        reader = threading.Thread(target=lambda: err_lines.extend(line.rstrip("\n") for line in proc.stderr),
+                                  daemon=True)
+        reader.start()
+        try:
+            proc.stdin.write(remote_job.to_json())
+            proc.stdin.close()
+        except OSError:
+            pass  # the link is gone: reported below
+        outcome = launcher.Outcome(events)
+        launcher.listen(lambda: outcome.read(proc.stdout), outcome, lambda e: self._stop(run))
+        code = proc.wait()
+        reader.join(5)
+        linked = code != SSH_FAILED
+        if linked:
+            self._fetch_log(run, log_path)
+            events.sync()
+        if not linked and not outcome.interrupted:
+            last = checkpoints.latest(local)
+            kept = f"the last checkpoint brought back is {last.name}" if last else "no checkpoint was brought back"
+            raise EdgeftError(f"{self.target.link_problem(chr(10).join(err_lines))}\n  training on the device stopped "
+                              f"with the link; {kept}: continue with `{resume_hint}`"
+                              + (" (with the same options)" if last else " without --resume"))
+        result = outcome.result_of(job.name, code, log_path)
+        for key in ("last", "best", "checkpoint"):
+            if isinstance(result.get(key), str) and result[key] not in ("", "None"):
+                result[key] = str(local / Path(result[key]).name)
+        if not result.get("interrupted"):
+            self.target.run(f"rm -rf {quote(run)}", timeout=120)  # everything it held is here now
+        return result
+
+    def _place(self, job: jobs.Train) -> tuple[jobs.Train, str]:
+        """The runtime, the code, the artifacts, the arrays and (resuming) the checkpoint on the device; the job
+        with the device's paths, and the run's folder there."""
+        self.runtime = self.device.runtime(packages(), no_deps=True)
+        progress("copying edgeft's training side, the artifacts and the tokenized data (files already there are "
+                 "kept)")
+        with tempfile.TemporaryDirectory(prefix="edgeft-train-on-") as tmp:
+            self.code = self.device.put(trainer_zip(Path(tmp) / "edgeft-trainer.zip"))
+        artifacts = self.device.folder(files_of(Path(job.artifacts)), "artifacts")
+        dataset = self.device.folder({name: Path(job.dataset) / name for name in DATA}, "datasets")
+        local = Path(job.checkpoints)
+        key = hashlib.sha256(f"{local.resolve()}\n{job.identity}".encode()).hexdigest()[:16]
+        run = self.device.path("runs", key)
+        self.target.run(f"rm -rf {quote(run)} && mkdir -p {quote(run + '/checkpoints')}", timeout=120)
+        resume_path = None
+        if job.resume_path:
+            sent = {Path(job.resume_path)} | ({best} if (best := checkpoints.best(local)) else set())
+            self._send(sent, local, run + "/checkpoints")
+            resume_path = f"{run}/checkpoints/{Path(job.resume_path).name}"
+        return dataclasses.replace(job, artifacts=artifacts, dataset=dataset, checkpoints=f"{run}/checkpoints",
+                                   work=f"{run}/work", model_dir="", adapter_init="", resume_path=resume_path), run
+
+    def _send(self, folders: set[Path], local: Path, remote: str) -> None:
+        """Checkpoints (and the best pointer) into the device's run, as one tar over the link."""
+        with tempfile.TemporaryFile() as f:
+            with tarfile.open(fileobj=f, mode="w") as tar:
+                for folder in sorted(folders):
+                    tar.add(folder, arcname=folder.name)
+                if (local / "best.json").is_file():
+                    tar.add(local / "best.json", arcname="best.json")
+            f.seek(0)
+            progress(f"sending {', '.join(sorted(p.name for p in folders))} to continue from")
+            self.target.run(f"tar -C {quote(remote)} -xf -", stdin=f, timeout=3600)
+
+    def _stop(self, run: str) -> None:
+        """Ctrl-C here: the device's loop saves and stops (SIGINT, as a Ctrl-C there would)."""
+        progress("stopping the run on the device (it saves a checkpoint first)")
+        try:
+            self.target.run(f"kill -INT $(cat {quote(run + '/pid')}) 2>/dev/null; true", timeout=30)
+        except EdgeftError:
+            pass  # the link is gone, and the run with it
+
+    def _fetch_log(self, run: str, log_path: Path) -> None:
+        try:
+            atomic.write_text(log_path, self.target.run(f"cat {quote(run + '/train.log')}", timeout=120))
+        except EdgeftError as e:
+            atomic.write_text(log_path, f"(the device's log could not be brought back: {e})\n")
+
+
+class Mirror:
+    """The device's events to `on_event`, each checkpoint brought back first (its path then this workstation's)."""
+
+    def __init__(self, on: TrainOn, on_event: launcher.EventHandler, remote: str, local: Path):
+        self.on, self.on_event, self.remote, self.local = on, on_event, remote, local
+
+    def __call__(self, event: dict) -> None:
+        if event.get("event") == "checkpoint" and isinstance(event.get("path"), str):
+            self.sync()
+            event = event | {"path": str(self.local / Path(event["path"]).name)}
+        self.on_event(event)
+
+    def sync(self) -> None:
+        """WS/train/checkpoints as the device's: its new checkpoints brought back, those it pruned removed, its
+        best pointer copied. A checkpoint that cannot be brought back (pruned meanwhile, a link cut) is skipped:
+        the next one supersedes it."""
+        target = self.on.target
+        try:
+            listing = target.run(f"cd {quote(self.remote)} && for d in step-*; do test -f \"$d\"/{checkpoints.STATE} "
+                                 "&& echo \"$d\"; done; echo '#'; cat best.json 2>/dev/null; true", timeout=120)
+        except EdgeftError:
+            return
+        names, _, best = listing.partition("#\n")
+        remote = [n for n in names.split() if STEP.match(n)]
+        for name in remote:
+            if not (self.local / name / checkpoints.STATE).is_file():
+                try:
+                    self.pull(name)
+                except EdgeftError as e:
+                    progress(f"{name} was not brought back ({e}); the next checkpoint supersedes it")
+        for path in checkpoints.complete(self.local):
+            if path.name not in remote:
+                atomic.remove_dir(path)
+        try:
+            pointer = json.loads(best) if best.strip() else None
+        except ValueError:
+            pointer = None
+        if isinstance(pointer, dict) and STEP.match(str(pointer.get("path", ""))):
+            checkpoints.mark_best(self.local, self.local / pointer["path"])
+
+    def pull(self, name: str) -> Path:
+        """The device's checkpoint `name` into the workspace: a temporary folder, its files checked against the
+        hashes its state records, renamed into place."""
+        proc = self.on.target.popen(f"tar -C {quote(self.remote + '/' + name)} -cf - .", text=False)
+        with atomic_dir(self.local / name) as tmp:
+            data = io.BytesIO(proc.stdout.read())
+            err = proc.stderr.read().decode(errors="replace").splitlines()
+            proc.wait()
+            self.on.target.check(proc, f"tar {name}", err)
+            with tarfile.open(fileobj=data, mode="r:") as tar:
+                tar.extractall(tmp, filter="data")  # a device is a network peer: no links out, no absolute paths
+            recorded = checkpoints.read_state(tmp).get("files", {})
+            if not recorded or any(not (tmp / rel).is_file() or sha256_file(tmp / rel) != digest
+                                   for rel, digest in recorded.items()):
+                raise EdgeftError(f"{name} arrived damaged (its files differ from the hashes it records)")
+        return self.local / name
