@@ -24,7 +24,7 @@ BELOW = {
     "pipeline": {"core", "models", "quant", "graph", "runtime", "devices", "data", "trainer", "tasks", "stages",
                  "fleet"},
     "service": {"core", "devices", "data", "stages"},  # runs the pipeline as `edgeft run`, in a child process
-    "targets": {"core", "runtime", "devices", "data", "stages"},  # a device over SSH: probe, bench, train there
+    "targets": {"core", "runtime", "devices", "data", "trainer", "stages"},  # a device over SSH: probe, bench, train there
 }
 
 

@@ -203,7 +203,8 @@ def over_ssh(profile: Profile) -> list[str]:
     return ["devices probe --on: numpy, psutil and onnxruntime there",
             "bench --on: the bundle under onnxruntime-genai there (" + ", ".join(profile.execution_providers.inference)
             + ")",
-            f"train --on: not built yet (the device trains with the {profile.execution_providers.training_backend} "
-            "backend: " + ("the ONNX Runtime training build has wheels for x86-64 Linux" if
-                            profile.execution_providers.training_backend == "ort" else
-                            "the ONNX Runtime training build has no wheel for it") + ")"]
+            ("train --on: the ONNX Runtime training build there (onnxruntime-training-cpu, onnx, numpy; x86-64, "
+             "Python 3.8-3.12)" if profile.execution_providers.training_backend == "ort" else
+             f"train --on: not here (the device trains with the {profile.execution_providers.training_backend} "
+             "backend, and the ONNX Runtime training build has no wheel for it: train on the workstation and "
+             "package for the device)")]

@@ -117,16 +117,17 @@ class TrainOn:
         launcher.listen(lambda: outcome.read(proc.stdout), outcome, lambda e: self._stop(run))
         code = proc.wait()
         reader.join(5)
-        linked = code != SSH_FAILED
-        if linked:
+        if code != SSH_FAILED:  # the link is up: the log, and what was saved since the last event
             self._fetch_log(run, log_path)
             events.sync()
-        if not linked and not outcome.interrupted:
+        if outcome.result is None and outcome.error is None and not outcome.interrupted:
+            why = (self.target.link_problem("\n".join(err_lines)) if code == SSH_FAILED else
+                   f"{self.name}: the run on the device ended without a report (exit {code}): its SSH session or the "
+                   "device went away")
             last = checkpoints.latest(local)
             kept = f"the last checkpoint brought back is {last.name}" if last else "no checkpoint was brought back"
-            raise EdgeftError(f"{self.target.link_problem(chr(10).join(err_lines))}\n  training on the device stopped "
-                              f"with the link; {kept}: continue with `{resume_hint}`"
-                              + (" (with the same options)" if last else " without --resume"))
+            raise EdgeftError(f"{why}\n  training on the device stopped with it; {kept}: continue with "
+                              f"`{resume_hint}`" + (" (with the same options)" if last else " without --resume"))
         result = outcome.result_of(job.name, code, log_path)
         for key in ("last", "best", "checkpoint"):
             if isinstance(result.get(key), str) and result[key] not in ("", "None"):
@@ -213,7 +214,8 @@ class Mirror:
                 try:
                     self.pull(name)
                 except EdgeftError as e:
-                    progress(f"{name} was not brought back ({e}); the next checkpoint supersedes it")
+                    if "No such file" not in str(e):  # else the device pruned it meanwhile: a newer one is there
+                        progress(f"{name} was not brought back ({e}); the next checkpoint supersedes it")
         for path in checkpoints.complete(self.local):
             if path.name not in remote:
                 atomic.remove_dir(path)
