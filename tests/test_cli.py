@@ -36,7 +36,7 @@ def test_devices_show_says_what_runs_on_the_device_over_ssh():
     for proc in (pi, n100):
         assert proc.returncode == 0 and "over SSH: bench --on: the bundle under onnxruntime-genai" in proc.stdout
         assert "over SSH: devices probe --on" in proc.stdout
-    assert "train --on: not here (the device trains with the torch backend" in pi.stdout  # aarch64
+    assert "train --on --backend torch: torch, numpy and safetensors there" in pi.stdout  # aarch64
     assert "train --on: the ONNX Runtime training build there" in n100.stdout  # x86-64
 
 

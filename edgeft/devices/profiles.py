@@ -205,6 +205,5 @@ def over_ssh(profile: Profile) -> list[str]:
             + ")",
             ("train --on: the ONNX Runtime training build there (onnxruntime-training-cpu, onnx, numpy; x86-64, "
              "Python 3.8-3.12)" if profile.execution_providers.training_backend == "ort" else
-             f"train --on: not here (the device trains with the {profile.execution_providers.training_backend} "
-             "backend, and the ONNX Runtime training build has no wheel for it: train on the workstation and "
-             "package for the device)")]
+             "train --on --backend torch: torch, numpy and safetensors there, and the model exported here with "
+             "torch.export (no transformers; the ONNX Runtime training build has no wheel for this device)")]

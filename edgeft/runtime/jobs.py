@@ -149,6 +149,22 @@ class Train(Job):
 class TorchTrain(Train):
     ENTRY: ClassVar[str] = "edgeft.trainer.torch_engine:main"
     RUNTIME: ClassVar[str] = "main"
+    program: str | None = None  # a device's run: the exported program instead of model_dir (ExportProgram)
+
+
+@dataclass(frozen=True)
+class ExportProgram(Job):
+    """The workspace's loss module as a torch.export program, for a device without transformers."""
+
+    ENTRY: ClassVar[str] = "edgeft.trainer.torch_engine:export_program"
+    RUNTIME: ClassVar[str] = "main"
+    model_dir: str
+    adapter_init: str
+    base_quant: dict
+    dataset: str
+    pad_token_id: int
+    seq_len: int
+    out: str
 
 
 @dataclass(frozen=True)

@@ -349,6 +349,10 @@ def train(ws_path: Path, data: Path, cfg: TrainConfig = TrainConfig(), eval_data
         dataset = build(data, prep.model_dir, ws.data, data_config(cfg), eval_data, ws.hashes)
         device = _device(prep, device)
         recompute = recomputes(ws, cfg)
+        if on is not None and cfg.backend == "torch" and recompute:
+            print("train: --on with the torch backend keeps every layer's activations (the exported program cannot "
+                  "recompute them)")
+            recompute = False
         if device:
             longest = max(int(Split(dataset.split(name)).lengths.max(initial=0)) for name in ("train", "val"))
             p = planning.for_workspace(ws, device, min(cfg.seq_len, longest), cfg.batch_size, backend=cfg.backend,
@@ -374,11 +378,15 @@ def check_on(cfg: TrainConfig, on) -> None:
     if on is None:
         return
     problems = []
-    schema.check(problems, cfg.backend == "ort", "backend: --on trains with the ONNX Runtime training build on the "
-                 "device (the torch backend would need torch and transformers there); drop --backend torch")
     schema.check(problems, cfg.ep == "cpu", "ep: --on trains on the device's CPU; drop --ep cuda")
     schema.check(problems, cfg.nproc * cfg.nnodes == 1, "nproc/nnodes: --on trains in one process on the device")
+    schema.check(problems, not cfg.bf16, "bf16: --on trains in fp32 on the device's CPU; drop --bf16")
+    schema.check(problems, cfg.backend == "ort" or cfg.recompute is not True,
+                 "recompute: the program exported for the device's torch keeps every layer's activations "
+                 "(torch.export inlines activation checkpointing); drop --recompute, or train with the ORT backend "
+                 "on an x86-64 device")
     schema.raise_if(problems, "train --on")
+    on.check(cfg.backend)
 
 
 def check_torch_device(cfg: TrainConfig) -> None:
@@ -512,7 +520,7 @@ def _launch(ws: Workspace, run: _Run, data: Path, resume_path: Path | None, devi
     launch = torchrun.Launch(cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.rdzv, cfg.rdzv_timeout)
     try:
         if on is not None:
-            result = on.run(job, reporter, ws.log("train"), resume_command(ws, data, on))
+            result = on.run(job, reporter, ws.log("train"), resume_command(ws, data, on), ws.root / "programs")
         elif launched_by_torchrun(cfg):
             result = torchrun.run(job, launch, on_event=reporter, log_path=ws.log("train"))
         else:

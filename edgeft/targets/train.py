@@ -1,12 +1,15 @@
-"""`edgeft train WS --on [user@]host[:port]`: the training loop run on the device, with the ONNX Runtime training
-build there, and its checkpoints brought back as they are written.
+"""`edgeft train WS --on [user@]host[:port]`: the training loop run on the device, and its checkpoints brought
+back as they are written.
 
-The device gets a runtime of onnxruntime-training-cpu, onnx, numpy, protobuf, flatbuffers and packaging (the
-training build's pins, this workstation's versions of the rest; nothing else, no torch, no transformers), the
-training side of edgeft as one zip (`edgeft.trainer` and what it imports: `core`, `runtime.jobs`, two graph
-helpers), the artifacts folder and the tokenized arrays (each file cached by content: Device.folder). The loop
-runs there as it runs here (trainer/child.py, the job on its stdin); its events come back over the SSH link on
-their own descriptor, its output stays in a log that comes back at the end.
+With the ORT backend (x86-64 devices) the device gets a runtime of onnxruntime-training-cpu, onnx, numpy,
+protobuf, flatbuffers and packaging (the training build's pins, this workstation's versions of the rest; nothing
+else: no torch, no transformers) and the artifacts folder. With the torch backend (aarch64 boards, where the
+training build has no wheel) it gets torch, numpy and safetensors, and the workspace's loss module exported here
+with torch.export (trainer/torch_engine.py: export_program, ProgramEngine): no transformers, no PEFT. Both get the
+training side of edgeft as one zip (`edgeft.trainer` and what it imports: `core`, `runtime`, the graph helpers)
+and the tokenized arrays, each file cached by content (Device.folder). The loop runs there as it runs here
+(trainer/child.py, the job on its stdin); its events come back over the SSH link on their own descriptor, its
+output stays in a log that comes back at the end.
 
 Each checkpoint the device writes is brought back into WS/train/checkpoints (a temporary folder checked against
 the hashes the checkpoint records, then renamed), and the device's pruning and best pointer are mirrored, so the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata as md
 import io
 import json
 import re
@@ -40,8 +44,8 @@ from edgeft.targets.ssh import SSH_FAILED, Target, progress, quote
 from edgeft.trainer import checkpoints
 
 # what the training side imports (trainer/__init__.py: it reads only an artifacts folder and tokenized arrays)
-CODE = ("__init__.py", "core/*.py", "runtime/__init__.py", "runtime/jobs.py", "trainer/*.py", "graph/__init__.py",
-        "graph/frozen_base.py", "graph/recompute.py")
+CODE = ("__init__.py", "core/*.py", "runtime/*.py", "trainer/*.py", "graph/__init__.py", "graph/frozen_base.py",
+        "graph/recompute.py", "graph/trace.py")
 DATA = ("train.npz", "val.npz")
 STEP = re.compile(r"^step-\d{6,}$")
 # Run by the device's runtime (python -I): edgeft's zip first on the path, then the child as `python -m` runs it
@@ -49,20 +53,25 @@ BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
         "runpy.run_module('edgeft.trainer.child', run_name='__main__', alter_sys=True)")
 
 
-def packages() -> list[str]:
-    """The device's training runtime: the training build and the onnx it reads artifacts with (training_build's
-    pins), and what they import, at this workstation's versions."""
+def packages(backend: str) -> list[str]:
+    """The device's training runtime. ORT: the training build and the onnx it reads artifacts with
+    (training_build's pins) and what they import, installed without their other dependencies; torch: torch
+    (this workstation's release, the device's build of it), numpy and safetensors. Else this workstation's
+    versions."""
+    if backend == "torch":
+        return [f"torch=={md.version('torch').split('+')[0]}", *pinned("numpy", "safetensors")]
     return [f"onnxruntime-training-cpu=={training_build.ORT_TRAINING_VERSION}",
             f"onnx=={training_build.ONNX_VERSION}", *pinned("numpy", "protobuf", "flatbuffers", "packaging")]
 
 
-def unsupported(device: Device) -> str | None:
-    """Why the ONNX Runtime training build cannot run on `device`, or None."""
+def unsupported(device: Device, backend: str = "ort") -> str | None:
+    """Why `backend` cannot train on `device`, or None (torch: any device with Python 3.10+, which Device checks)."""
     version = training_build.ORT_TRAINING_VERSION
+    if backend == "torch":
+        return None
     if device.machine not in ("x86_64", "amd64"):
         return (f"{device.target.name} is {device.machine}: onnxruntime-training {version} has wheels for x86-64 "
-                "only, so `train --on` runs on x86-64 devices (an N100 box, a NUC); on an aarch64 board (a Pi, a "
-                "Jetson) train here, or on a workstation, and `package` the result for it")
+                "only; add --backend torch (torch and the model exported with torch.export go to the device)")
     if device.version > (3, 12):
         return (f"{device.target.name}: its Python is {'.'.join(map(str, device.version))}, and onnxruntime-training "
                 f"{version} has wheels for Python 3.8 to 3.12; name one with --device-python (e.g. python3.12)")
@@ -94,11 +103,17 @@ class TrainOn:
         if problem := unsupported(self.device):
             raise EdgeftError(problem)
 
-    def run(self, job: jobs.Train, on_event: launcher.EventHandler, log_path: Path, resume_hint: str) -> dict:
+    def check(self, backend: str) -> None:
+        if problem := unsupported(self.device, backend):
+            raise EdgeftError(problem)
+
+    def run(self, job: jobs.Train, on_event: launcher.EventHandler, log_path: Path, resume_hint: str,
+            programs: Path) -> dict:
         """Run `job` (its paths this workstation's) on the device; its result with this workstation's paths.
-        `resume_hint`: the command that continues the run, for a link that drops."""
+        `resume_hint`: the command that continues the run, for a link that drops; `programs`: where the torch
+        backend's exported programs are kept here."""
         local = Path(job.checkpoints)
-        remote_job, run = self._place(job)
+        remote_job, run = self._place(job, programs)
         events = Mirror(self, on_event, run + "/checkpoints", local)
         command = (f"cd {quote(run)} && echo $$ > pid && EDGEFT_EVENT_FD=3 exec {quote(self.runtime)} -I -c "
                    f"{quote(BOOT)} {quote(self.code)} {quote(remote_job.name)} 3>&1 >train.log 2>&1")
@@ -136,15 +151,16 @@ class TrainOn:
             self.target.run(f"rm -rf {quote(run)}", timeout=120)  # everything it held is here now
         return result
 
-    def _place(self, job: jobs.Train) -> tuple[jobs.Train, str]:
-        """The runtime, the code, the artifacts, the arrays and (resuming) the checkpoint on the device; the job
-        with the device's paths, and the run's folder there."""
-        self.runtime = self.device.runtime(packages(), no_deps=True)
-        progress("copying edgeft's training side, the artifacts and the tokenized data (files already there are "
-                 "kept)")
+    def _place(self, job: jobs.Train, programs: Path) -> tuple[jobs.Train, str]:
+        """The runtime, the code, the model (the artifacts, or the exported program), the arrays and (resuming)
+        the checkpoint on the device; the job with the device's paths, and the run's folder there."""
+        torch_backend = isinstance(job, jobs.TorchTrain)
+        self.runtime = self.device.runtime(packages("torch" if torch_backend else "ort"), no_deps=not torch_backend)
+        model = {"program": self.device.put(program(job, programs))} if torch_backend else \
+            {"artifacts": self.device.folder(files_of(Path(job.artifacts)), "artifacts")}
+        progress("copying edgeft's training side and the tokenized data (files already there are kept)")
         with tempfile.TemporaryDirectory(prefix="edgeft-train-on-") as tmp:
             self.code = self.device.put(trainer_zip(Path(tmp) / "edgeft-trainer.zip"))
-        artifacts = self.device.folder(files_of(Path(job.artifacts)), "artifacts")
         dataset = self.device.folder({name: Path(job.dataset) / name for name in DATA}, "datasets")
         local = Path(job.checkpoints)
         key = hashlib.sha256(f"{local.resolve()}\n{job.identity}".encode()).hexdigest()[:16]
@@ -155,7 +171,7 @@ class TrainOn:
             sent = {Path(job.resume_path)} | ({best} if (best := checkpoints.best(local)) else set())
             self._send(sent, local, run + "/checkpoints")
             resume_path = f"{run}/checkpoints/{Path(job.resume_path).name}"
-        return dataclasses.replace(job, artifacts=artifacts, dataset=dataset, checkpoints=f"{run}/checkpoints",
+        return dataclasses.replace(job, **model, dataset=dataset, checkpoints=f"{run}/checkpoints",
                                    work=f"{run}/work", model_dir="", adapter_init="", resume_path=resume_path), run
 
     def _send(self, folders: set[Path], local: Path, remote: str) -> None:
@@ -183,6 +199,25 @@ class TrainOn:
             atomic.write_text(log_path, self.target.run(f"cat {quote(run + '/train.log')}", timeout=120))
         except EdgeftError as e:
             atomic.write_text(log_path, f"(the device's log could not be brought back: {e})\n")
+
+
+def program(job: jobs.TorchTrain, programs: Path) -> Path:
+    """The workspace's loss module exported with torch.export for the device's torch (made once per model,
+    adapter, base and sequence length, in `programs`)."""
+    import torch
+
+    cfg = job.config
+    key = hashlib.sha256(json.dumps([job.identity, cfg.get("base_quant"), cfg["seq_len"], torch.__version__],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    out = programs / f"program-{key}.pt2"
+    if not out.is_file():
+        progress("exporting the model for the device's torch (torch.export; once per model and options)")
+        programs.mkdir(parents=True, exist_ok=True)
+        launcher.run(jobs.ExportProgram(
+            model_dir=job.model_dir, adapter_init=job.adapter_init, base_quant=cfg.get("base_quant") or
+            {"precision": "fp32"}, dataset=job.dataset, pad_token_id=job.pad_token_id, seq_len=int(cfg["seq_len"]),
+            out=str(out)), log_path=programs / "export.log")
+    return out
 
 
 class Mirror:

@@ -26,10 +26,12 @@ from edgeft.trainer import events
 
 
 def _check_runtime() -> None:
+    expected_dir = os.environ.get("EDGEFT_RUNTIME_PATH", "")
+    if not expected_dir:
+        return
     import onnxruntime
 
-    expected_dir = os.environ.get("EDGEFT_RUNTIME_PATH", "")
-    if expected_dir and not os.path.abspath(onnxruntime.__file__).startswith(os.path.abspath(expected_dir)):
+    if not os.path.abspath(onnxruntime.__file__).startswith(os.path.abspath(expected_dir)):
         raise RuntimeError(f"the training subprocess imported onnxruntime from {onnxruntime.__file__}, "
                            f"not from the training runtime at {expected_dir}")
 

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from edgeft.core import rss
 from edgeft.graph.trace import INPUT_NAMES, CausalLMLoss
-from edgeft.models import lazy
 from edgeft.runtime import jobs
 from edgeft.runtime.torchrun import SHARDS_BASE
 from edgeft.trainer import events, loop
@@ -38,6 +37,7 @@ class TorchEngine:
 
     def __init__(self, model_dir: Path, adapter_init: Path, cfg: dict, resume: dict | None = None,
                  world: World = ALONE):
+        from edgeft.models import lazy
         from edgeft.quant import torch_linear
 
         torch.manual_seed(int(cfg["seed"]))
@@ -54,7 +54,12 @@ class TorchEngine:
             model.to(self.device)
         if cfg.get("recompute"):  # one decoder layer's activations at a time, recomputed in the backward pass
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.wrapper = CausalLMLoss(model, logits=False)  # the loss alone: no head over unlabelled positions
+        # the loss alone: no head over unlabelled positions
+        self.start(CausalLMLoss(model, logits=False), cfg, world, resume)
+
+    def start(self, wrapper: torch.nn.Module, cfg: dict, world: World, resume: dict | None) -> None:
+        """Train `wrapper`'s trainable parameters: from `resume` (a checkpoint), wrapped for `world`."""
+        self.wrapper = wrapper
         self.params = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
         self.cfg, self.world = cfg, world
         self.max_grad_norm = cfg["max_grad_norm"]
@@ -82,6 +87,8 @@ class TorchEngine:
         """Read the frozen base part by part (each decoder layer, the embedding, the LM head, then the rest) and
         `shard(part)` each before the next is read: a rank holds its shards plus one part, never the whole model
         (which may not fit one machine: the point of sharding it)."""
+        from edgeft.models import lazy
+
         lm = self.wrapper._causal_lm()
         embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
         # a head tied to the embedding shares its parameter: it goes with the rest, in one group
@@ -112,9 +119,12 @@ class TorchEngine:
         with cast:
             return self.model(*self._tensors(batch))[0].float()
 
+    def mode(self, train: bool) -> None:
+        self.model.train(train)
+
     def forward_backward(self, batch: dict, scale: float = 1.0) -> float:
         """The batch's loss; its gradient, times `scale` (this rank's share, distributed.py), accumulated."""
-        self.model.train()
+        self.mode(True)
         loss = self._loss(batch)
         self.backward(loss * scale if scale != 1.0 else loss)
         return float(loss.detach())
@@ -153,7 +163,7 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def eval_loss(self, batch: dict) -> float:
-        self.model.eval()
+        self.mode(False)
         with torch.no_grad():
             return float(self._loss(batch))
 
@@ -202,8 +212,11 @@ def main(job: jobs.TorchTrain) -> dict:
             resume = shared[0][1]
         else:
             resume = read_checkpoint(Path(job.resume_path)) if job.resume_path else None
-        engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.launched else TorchEngine
-        engine = engine_type(Path(job.model_dir), Path(job.adapter_init), job.config, resume, world)
+        if job.program:  # a device's: the exported program, no transformers (targets/train.py)
+            engine = ProgramEngine(Path(job.program), job.config, resume)
+        else:
+            engine_type = ENGINES[job.config.get("strategy") or "ddp"] if world.launched else TorchEngine
+            engine = engine_type(Path(job.model_dir), Path(job.adapter_init), job.config, resume, world)
         if world.distributed:  # the peak of loading (and sharding, for zero3 and fsdp), then training's from here
             engine.load_peak_mb = round(rss.peak_mb(), 1)
             rss.reset_peak()
@@ -215,6 +228,45 @@ def main(job: jobs.TorchTrain) -> dict:
         return result
     finally:
         world.stop()
+
+
+class ProgramEngine(TorchEngine):
+    """The engine where transformers and PEFT are not installed (`train --on --backend torch`, a device): the
+    model is the workspace's loss module exported with torch.export on the workstation (`export_program`), its
+    parameters named as the module's, so its checkpoints are TorchEngine's. One process on the CPU, fp32; the
+    exported graph holds every activation (torch.export inlines activation checkpointing)."""
+
+    def __init__(self, program: Path, cfg: dict, resume: dict | None = None):
+        torch.manual_seed(int(cfg["seed"]))
+        self.device, self.bf16, self.shards = torch.device("cpu"), False, None
+        self.start(torch.export.load(str(program)).module(), cfg, ALONE, resume)
+
+    def mode(self, train: bool) -> None:
+        """An exported module has no modes (train() refuses); it was exported without dropout (export_program)."""
+
+
+def export_program(job: jobs.ExportProgram) -> dict:
+    """The workspace's loss module (the model with its initial adapter, the base as prepared) as a torch.export
+    program for `ProgramEngine`: batch and sequence length dynamic (3 to `job.seq_len` tokens), saved to a
+    temporary name and renamed."""
+    from edgeft.models import lazy
+    from edgeft.quant import torch_linear
+    from edgeft.trainer import batching
+
+    model, shards = torch_linear.load_lazily(Path(job.model_dir), Path(job.adapter_init), job.base_quant)
+    lazy.load_(model, shards)
+    wrapper = CausalLMLoss(model, logits=False).train()
+    split = batching.Split(Path(job.dataset) / "train.npz")
+    rows = np.argsort(-split.lengths, kind="stable")[:2]  # the longest: an example longer than the minimum
+    batch = batching.collate(split, rows, job.pad_token_id)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(batch[k])) for k in INPUT_NAMES)
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("seq", min=3, max=int(job.seq_len))}
+    program = torch.export.export(wrapper, example, dynamic_shapes=(dims,) * len(INPUT_NAMES), strict=False)
+    out = Path(job.out)
+    tmp = out.with_name(out.name + ".partial")
+    torch.export.save(program, str(tmp))
+    os.replace(tmp, out)
+    return {"bytes": out.stat().st_size, "trainable": sum(p.requires_grad for p in program.module().parameters())}
 
 
 class FsdpEngine(TorchEngine):

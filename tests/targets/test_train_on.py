@@ -138,15 +138,16 @@ def test_ctrl_c_saves_on_the_device_and_brings_the_checkpoint_back(exported, ssh
 
 def test_what_cannot_train_on_a_device_is_refused(exported, sshd, tmp_path):
     ws = fresh(exported, tmp_path)
-    result = cli("train", ws, "--data", DATA, *OPTIONS, "--backend", "torch", *sshd.flags())
-    refused(result, "train --on", "drop --backend torch")
+    result = cli("train", ws, "--data", DATA, *OPTIONS, "--backend", "torch", "--recompute", "--bf16", *sshd.flags())
+    refused(result, "train --on", "drop --recompute", "drop --bf16")
     assert not (ws / "train").exists()
     from edgeft.targets.train import unsupported
 
     def device(machine, version):
         return SimpleNamespace(machine=machine, version=version, target=SimpleNamespace(name="pi@raspberrypi"))
 
-    assert "x86-64 only" in unsupported(device("aarch64", (3, 11))) and "package" in unsupported(device("aarch64", (3, 11)))
+    assert "x86-64 only; add --backend torch" in unsupported(device("aarch64", (3, 11)))
+    assert unsupported(device("aarch64", (3, 13)), "torch") is None
     assert "--device-python" in unsupported(device("x86_64", (3, 13)))
     assert unsupported(device("x86_64", (3, 12))) is None
 
