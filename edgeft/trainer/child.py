@@ -125,5 +125,20 @@ def run(load) -> int:
         return 1
 
 
+def exit_rank(code: int) -> None:
+    """End a torchrun rank without the interpreter's finalization. Gloo's worker threads can still hold tensors
+    then, and freeing them as the interpreter goes down aborts the process ('terminate called without an active
+    exception', SIGABRT; pytorch/pytorch#179291) after a run that succeeded, which torchrun reports as the rank's
+    failure and ends the others for (seen once in 2-rank fsdp runs, after the result was sent). By then the process
+    group is destroyed and the checkpoints, the log and the result are written and flushed. A rank that failed
+    exits as usual, so torchrun still names the rank that failed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0 and os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun for each rank it starts
+        exit_rank(code)
+    sys.exit(code)
