@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from edgeft.core.errors import EdgeftError
+from edgeft.graph import frozen_base
 from edgeft.quant import quantize
 from edgeft.stages.merge import merge
 from edgeft.stages.train import TrainConfig, train
@@ -111,7 +112,7 @@ def test_int4_export_dequantizes_each_use_just_in_time(trained_int4):
     graph = onnx.load(str(ws / "artifacts" / "training_model.onnx"), load_external_data=False).graph
     producers = {o: n for n in graph.node for o in n.output}
     counts = []
-    for weight in info["quantized_weights"]:
+    for weight, spec in info["quantized_weights"].items():
         assert weight not in producers  # the export-time copy is gone
         uses = [n for n in graph.node if any(i.startswith(f"{weight}/use") and i.endswith("/nk") for i in n.input)]
         assert {n.op_type for n in uses} <= {"FusedMatMul", "Gemm"}  # read transposed: no Transpose copy
@@ -120,8 +121,15 @@ def test_int4_export_dequantizes_each_use_just_in_time(trained_int4):
             one = producers[next(i for i in user.input if i.startswith(weight)).replace("/nk", "/one")]
             size = producers[one.input[0]]
             assert size.op_type == "Size" and size.input[0] in user.input
-    # Forward and backward, except the first projection: no gradient flows below it.
-    assert sorted(counts) == [1] + [2] * 8
+        # the forward reads the blocks themselves
+        readers = [n for n in graph.node if spec["q"] in n.input and n.op_type == "MatMulNBits"]
+        assert len(readers) == 1 and list(readers[0].input[1:]) == [spec["q"], spec["scale"]]
+    # A dequantized copy for each backward use, except the first projection's: no gradient flows below it.
+    assert sorted(counts) == [0] + [1] * 8
+    evaluation = onnx.load(str(ws / "artifacts" / "eval_model.onnx"), load_external_data=False).graph
+    assert not [n for n in evaluation.node if n.name.startswith(frozen_base.DEQUANTIZE_PREFIX)]
+    read = {n.input[1] for n in evaluation.node if n.op_type == "MatMulNBits"}  # the LM head twice: logits and loss
+    assert read == {spec["q"] for spec in info["quantized_weights"].values()}
 
 
 def test_int4_base_trains_like_torch_and_ships_byte_for_byte(trained_int4, tmp_path):
