@@ -72,7 +72,8 @@ def markdown(result: dict) -> str:
                      f"{r['loss_check']['relative_difference']:.1e} |")
     lines += ["", "base.data holds the frozen weights (the input embedding stays fp32 in every row: a lookup, "
               "memory-mapped). Quantized weights are dequantized in the graph just before each use "
-              "(`frozen_base.dequantize_at_use`); int4 rows are the int4 bundle's own blocks. "
+              "(`frozen_base.dequantize_at_use`); int4 rows are the int4 bundle's own blocks, read by MatMulNBits in "
+              "the forward uses and dequantized for the backward ones. "
               "`torch backend`: PEFT with the same int4 codes held quantized (`torch_linear.QuantizedLinear`), "
               "recomputed by checkpointing each decoder layer. "
               "`recomputed`: exported with `--recompute`, each layer's activations are recomputed in the backward "

@@ -31,14 +31,14 @@ from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 # A quantized base under ORT is dequantized just before each use (frozen_base.dequantize_at_use), so what is
 # in flight scales with the largest quantized weight, not the model: `dequant_live` x its fp32 size, per
 # precision; its fp32 input embedding is memory-mapped and only the rows in use are resident. Checked on the
-# real-width slice, 4 layers, int4, batch 1 x 256 (results/quantized_base.md): predicted 2.15 / 1.43 GB,
+# real-width slice, 4 layers, int4, batch 1 x 256 (results/quantized_base.md of 2026-11-23): predicted 2.15 / 1.43 GB,
 # measured 1.92 / 1.33 GB without / with recomputation; so a fit, not a check.
 # The torch backend holds a quantized base quantized too (torch_linear.QuantizedLinear) and dequantizes inside
 # each matmul; its temporaries (unpacked codes, then values) are `dequant_live` x the largest weight's fp32 size.
 # A quantized base costs time too: every use dequantizes its weight (once in the forward pass, once more in
 # the backward pass, and again when recomputed), a chain of element-wise ops that runs at memory speed:
 # `dequant_bytes` of traffic per value and pass, against the profile's bandwidth. Fitted on the slice
-# (results/quantized_base.md: int8 +2.28 s, int4 +3.45 s over fp32 for two passes over 0.55 B values at
+# (results/quantized_base.md of 2026-11-23: int8 +2.28 s, int4 +3.45 s over fp32 for two passes over 0.55 B values at
 # 21 GB/s). The torch backend's int4 chain (quant/torch_linear.py) runs more ops: 107, fitted on the same slice
 # without recomputation (8.66 s per step) and checked with it: predicted 12.5 s; results/quantized_base.md
 # measured 8.88 / 12.58 s, and peaks of 2701 / 2486 MiB against 2880 / 2358 MiB predicted. Its int8 figure
