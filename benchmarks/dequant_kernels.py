@@ -12,8 +12,8 @@ Median of `--runs` after one warm-up. Writes dequant_kernels.json and dequant_ke
 What a step needs of a frozen weight W [N, K]: the forward X W^T, the backward dY W (the input's gradient; a
 frozen weight has none), and with --recompute a second forward. MatMulNBits (the only kernel reading the blocks)
 reduces along K, the axis the blocks run along; dY W reduces along N, so the backward needs W in fp32 whatever
-the forward uses. The floor of an int4 step per weight is then: the fastest forward from the blocks + the fastest
-dequantizing op + the fp32 backward, against fp32's forward + backward.
+the forward uses. The best an int4 step can do per weight is then: the fastest forward from the blocks + the
+fastest dequantizing op + the fp32 backward, against fp32's forward + backward.
 """
 
 from __future__ import annotations
@@ -109,11 +109,10 @@ def main() -> None:
     wdq = time_it("dequantize", "dequantize: edgeft's nodes (BitShift, Concat, DequantizeLinear)",
                   model([one, *dequantize_nodes(spec, "w", "one"), add], graph_inputs, ["out"], zero_add),
                   {"q": packed, "scale": scales, "zp": zero})
-    zp = zero.reshape(n, blocks)
+    zp_packed = quantize.pack_nibbles(zero.reshape(n, blocks))  # [n, blocks / 2]: MatMulNBits' layout and uint4's
     uint4 = [helper.make_tensor("q4", TensorProto.UINT4, [n, k], packed.tobytes(), raw=True),
              numpy_helper.from_array(scales.reshape(n, blocks), "s2"),
-             helper.make_tensor("zp4", TensorProto.UINT4, [n, blocks], (zp[:, 0::2] | (zp[:, 1::2] << 4)).tobytes(),
-                                raw=True)]
+             helper.make_tensor("zp4", TensorProto.UINT4, [n, blocks], zp_packed.tobytes(), raw=True)]
     got = time_it("dequantize_uint4", "dequantize: DequantizeLinear (opset 21) on uint4 blocks",
                   model([helper.make_node("DequantizeLinear", ["q4", "s2", "zp4"], ["w"], axis=1, block_size=block),
                          add], [], ["out"], uint4 + zero_add, opset=21), {})
@@ -132,8 +131,8 @@ def main() -> None:
                 prepack)
 
     # the forward read from the blocks: MatMulNBits (without prepacking it dequantizes with MLAS, then an fp32 GEMM)
-    zp_packed = numpy_helper.from_array((zero[0::2] | (zero[1::2] << 4)).reshape(n, -1), "zp")
-    nbits_inputs = [numpy_helper.from_array(packed, "q"), numpy_helper.from_array(scales, "scale"), zp_packed]
+    nbits_inputs = [numpy_helper.from_array(packed, "q"), numpy_helper.from_array(scales, "scale"),
+                    numpy_helper.from_array(zp_packed, "zp")]
     reference = x @ wdq.T
     errors = {}
     for level in (0, 4):

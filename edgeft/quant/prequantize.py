@@ -79,8 +79,7 @@ def write(folder: Path, dst: Path, bits: int, block_size: int, symmetric: bool) 
             tensors[stem + ".qweight"] = torch.from_numpy(codes.reshape(codes.shape[0], -1))
             tensors[stem + ".scales"] = torch.from_numpy(scales)
             if bits == 4:
-                zero = np.pad(zero, ((0, 0), (0, zero.shape[1] % 2)))
-                zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+                zero = quantize.pack_nibbles(zero)
             tensors[stem + ".qzeros"] = torch.from_numpy(np.ascontiguousarray(zero, dtype=np.uint8))
             quantized += 1
         del weight, parts

@@ -46,6 +46,17 @@ def unpack_nibbles(packed):
     return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
+def pack_nibbles(values):
+    """uint8 [..., 2n] of values below 16 -> uint8 [..., n]: two to a byte, the low nibble first, as MatMulNBits
+    packs them (the inverse of unpack_nibbles). An odd last axis is padded with a zero nibble."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.uint8)
+    if values.shape[-1] % 2:
+        values = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, 1)])
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
 def nbits_blocks(w_in_out, block_size: int, symmetric: bool, bits: int = 4):
     """The int4 (or int8) bundle's blocks of a weight laid out [in, out] (MatMul's B, as the builder quantizes it):
     codes [out, blocks, block * bits / 8] uint8 (int4: two per byte, low nibble first), scales [out, blocks] fp32,
