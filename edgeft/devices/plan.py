@@ -40,8 +40,8 @@ from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 # `dequant_bytes` of traffic per value and pass, against the profile's bandwidth. Fitted on the slice
 # (results/quantized_base.md of 2026-11-23: int8 +2.28 s, int4 +3.45 s over fp32 for two passes over 0.55 B values at
 # 21 GB/s). The torch backend's int4 chain (quant/torch_linear.py) runs more ops: 107, fitted on the same slice
-# without recomputation (8.66 s per step) and checked with it: predicted 12.5 s; results/quantized_base.md
-# measured 8.88 / 12.58 s, and peaks of 2701 / 2486 MiB against 2880 / 2358 MiB predicted. Its int8 figure
+# without recomputation (8.66 s per step) and checked with it: predicted 12.5 s; results/quantized_base.md of
+# 2026-11-23 measured 8.88 / 12.58 s, and peaks of 2701 / 2486 MiB against 2880 / 2358 MiB predicted. Its int8 figure
 # is the ORT one: not measured.
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
