@@ -252,7 +252,7 @@ def dequantize_nodes(spec: dict, out: str, one: str) -> list[onnx.NodeProto]:
     return nodes
 
 
-def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
+def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes: int | None = None) -> int:
     """Give every consumer of a quantized base weight its own dequantizing nodes, run just before it.
 
     Nodes fed only by graph inputs are ready when the step starts, so ONNX Runtime would dequantize every
@@ -262,6 +262,7 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
     ever dequantized. The copy stays [out, in] and the consumer reads it transposed (MatMul becomes
     FusedMatMul with transB, which MLAS runs as fast; Gemm flips its transB), so no Transpose copy is made either.
     A forward use of symmetric int4 blocks reads the blocks themselves instead (`_reads_blocks`: MatMulNBits).
+    A weight bigger than `tile_bytes` (default TILE_BYTES) in fp32 is used a tile of rows (outputs) at a time.
     Run on the training and eval graphs after generate_artifacts (the gradient graph exists by then, so
     this adds no gradient path). `specs`: export's `quantized_weights`. Returns the number of copies.
     """
@@ -273,23 +274,26 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
             users.setdefault(name, []).append((n, i))
     before: dict[int, list[onnx.NodeProto]] = {}
     copies = 0
+    tile_bytes = tile_bytes or TILE_BYTES
     for weight, spec in specs.items():
         for k, (user, slot) in enumerate(users.get(weight, [])):
+            use = f"{weight}/use{k}"
             if _reads_blocks(user, slot, spec):
+                before.setdefault(id(user), []).extend(_output_tiles(user, spec, use, tile_bytes))
                 continue
             anchor = next(x for j, x in enumerate(user.input) if j != slot and x)
-            use = f"{weight}/use{k}"
-            added = [helper.make_node("Size", [anchor], [f"{use}/size"], name=f"{DEQUANTIZE_PREFIX}{use}/Size"),
-                     helper.make_node("Div", [f"{use}/size", f"{use}/size"], [f"{use}/one"],
-                                      name=f"{DEQUANTIZE_PREFIX}{use}/One"),
-                     *dequantize_nodes(spec, f"{use}/nk", f"{use}/one")]
             if _read_transposed(user, slot):
+                if _sums_over_rows(user, slot) and len(tiles(spec, tile_bytes)) > 1:
+                    before.setdefault(id(user), []).extend(_row_tiles(user, spec, use, tile_bytes))
+                    copies += 1
+                    continue
                 user.input[slot] = f"{use}/nk"
+                added = []
             else:
-                added.append(helper.make_node("Transpose", [f"{use}/nk"], [use], perm=[1, 0],
-                                              name=f"{DEQUANTIZE_PREFIX}{use}/Transpose"))
+                added = [helper.make_node("Transpose", [f"{use}/nk"], [use], perm=[1, 0],
+                                          name=f"{DEQUANTIZE_PREFIX}{use}/Transpose")]
                 user.input[slot] = use
-            before.setdefault(id(user), []).extend(added)
+            before.setdefault(id(user), []).extend([*_dequantize_after(anchor, spec, use), *added])
             copies += 1
     prefixes = tuple(f"{DEQUANTIZE_PREFIX}{w}/" for w in specs)
     rewritten = []
@@ -300,9 +304,143 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict]) -> int:
         rewritten.append(n)
     del graph.node[:]
     graph.node.extend(rewritten)
+    _declare_tile_inputs(graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return copies
+
+
+def _dequantize_after(anchor: str, spec: dict, use: str) -> list[onnx.NodeProto]:
+    """The nodes computing `{use}/nk`, ready only once `anchor` is (`one` = Size(anchor) / Size(anchor))."""
+    return [helper.make_node("Size", [anchor], [f"{use}/size"], name=f"{DEQUANTIZE_PREFIX}{use}/Size"),
+            helper.make_node("Div", [f"{use}/size", f"{use}/size"], [f"{use}/one"],
+                             name=f"{DEQUANTIZE_PREFIX}{use}/One"),
+            *dequantize_nodes(spec, f"{use}/nk", f"{use}/one")]
+
+
+# The largest fp32 copy of a base weight the graphs make, in a dequantized tile or in MatMulNBits' own buffer.
+# Below glibc's largest mmap threshold (32 MB), so a freed tile's pages are reused by the next one instead
+# of given back and faulted in again: a real-width slice, int4 base, 1 x 256 tokens steps in 3.7 s where
+# whole weights took 5.1 s (the LM head alone was two 376 MB buffers), and peaks lower.
+TILE_BYTES = 24 << 20
+
+
+def tiles(spec: dict, tile_bytes: int = TILE_BYTES) -> list[tuple[int, int]]:
+    """The weight's rows (outputs) cut into about equal tiles of at most `tile_bytes` in fp32: [(first, end), ...]."""
+    n = spec["out"]
+    count = max(1, -(-n * spec["in"] * 4 // tile_bytes))
+    rows = -(-n // count)
+    return [(r, min(r + rows, n)) for r in range(0, n, rows)]
+
+
+def tile_input(name: str, first: int, end: int) -> str:
+    """The graph input holding rows first:end (first axis) of base input `name`: a view of the same bytes."""
+    return f"{name}@{first}:{end}"
+
+
+def parse_tile_input(name: str) -> tuple[str, int, int] | None:
+    base, at, rows = name.rpartition("@")
+    first, colon, end = rows.partition(":")
+    if not (at and colon and first.isdigit() and end.isdigit()):
+        return None
+    return base, int(first), int(end)
+
+
+def _tile_spec(spec: dict, first: int, end: int) -> dict:
+    """The spec of rows first:end of a quantized weight, stored in tile inputs (the scales and zero points are
+    flat: `blocks` of them per row)."""
+    per = spec.get("blocks", 1)
+    tile = dict(spec, out=end - first, q=tile_input(spec["q"], first, end),
+                scale=tile_input(spec["scale"], first * per, end * per))
+    if "zero_point" in spec:
+        tile["zero_point"] = tile_input(spec["zero_point"], first * per, end * per)
+    return tile
+
+
+def _output_tiles(user: onnx.NodeProto, spec: dict, use: str, tile_bytes: int) -> list[onnx.NodeProto]:
+    """A MatMulNBits over a weight bigger than `tile_bytes` split into one per tile of outputs, concatenated by
+    `user` itself (unpacked, MLAS dequantizes B whole into a buffer of its own). Returns the nodes to run first."""
+    cut = tiles(spec, tile_bytes)
+    if len(cut) == 1:
+        return []
+    added, parts = [], []
+    for i, (first, end) in enumerate(cut):
+        tile = _tile_spec(spec, first, end)
+        part = f"{use}/tile{i}"
+        node = onnx.NodeProto()
+        node.CopyFrom(user)
+        node.name, node.output[:] = f"{DEQUANTIZE_PREFIX}{part}/MatMulNBits", [part]
+        node.input[1:3] = [tile["q"], tile["scale"]]
+        next(a for a in node.attribute if a.name == "N").i = end - first
+        added.append(node)
+        parts.append(part)
+    user.op_type, user.domain = "Concat", ""
+    del user.attribute[:]
+    user.attribute.append(helper.make_attribute("axis", -1))
+    user.input[:] = parts
+    return added
+
+
+def _sums_over_rows(user: onnx.NodeProto, slot: int) -> bool:
+    """`user` (MatMul-like, reading the [out, in] copy at `slot`) is dY W: a sum over the weight's rows, so
+    it can be taken a tile of rows at a time. Only a 2-input, untransposed A x B."""
+    flags = {a.name: a.i for a in user.attribute if a.type == onnx.AttributeProto.INT}
+    return (slot == 1 and len(user.input) == 2 and user.op_type in ("Gemm", "FusedMatMul")
+            and not any(flags.get(f, 0) for f in ("transA", "transB", "transBatchA", "transBatchB")))
+
+
+def _row_tiles(user: onnx.NodeProto, spec: dict, use: str, tile_bytes: int) -> list[onnx.NodeProto]:
+    """dY W as the sum over tiles of rows of dY[..., tile] W[tile]: one tile of W dequantized at a time, each
+    only once the previous product is done (its anchor), summed by `user` itself. Returns the nodes to run first."""
+    dy = user.input[0]
+    added, total = [], None
+    cut = tiles(spec, tile_bytes)
+    for i, (first, end) in enumerate(cut):
+        part = f"{use}/tile{i}"
+
+        def const(tag: str, value: int) -> str:
+            added.append(helper.make_node("Constant", [], [f"{part}/{tag}"], name=f"{DEQUANTIZE_PREFIX}{part}/{tag}",
+                                          value=numpy_helper.from_array(np.array([value], np.int64))))
+            return f"{part}/{tag}"
+
+        added.append(helper.make_node("Slice", [dy, const("first", first), const("end", end), const("axis", -1)],
+                                      [f"{part}/dy"], name=f"{DEQUANTIZE_PREFIX}{part}/Slice"))
+        added += _dequantize_after(total or f"{part}/dy", _tile_spec(spec, first, end), part)
+        product = onnx.NodeProto()
+        product.CopyFrom(user)
+        product.name, product.input[:], product.output[:] = (
+            f"{DEQUANTIZE_PREFIX}{part}/{user.op_type}", [f"{part}/dy", f"{part}/nk"], [f"{part}/product"])
+        added.append(product)
+        if total is None:
+            total = f"{part}/product"
+        elif i < len(cut) - 1:
+            added.append(helper.make_node("Add", [total, f"{part}/product"], [f"{part}/sum"],
+                                          name=f"{DEQUANTIZE_PREFIX}{part}/Add"))
+            total = f"{part}/sum"
+    user.op_type, user.domain = "Add", ""
+    del user.attribute[:]
+    user.input[:] = [total, f"{part}/product"]
+    return added
+
+
+def _declare_tile_inputs(graph: onnx.GraphProto) -> None:
+    """Declare each tile input the nodes read (type of its base input, first dimension its rows); drop base
+    inputs that only tiles read now."""
+    read = {name for n in graph.node for name in n.input}
+    declared = {i.name: i for i in graph.input}
+    for name in sorted(read - declared.keys()):
+        parsed = parse_tile_input(name)
+        if parsed is None or parsed[0] not in declared:
+            continue
+        base, first, end = parsed
+        value = onnx.ValueInfoProto()
+        value.CopyFrom(declared[base])
+        value.name = name
+        value.type.tensor_type.shape.dim[0].dim_value = end - first
+        graph.input.append(value)
+    tiled = {parsed[0] for parsed in map(parse_tile_input, read) if parsed}
+    for value in [i for i in graph.input if i.name in tiled and i.name not in read]:
+        graph.input.remove(value)
 
 
 def _reads_blocks(user: onnx.NodeProto, slot: int, spec: dict) -> bool:

@@ -53,6 +53,9 @@ class ExportConfig:
     recompute: bool | None = spec("recompute each layer's activations in the backward pass instead of holding them "
                                   "(about a third more compute per step, a fraction of the activation memory); "
                                   "default: as prepare's device plan chose (off without a device)", None)
+    tile_mb: float = spec("largest fp32 copy of a quantized base weight the training graphs make at once, in MiB: a "
+                          "bigger weight is used a tile of its rows at a time (under 32 MiB glibc reuses a freed "
+                          "tile's memory for the next one)", frozen_base.TILE_BYTES / 2**20, gt=0)
 
 
 class VerificationError(EdgeftError):
@@ -237,7 +240,8 @@ def _build(ws: Workspace, ref: _Reference, cfg: ExportConfig, tmp: Path, steps: 
                     (", recomputation)" if recompute else ")")):
         generated = launcher.run(jobs.GenerateArtifacts(
             model=str(tmp / "slim_model.onnx"), out=str(tmp), requires_grad=ref.trainable, recompute=recompute,
-            data_inputs=list(trace.INPUT_NAMES), nominal_checkpoint=cfg.nominal_checkpoint, ort_format=cfg.ort_format),
+            data_inputs=list(trace.INPUT_NAMES), nominal_checkpoint=cfg.nominal_checkpoint, ort_format=cfg.ort_format,
+            tile_bytes=max(1, int(cfg.tile_mb * 2**20))),
             on_event=on_event, log_path=ws.log("export-runtime"), cwd=tmp)
     (tmp / "slim_model.onnx").unlink()
     return {"stored": stored, "detached": len(detached), "generated": generated,

@@ -50,7 +50,8 @@ def generate(job: jobs.GenerateArtifacts) -> dict:
         recomputed = recompute.recompute_layers(graphs["training_model.onnx"], forward, tuple(job.data_inputs))
         events.log(f"recomputation: {recomputed['copied_nodes']} nodes copied in {recomputed['layers']} layers")
     if quantized:
-        dequantizers = sum(frozen_base.dequantize_at_use(graph, quantized) for graph in graphs.values())
+        dequantizers = sum(frozen_base.dequantize_at_use(graph, quantized, job.tile_bytes)
+                           for graph in graphs.values())
     for name, graph in graphs.items():
         onnx.save(graph, str(out / name))
     if job.ort_format:

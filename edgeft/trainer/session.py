@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.graph.frozen_base import BASE_DATA, INPUTS_FILE, external_initializers, view
+from edgeft.graph.frozen_base import BASE_DATA, INPUTS_FILE, external_initializers, parse_tile_input, view
 from edgeft.graph.recompute import PREFIX as RECOMPUTE_PREFIX
 
 
@@ -69,10 +69,20 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
             value = ort.OrtValue.ortvalue_from_numpy(array)
             options.add_initializer(name, value)
             keep.extend((array, value))
-        for name, spec in info.get("base_inputs", {}).items():
-            array = view(mapped, spec["dtype"], spec["shape"], spec["offset"])
+        arrays = {name: view(mapped, spec["dtype"], spec["shape"], spec["offset"])
+                  for name, spec in info.get("base_inputs", {}).items()}
+        for name, array in arrays.items():
             base_inputs[name] = ort.OrtValue.ortvalue_from_numpy(array)
             keep.append(array)
+    if base_inputs:
+        evaluation = onnx.load(str(artifacts / "eval_model.onnx"), load_external_data=False)
+        for name in {i.name for g in (graph, evaluation) for i in g.graph.input}:
+            parsed = parse_tile_input(name)
+            if parsed and parsed[0] in arrays:  # a tile of a weight's rows (frozen_base.tiles): a view, no copy
+                base, first, end = parsed
+                array = arrays[base][first:end]
+                base_inputs[name] = ort.OrtValue.ortvalue_from_numpy(array)
+                keep.append(array)
     if base_inputs or recomputed:
         # Each base weight is dequantized just before its use and freed after (frozen_base.dequantize_at_use),
         # and each layer's activations live through one layer of the backward pass (recompute.py). The CPU arena
