@@ -277,24 +277,9 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes
     tile_bytes = tile_bytes or TILE_BYTES
     for weight, spec in specs.items():
         for k, (user, slot) in enumerate(users.get(weight, [])):
-            use = f"{weight}/use{k}"
-            if _reads_blocks(user, slot, spec):
-                before.setdefault(id(user), []).extend(_output_tiles(user, spec, use, tile_bytes))
-                continue
-            anchor = next(x for j, x in enumerate(user.input) if j != slot and x)
-            if _read_transposed(user, slot):
-                if _sums_over_rows(user, slot) and len(tiles(spec, tile_bytes)) > 1:
-                    before.setdefault(id(user), []).extend(_row_tiles(user, spec, use, tile_bytes))
-                    copies += 1
-                    continue
-                user.input[slot] = f"{use}/nk"
-                added = []
-            else:
-                added = [helper.make_node("Transpose", [f"{use}/nk"], [use], perm=[1, 0],
-                                          name=f"{DEQUANTIZE_PREFIX}{use}/Transpose")]
-                user.input[slot] = use
-            before.setdefault(id(user), []).extend([*_dequantize_after(anchor, spec, use), *added])
-            copies += 1
+            added, copied = _rewrite_use(user, slot, spec, f"{weight}/use{k}", tile_bytes)
+            before.setdefault(id(user), []).extend(added)
+            copies += copied
     prefixes = tuple(f"{DEQUANTIZE_PREFIX}{w}/" for w in specs)
     rewritten = []
     for n in nodes:
@@ -308,6 +293,23 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return copies
+
+
+def _rewrite_use(user: onnx.NodeProto, slot: int, spec: dict, use: str, tile_bytes: int) -> tuple[list, bool]:
+    """One use of a quantized weight: `user` rewritten to read the blocks or a copy dequantized just before it
+    (whole, or a tile at a time). Returns the nodes to run before `user` and whether it dequantizes."""
+    if _reads_blocks(user, slot, spec):
+        return _output_tiles(user, spec, use, tile_bytes), False
+    anchor = next(x for j, x in enumerate(user.input) if j != slot and x)
+    if not _read_transposed(user, slot):
+        user.input[slot] = use
+        return [*_dequantize_after(anchor, spec, use), helper.make_node(
+            "Transpose", [f"{use}/nk"], [use], perm=[1, 0], name=f"{DEQUANTIZE_PREFIX}{use}/Transpose")], True
+    how = _tiled_use(user, slot)
+    if how and len(tiles(spec, tile_bytes)) > 1:
+        return _row_tiles(user, spec, use, tile_bytes, how), True
+    user.input[slot] = f"{use}/nk"
+    return _dequantize_after(anchor, spec, use), True
 
 
 def _dequantize_after(anchor: str, spec: dict, use: str) -> list[onnx.NodeProto]:
@@ -374,53 +376,64 @@ def _output_tiles(user: onnx.NodeProto, spec: dict, use: str, tile_bytes: int) -
         next(a for a in node.attribute if a.name == "N").i = end - first
         added.append(node)
         parts.append(part)
-    user.op_type, user.domain = "Concat", ""
-    del user.attribute[:]
-    user.attribute.append(helper.make_attribute("axis", -1))
-    user.input[:] = parts
+    _become(user, "Concat", parts, axis=-1)
     return added
 
 
-def _sums_over_rows(user: onnx.NodeProto, slot: int) -> bool:
-    """`user` (MatMul-like, reading the [out, in] copy at `slot`) is dY W: a sum over the weight's rows, so
-    it can be taken a tile of rows at a time. Only a 2-input, untransposed A x B."""
+def _tiled_use(user: onnx.NodeProto, slot: int) -> str | None:
+    """How `user` (MatMul-like, reading the [out, in] copy at `slot`) can take the weight a tile of rows at a
+    time: "outputs" for x W (reads it transposed: each tile makes some of the outputs), "sum" for dY W^T (a sum
+    over the rows). None for anything but a 2-input A x B with A untransposed."""
     flags = {a.name: a.i for a in user.attribute if a.type == onnx.AttributeProto.INT}
-    return (slot == 1 and len(user.input) == 2 and user.op_type in ("Gemm", "FusedMatMul")
-            and not any(flags.get(f, 0) for f in ("transA", "transB", "transBatchA", "transBatchB")))
+    if (slot != 1 or len(user.input) != 2 or user.op_type not in ("Gemm", "FusedMatMul")
+            or any(flags.get(f, 0) for f in ("transA", "transBatchA", "transBatchB"))):
+        return None
+    return "outputs" if flags.get("transB", 0) else "sum"
 
 
-def _row_tiles(user: onnx.NodeProto, spec: dict, use: str, tile_bytes: int) -> list[onnx.NodeProto]:
-    """dY W as the sum over tiles of rows of dY[..., tile] W[tile]: one tile of W dequantized at a time, each
-    only once the previous product is done (its anchor), summed by `user` itself. Returns the nodes to run first."""
-    dy = user.input[0]
-    added, total = [], None
+def _row_tiles(user: onnx.NodeProto, spec: dict, use: str, tile_bytes: int, how: str) -> list[onnx.NodeProto]:
+    """`user` over tiles of the weight's rows, one tile dequantized at a time, each only once the previous
+    tile's product exists (its anchor). "outputs": x W[tile]^T per tile, concatenated by `user` itself; "sum":
+    dY[..., tile] W[tile] per tile, summed by `user` itself. Returns the nodes to run first."""
+    a = user.input[0]
+    added, products, total = [], [], None
     cut = tiles(spec, tile_bytes)
     for i, (first, end) in enumerate(cut):
         part = f"{use}/tile{i}"
-
-        def const(tag: str, value: int) -> str:
-            added.append(helper.make_node("Constant", [], [f"{part}/{tag}"], name=f"{DEQUANTIZE_PREFIX}{part}/{tag}",
-                                          value=numpy_helper.from_array(np.array([value], np.int64))))
-            return f"{part}/{tag}"
-
-        added.append(helper.make_node("Slice", [dy, const("first", first), const("end", end), const("axis", -1)],
-                                      [f"{part}/dy"], name=f"{DEQUANTIZE_PREFIX}{part}/Slice"))
-        added += _dequantize_after(total or f"{part}/dy", _tile_spec(spec, first, end), part)
+        x = a
+        if how == "sum":
+            bounds = [f"{part}/{tag}" for tag in ("first", "end", "axis")]
+            added += [helper.make_node("Constant", [], [name], name=DEQUANTIZE_PREFIX + name,
+                                       value=numpy_helper.from_array(np.array([value], np.int64)))
+                      for name, value in zip(bounds, (first, end, -1), strict=True)]
+            x = f"{part}/dy"
+            added.append(helper.make_node("Slice", [a, *bounds], [x], name=f"{DEQUANTIZE_PREFIX}{part}/Slice"))
+        added += _dequantize_after(total or x, _tile_spec(spec, first, end), part)
         product = onnx.NodeProto()
         product.CopyFrom(user)
         product.name, product.input[:], product.output[:] = (
-            f"{DEQUANTIZE_PREFIX}{part}/{user.op_type}", [f"{part}/dy", f"{part}/nk"], [f"{part}/product"])
+            f"{DEQUANTIZE_PREFIX}{part}/{user.op_type}", [x, f"{part}/nk"], [f"{part}/product"])
         added.append(product)
-        if total is None:
-            total = f"{part}/product"
+        products.append(product.output[0])
+        if how == "outputs" or total is None:
+            total = product.output[0]
         elif i < len(cut) - 1:
-            added.append(helper.make_node("Add", [total, f"{part}/product"], [f"{part}/sum"],
+            added.append(helper.make_node("Add", [total, product.output[0]], [f"{part}/sum"],
                                           name=f"{DEQUANTIZE_PREFIX}{part}/Add"))
             total = f"{part}/sum"
-    user.op_type, user.domain = "Add", ""
-    del user.attribute[:]
-    user.input[:] = [total, f"{part}/product"]
+    if how == "outputs":
+        _become(user, "Concat", products, axis=-1)
+    else:
+        _become(user, "Add", [total, products[-1]])
     return added
+
+
+def _become(node: onnx.NodeProto, op: str, inputs: list[str], **attrs) -> None:
+    """Turn `node` into `op` (default domain) over `inputs`, keeping its name, place and outputs."""
+    node.op_type, node.domain = op, ""
+    del node.attribute[:]
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    node.input[:] = inputs
 
 
 def _declare_tile_inputs(graph: onnx.GraphProto) -> None:

@@ -210,12 +210,18 @@ def test_int4_weights_over_a_tile_are_used_a_tile_at_a_time(built, trained_int4,
             assert [a.output[0].rsplit("/tile", 1)[1].split("/")[0] for a in anchors[1:]] == [
                 str(i) for i in range(len(cut) - 1)]
     assert backward >= 4
+    _same_as_whole(trained_int4, ws, tmp_path)
+    assert_backends_agree(ws, tmp_path, steps=4)
+
+
+def _same_as_whole(whole_ws, tiled_ws, tmp_path):
+    """The training runtime gives the same eval logits, losses and LoRA gradients with tiles as with whole weights."""
     from edgeft.runtime import jobs, launcher
 
     ids = np.random.default_rng(0).integers(3, 300, size=(2, 32))
     np.savez(tmp_path / "batch.npz", input_ids=ids, attention_mask=np.ones_like(ids), labels=ids)
     found = []
-    for name, workspace in (("whole", trained_int4), ("tiled", ws)):
+    for name, workspace in (("whole", whole_ws), ("tiled", tiled_ws)):
         run = launcher.run(jobs.Verify(artifacts=str(workspace / "artifacts"), batch=str(tmp_path / "batch.npz"),
                                        grads_out=str(tmp_path / f"{name}-grads.npz"),
                                        logits_out=str(tmp_path / f"{name}-logits.npy")))
@@ -226,4 +232,21 @@ def test_int4_weights_over_a_tile_are_used_a_tile_at_a_time(built, trained_int4,
         assert np.isfinite(tiled[key]) and tiled[key] == pytest.approx(whole[key], rel=1e-6)
     for name, grad in whole_grads.items():
         assert np.isfinite(tiled_grads[name]).all() and np.allclose(tiled_grads[name], grad, rtol=1e-4, atol=1e-6)
-    assert_backends_agree(ws, tmp_path, steps=4)
+
+
+def test_int8_weights_over_a_tile_are_used_a_tile_at_a_time(built, exported_int8, tmp_path):
+    """int8 dequantizes for the forward too: x W over tiles of outputs, concatenated; dY W^T summed over tiles."""
+    import shutil
+
+    from edgeft.stages.export import ExportConfig, export
+
+    ws = tmp_path / "tiled"
+    shutil.copytree(built("prepared", lora_r=8, base_precision="int8"), ws)
+    export(ws, ExportConfig(tile_mb=20 / 1024))
+    v = stages(ws)["export"]["verification"]
+    assert v["relative_difference"] < 1e-6 and v["gradient_relative_error"] < 1e-5
+    graph = onnx.load(str(ws / "artifacts" / "training_model.onnx"), load_external_data=False).graph
+    tiled = [n for n in graph.node if n.name.startswith(frozen_base.DEQUANTIZE_PREFIX) and "/tile" in n.name]
+    assert {n.op_type for n in tiled} >= {"DequantizeLinear", "Slice", "FusedMatMul", "Add"}
+    assert [n for n in graph.node if n.op_type == "Concat" and all("/tile" in i for i in n.input)]
+    _same_as_whole(exported_int8[0], ws, tmp_path)
