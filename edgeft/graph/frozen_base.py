@@ -341,6 +341,7 @@ def tile_input(name: str, first: int, end: int) -> str:
 
 
 def parse_tile_input(name: str) -> tuple[str, int, int] | None:
+    """(base input, first, end) of a tile input's name; None for any other name."""
     base, at, rows = name.rpartition("@")
     first, colon, end = rows.partition(":")
     if not (at and colon and first.isdigit() and end.isdigit()):
