@@ -19,9 +19,8 @@ from pathlib import Path
 from edgeft.core.errors import EdgeftError
 from edgeft.core.schema import spec
 from edgeft.devices.profiles import Profile
-from edgeft.graph.frozen_base import TILE_BYTES
 from edgeft.models import families
-from edgeft.models.shapes import linear_shapes, matmul_params, safetensors_params
+from edgeft.models.shapes import TILE_BYTES, linear_shapes, matmul_params, safetensors_params
 from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 
 # Fitted to measured peak RSS and step time (benchmarks/plan_accuracy.py, results/plan.md) on the `fit`
@@ -30,7 +29,7 @@ from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 # width = (hidden + 2 * kv_dim) / 3 (the q/o and k/v projections; = hidden without GQA). Step time:
 #   matmul FLOPs / (peak * efficiency) + attention FLOPs / (peak * attn_efficiency) + layers * layer_overhead_s.
 # A quantized base under ORT is dequantized just before each use (frozen_base.dequantize_at_use), a tile of
-# at most frozen_base.TILE_BYTES at a time, so what is in flight scales with the largest quantized weight up to a
+# at most shapes.TILE_BYTES at a time, so what is in flight scales with the largest quantized weight up to a
 # tile, not the model: `dequant_live` x that fp32 size, per precision; its fp32 input embedding is memory-mapped
 # and only the rows in use are resident. Checked on the real-width slice, 4 layers, int4, batch 1 x 256
 # (results/quantized_base.md of 2026-12-04, tiles): predicted 1.78 GB, measured 1.50 GB (1433 MiB); before tiles

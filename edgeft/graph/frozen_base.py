@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeft.models.shapes import TILE_BYTES
+
 BASE_DATA = "base.data"
 INPUTS_FILE = "edgeft_inputs.json"  # beside it: the model inputs it feeds, and how each quantized weight is stored
 ALIGN = 4096
@@ -318,13 +320,6 @@ def _dequantize_after(anchor: str, spec: dict, use: str) -> list[onnx.NodeProto]
             helper.make_node("Div", [f"{use}/size", f"{use}/size"], [f"{use}/one"],
                              name=f"{DEQUANTIZE_PREFIX}{use}/One"),
             *dequantize_nodes(spec, f"{use}/nk", f"{use}/one")]
-
-
-# The largest fp32 copy of a base weight the graphs make, in a dequantized tile or in MatMulNBits' own buffer.
-# Below glibc's largest mmap threshold (32 MB), so a freed tile's pages are reused by the next one instead
-# of given back and faulted in again: a real-width slice, int4 base, 1 x 256 tokens steps in 3.7 s where
-# whole weights took 5.1 s (the LM head alone was two 376 MB buffers), and peaks lower.
-TILE_BYTES = 24 << 20
 
 
 def tiles(spec: dict, tile_bytes: int = TILE_BYTES) -> list[tuple[int, int]]:

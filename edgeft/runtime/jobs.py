@@ -56,7 +56,7 @@ class GenerateArtifacts(Job):
     data_inputs: list[str]
     nominal_checkpoint: bool = False
     ort_format: bool = False
-    tile_bytes: int | None = None  # frozen_base.dequantize_at_use; None: frozen_base.TILE_BYTES
+    tile_bytes: int | None = None  # frozen_base.dequantize_at_use; None: shapes.TILE_BYTES
     # the optimizer graph shipped is the one a run with train's defaults (TrainConfig) runs: no weight decay,
     # the gradient norm clipped at 1 (a run with other values builds its own, ort_engine.optimizer_for)
     weight_decay: float = 0.0
