@@ -204,8 +204,8 @@ def markdown(r: dict) -> str:
               f"{bench['step_s']['runs']}):", "",
               "| | step | tokens/s | peak RSS | MFU |", "|---|---|---|---|---|",
               f"| measured, this machine | {bench['step_s']['median']:.1f} s | {bench['tokens_per_s']['median']:.2f} | "
-              f"{bench['peak_rss_mb'] / 1024:.2f} GiB | {bench['mfu']:.1%} of {bench['peak_gflops']:.0f} GFLOP/s "
-              f"({r['here']}) |",
+              f"{bench['peak_rss_mb'] / 1024:.2f} GiB | {bench['mfu']:.1%} of {bench['peak_gflops']:.0f} GFLOP/s fp32"
+              + (f", {bench['mfu_int8']:.1%} of the int8 peak" if "mfu_int8" in bench else "") + f" ({r['here']}) |",
               f"| planned, this machine ({r['here']}) | {here['step_s']:.1f} s | {here['tokens_per_s']:.2f} | "
               f"{here['memory_bytes']['total'] / gib:.2f} GiB | |",
               f"| planned, {r['device']} | {plan['step_s']:.1f} s | {plan['tokens_per_s']:.2f} | "
