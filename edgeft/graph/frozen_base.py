@@ -22,8 +22,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeft.models.shapes import TILE_BYTES
-
 BASE_DATA = "base.data"
 INPUTS_FILE = "edgeft_inputs.json"  # beside it: the model inputs it feeds, and how each quantized weight is stored
 ALIGN = 4096
@@ -264,7 +262,7 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes
     ever dequantized. The copy stays [out, in] and the consumer reads it transposed (MatMul becomes
     FusedMatMul with transB, which MLAS runs as fast; Gemm flips its transB), so no Transpose copy is made either.
     A forward use of symmetric int4 blocks reads the blocks themselves instead (`_reads_blocks`: MatMulNBits).
-    A weight bigger than `tile_bytes` (default TILE_BYTES) in fp32 is used a tile of rows (outputs) at a time.
+    A weight bigger than `tile_bytes` (default models.shapes.TILE_BYTES) in fp32 is used a tile of rows at a time.
     Run on the training and eval graphs after generate_artifacts (the gradient graph exists by then, so
     this adds no gradient path). `specs`: export's `quantized_weights`. Returns the number of copies.
     """
@@ -276,7 +274,10 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes
             users.setdefault(name, []).append((n, i))
     before: dict[int, list[onnx.NodeProto]] = {}
     copies = 0
-    tile_bytes = tile_bytes or TILE_BYTES
+    if not tile_bytes:
+        from edgeft.models.shapes import TILE_BYTES  # here: the device's training side has no edgeft.models
+
+        tile_bytes = TILE_BYTES
     for weight, spec in specs.items():
         for k, (user, slot) in enumerate(users.get(weight, [])):
             added, copied = _rewrite_use(user, slot, spec, f"{weight}/use{k}", tile_bytes)
@@ -322,7 +323,7 @@ def _dequantize_after(anchor: str, spec: dict, use: str) -> list[onnx.NodeProto]
             *dequantize_nodes(spec, f"{use}/nk", f"{use}/one")]
 
 
-def tiles(spec: dict, tile_bytes: int = TILE_BYTES) -> list[tuple[int, int]]:
+def tiles(spec: dict, tile_bytes: int) -> list[tuple[int, int]]:
     """The weight's rows (outputs) cut into about equal tiles of at most `tile_bytes` in fp32: [(first, end), ...]."""
     n = spec["out"]
     count = max(1, -(-n * spec["in"] * 4 // tile_bytes))

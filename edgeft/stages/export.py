@@ -27,6 +27,7 @@ from edgeft.core.schema import spec
 from edgeft.core.workspace import Record, Workspace, key_of
 from edgeft.graph import detach, frozen_base
 from edgeft.models import lazy
+from edgeft.models.shapes import TILE_BYTES
 from edgeft.quant import quantize
 from edgeft.runtime import jobs, launcher
 from edgeft.stages.prepare import Prepared
@@ -55,7 +56,7 @@ class ExportConfig:
                                   "default: as prepare's device plan chose (off without a device)", None)
     tile_mb: float = spec("largest fp32 copy of a quantized base weight the training graphs make at once, in MiB: a "
                           "bigger weight is used a tile of its rows at a time (under 32 MiB glibc reuses a freed "
-                          "tile's memory for the next one)", frozen_base.TILE_BYTES / 2**20, gt=0)
+                          "tile's memory for the next one)", TILE_BYTES / 2**20, gt=0)
 
 
 class VerificationError(EdgeftError):
