@@ -1,6 +1,7 @@
 """Planner accuracy: predicted vs measured peak RSS and step time of real training runs on this machine.
 
-    python benchmarks/plan_accuracy.py [--only NAME,...] [--backends ort,torch] [--steps N] [--out benchmarks/results]
+    python benchmarks/plan_accuracy.py [--only NAME,... [--merge]] [--backends ort,torch] [--steps N]
+                                       [--out benchmarks/results]
 
 Each configuration is a random-weight model built from a real config class (Phi3Config, or LlamaConfig for
 the GQA one), prepared with the default LoRA targets (r 16) and exported; then `edgeft train` runs a few
@@ -30,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import report  # noqa: E402
 
 PROFILE = "dev-2core-avx512"
-# name: (family, hidden, layers, ffn, heads, kv_heads, vocab, batch, seq, role)
+# name: (family, hidden, layers, ffn, heads, kv_heads, vocab, batch, seq, role[, base precision[, "recompute"]])
 CONFIGS = {
     "demo-128x8": ("phi3", 256, 4, 704, 4, 4, 1024, 8, 128, "fit"),
     "demo-512x4": ("phi3", 256, 4, 704, 4, 4, 1024, 4, 512, "fit"),
@@ -42,6 +43,8 @@ CONFIGS = {
     "llama-gqa-512x1": ("llama", 2048, 4, 5632, 16, 4, 32000, 1, 512, "check"),
     "slice-512x2": ("phi3", 3072, 2, 8192, 32, 32, 32064, 2, 512, "check"),
     "slice-int8-256x1": ("phi3", 3072, 2, 8192, 32, 32, 32064, 1, 256, "check", "int8"),
+    "slice-int4-256x1": ("phi3", 3072, 2, 8192, 32, 32, 32064, 1, 256, "check", "int4"),
+    "slice-int4r-256x1": ("phi3", 3072, 2, 8192, 32, 32, 32064, 1, 256, "check", "int4", "recompute"),
 }
 WORDS = ("turn on the kitchen lights set thermostat to degrees open garage door at am pm lock front play jazz "
          "living room bedroom temperature what is").split()
@@ -83,10 +86,11 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
 
     family, hidden, layers, ffn, heads, kv, vocab, batch, seq, role, *rest = CONFIGS[name]
     precision = rest[0] if rest else "fp32"
+    recompute = "recompute" in rest
     model = build(name, root / f"{name}-model")
     base = root / f"{name}-ws"
     edgeft("prepare", str(model), "--out", str(base), "--base-precision", precision)
-    edgeft("export", str(base))
+    edgeft("export", str(base), "--recompute" if recompute else "--no-recompute")
     data = text_data(root / f"{name}.jsonl", seq)
     profile = profiles.load(PROFILE)
     rows = []
@@ -103,10 +107,12 @@ def measure(name: str, backends: list[str], steps: int, root: Path) -> list[dict
             raise SystemExit(f"{name}: fewer than 2 full-length steps; tokens per step: {[r['tokens'] for r in prog]}")
         measured_rss = json.loads((ws / "manifest.json").read_text())["stages"]["train"]["peak_rss_mb"] * 2**20
         measured_step = statistics.median(r["step_s"] for r in full)
-        p = plan.make(model, plan.Run(seq_len=seq, batch_size=batch, backend=backend, base_precision=precision),
+        p = plan.make(model, plan.Run(seq_len=seq, batch_size=batch, backend=backend, base_precision=precision,
+                                         recompute=recompute),
                       profile)
         rows.append({
-            "config": name, "role": role, "backend": backend, "base_precision": precision, "family": family, "hidden": hidden, "layers": layers,
+            "config": name, "role": role, "backend": backend, "base_precision": precision,
+            "recompute": recompute, "family": family, "hidden": hidden, "layers": layers,
             "ffn": ffn, "heads": heads, "kv_heads": kv, "vocab": vocab, "batch": batch, "seq_len": seq,
             "base_params": p.base_params, "trainable": p.trainable, "matmul_params": shapes.matmul_params(model),
             "largest_linear": max(r * c for r, c in shapes.linear_shapes(model).values()),
@@ -129,7 +135,7 @@ def repredict(row: dict) -> dict:
     shape = plan.Shape(row["hidden"], row["layers"], row["ffn"], row["heads"], row["kv_heads"], row["vocab"],
                        row.get("tied", False), row.get("max_seq_len", 4096))
     run = plan.Run(seq_len=row["seq_len"], batch_size=row["batch"], backend=row["backend"],
-                   base_precision=row.get("base_precision", "fp32"))
+                   base_precision=row.get("base_precision", "fp32"), recompute=row.get("recompute", False))
     memory = plan.memory(shape, run, row["base_params"], row["trainable"], row["largest_linear"])
     profile = profiles.load(PROFILE)
     peak, _ = plan.peak_gflops(profile)
@@ -138,6 +144,23 @@ def repredict(row: dict) -> dict:
     return row | {"predicted_peak_bytes": memory.total, "predicted_step_s": step,
                   "memory_error": memory.total / row["measured_peak_bytes"] - 1,
                   "time_error": step / row["measured_step_s"] - 1}
+
+
+def merged(table: Path, partial: dict) -> dict:
+    """The saved table with `partial`'s rows in place of theirs (same config and backend; new ones appended), each
+    dated by when it was measured, and every prediction recomputed with the current calibration."""
+    result = json.loads(table.read_text())
+    kept = [{"measured_on": result["date"]} | r for r in result["rows"]]
+    fresh = {(r["config"], r["backend"]): r | {"measured_on": partial["date"]} for r in partial["rows"]}
+    rows = [fresh.pop((r["config"], r["backend"]), r) for r in kept] + list(fresh.values())
+    return result | {"date": partial["date"], "rows": [repredict(r) for r in rows]}
+
+
+def backend(row: dict) -> str:
+    """'ort', 'torch int8', 'ort int4 recomputed': the backend, the base's precision when quantized, recomputation."""
+    precision = row.get("base_precision", "fp32")
+    return " ".join([row["backend"]] + ([precision] if precision != "fp32" else [])
+                    + (["recomputed"] if row.get("recompute") else []))
 
 
 def markdown(result: dict) -> str:
@@ -153,7 +176,7 @@ def markdown(result: dict) -> str:
         mem_ok = abs(r["memory_error"]) <= 0.15
         time_ok = abs(r["time_error"]) <= 0.30
         lines.append(
-            f"| {r['config']} | {r['role']} | {r['backend']}{' int8' if r.get('base_precision') == 'int8' else ''} | {r['hidden']} x {r['layers']}, {r['ffn']}, {r['vocab']} "
+            f"| {r['config']} | {r['role']} | {backend(r)} | {r['hidden']} x {r['layers']}, {r['ffn']}, {r['vocab']} "
             f"| {r['batch']} x {r['seq_len']} | {r['predicted_peak_bytes'] / 1e6:.0f} MB | "
             f"{r['measured_peak_bytes'] / 1e6:.0f} MB | {r['memory_error']:+.1%} {'ok' if mem_ok else 'MISS'} | "
             f"{r['predicted_step_s']:.3f} s | {r['measured_step_s']:.3f} s | "
@@ -164,9 +187,12 @@ def markdown(result: dict) -> str:
     lines += ["", f"Within goal: memory {mem_ok}/{len(rows)}, step time {time_ok}/{len(rows)}.", "",
               "Notes: a quantized base is dequantized at each use, by ORT and by the torch backend "
               "(quant/torch_linear.py). What is in flight (`dequant_live`) and the time it takes (`dequant_bytes`) were "
-              "fitted on the 4-layer slice of results/quantized_base.md, so the 2-layer int8 rows here check them "
-              "at another depth and precision. Rows are re-measured (`--only`, merged by hand into plan.json) when "
-              "a change moves them: the int8 rows after the torch backend began holding the base quantized, and "
+              "fitted on the 4-layer slice of results/quantized_base.md, so the 2-layer int8 and int4 rows here check "
+              "them at another depth (the int4 recomputed rows: exported with `--recompute`, which the torch "
+              "backend follows by checkpointing each layer). Rows are re-measured (`--only NAME,... --merge`) when "
+              "a change moves them: the int8 rows after the torch backend began holding the base quantized "
+              "and again, with the int4 rows added, after ORT began using int4 blocks through MatMulNBits and large "
+              "weights a tile at a time (2026-12-04: ORT int8 3.49 -> 2.59 s, 1518 -> 1193 MB), and "
               "slice-256x1, demo-128x8 and slice-512x2 after the loss began running the LM head on the labelled "
               "positions only (these runs label every token but the first, so the head does the same work; ORT "
               "no longer copies the logits to shift them, which took slice-512x2 from 5821 to 4765 MB). "
@@ -181,6 +207,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--raw", type=Path, help="also append raw rows to this JSONL (for calibration)")
+    ap.add_argument("--merge", action="store_true", help="with --only: the rows measured replace theirs (same "
+                    "config and backend) in OUT/plan.json, the others kept with their dates, all re-predicted")
     ap.add_argument("--recompute", type=Path, help="re-predict the rows of a plan.json with the current calibration")
     args = ap.parse_args()
     if args.recompute:
@@ -201,8 +229,10 @@ def main() -> None:
                         f.write(json.dumps(row) + "\n")
     result = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "profile": PROFILE,
               "steps": args.steps, "rows": rows}
-    if args.only:  # a partial run is printed, never saved over the full table
+    if args.only and not args.merge:  # a partial run is printed, never saved over the full table
         print(markdown(result))
+    elif args.only:
+        report.save(args.out, "plan", merged(args.out / "plan.json", result), markdown)
     else:
         report.save(args.out, "plan", result, markdown)
 
