@@ -34,7 +34,7 @@ BUILD_CHILD = """
 import json, resource, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from edgeft.stages import package
+from edgeft.stages.package import builder as package
 from edgeft.devices.profiles import Quantization
 args = json.loads(sys.argv[1])
 quant = Quantization(precision=args["precision"])
@@ -85,7 +85,7 @@ def build_bundle(model: Path, out: Path, precision: str, route: str, cache: Path
     """One build in its own process: `edgeft package`'s (route "edgeft": int4/int8 from the quantized copy) or the
     builder left to quantize the fp32 folder itself (route "builder"). Peak: the larger of that process and the
     builder it runs."""
-    from edgeft.stages import package
+    from edgeft.stages.package import builder as package
 
     t = time.time()
     proc = subprocess.run([sys.executable, "-c", BUILD_CHILD.format(repo=str(REPO)), json.dumps(
