@@ -252,7 +252,7 @@ def dequantize_nodes(spec: dict, out: str, one: str) -> list[onnx.NodeProto]:
     return nodes
 
 
-def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes: int | None = None) -> int:
+def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes: int) -> int:
     """Give every consumer of a quantized base weight its own dequantizing nodes, run just before it.
 
     Nodes fed only by graph inputs are ready when the step starts, so ONNX Runtime would dequantize every
@@ -262,7 +262,7 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes
     ever dequantized. The copy stays [out, in] and the consumer reads it transposed (MatMul becomes
     FusedMatMul with transB, which MLAS runs as fast; Gemm flips its transB), so no Transpose copy is made either.
     A forward use of symmetric int4 blocks reads the blocks themselves instead (`_reads_blocks`: MatMulNBits).
-    A weight bigger than `tile_bytes` (default models.shapes.TILE_BYTES) in fp32 is used a tile of rows at a time.
+    A weight bigger than `tile_bytes` in fp32 (export's --tile-mb) is used a tile of rows at a time.
     Run on the training and eval graphs after generate_artifacts (the gradient graph exists by then, so
     this adds no gradient path). `specs`: export's `quantized_weights`. Returns the number of copies.
     """
@@ -274,10 +274,6 @@ def dequantize_at_use(model: onnx.ModelProto, specs: dict[str, dict], tile_bytes
             users.setdefault(name, []).append((n, i))
     before: dict[int, list[onnx.NodeProto]] = {}
     copies = 0
-    if not tile_bytes:
-        from edgeft.models.shapes import TILE_BYTES  # here: the device's training side has no edgeft.models
-
-        tile_bytes = TILE_BYTES
     for weight, spec in specs.items():
         for k, (user, slot) in enumerate(users.get(weight, [])):
             added, copied = _rewrite_use(user, slot, spec, f"{weight}/use{k}", tile_bytes)

@@ -54,9 +54,9 @@ class GenerateArtifacts(Job):
     requires_grad: list[str]
     recompute: bool
     data_inputs: list[str]
+    tile_bytes: int  # frozen_base.dequantize_at_use: export's --tile-mb
     nominal_checkpoint: bool = False
     ort_format: bool = False
-    tile_bytes: int | None = None  # frozen_base.dequantize_at_use; None: shapes.TILE_BYTES
     # the optimizer graph shipped is the one a run with train's defaults (TrainConfig) runs: no weight decay,
     # the gradient norm clipped at 1 (a run with other values builds its own, ort_engine.optimizer_for)
     weight_decay: float = 0.0
