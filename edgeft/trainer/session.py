@@ -85,37 +85,15 @@ def open_module(artifacts: Path, checkpoint: Path | None = None, device: str = "
                 keep.append(array)
     if base_inputs or recomputed:
         # Each base weight is dequantized just before its use and freed after (frozen_base.dequantize_at_use),
-        # and each layer's activations live through one layer of the backward pass (recompute.py). The CPU arena
-        # would keep every freed block (measured +340 MB on a real-width slice), and ONNX Runtime's buffer reuse
-        # would chain same-shaped tensors into buffers that live the whole step (measured on the same slice,
-        # int4 base, 1 x 256 tokens: 3.0 GB with reuse, 1.7 GB without).
-        options.enable_cpu_mem_arena = False
+        # and each layer's activations live through one layer of the backward pass (recompute.py). ONNX Runtime's
+        # buffer reuse would chain same-shaped tensors into buffers that live the whole step (measured on a
+        # real-width slice, int4 base, 1 x 256 tokens: 3.0 GB with reuse, 1.7 GB without), so it is off. The CPU
+        # arena stays on: with weights dequantized a tile at a time (at most 24 MiB) its freed blocks fit the next
+        # tile, where without it every such buffer is fresh pages from the kernel (same slice, recomputed: 2.7
+        # million page faults and 5 s of system time a step; 9.5 s a step against 5.4 s with the arena, peak
+        # 1341 vs 1326 MiB).
         options.enable_mem_reuse = False
-    if recomputed:
-        release_freed_memory()
     state = CheckpointState.load_checkpoint(str(checkpoint or artifacts / "checkpoint"))
     module = Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"),
                     device=device, session_options=options)
     return Opened(module, state, keep, info.get("detached", {}), base_inputs)
-
-
-
-def release_freed_memory() -> None:
-    """Have glibc give every freed block of 256 kB or more back to the system at once.
-
-    By default its threshold for that rises with the blocks it frees (up to 32 MB), and freed tensors below it
-    stay in the heap, reused in place or not at all: with activations recomputed one layer at a time the
-    process then keeps about 0.45 GB it no longer uses (real-width slice, int4 base, 1 x 256 tokens: 1.72 vs
-    1.27 GB), for about 20 % longer steps (pages are zeroed again as tensors are made). Does nothing where the
-    C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 256 * 1024)
-    mallopt(m_trim_threshold, 1024 * 1024)
