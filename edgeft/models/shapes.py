@@ -11,9 +11,10 @@ from edgeft.models import families
 
 # The largest fp32 copy of a quantized base weight ONNX Runtime's training graphs make at once, in a dequantized
 # tile or in MatMulNBits' own buffer (graph/frozen_base.py: bigger weights are used a tile of rows at a time; the
-# planner counts one tile in flight). Below glibc's largest mmap threshold (32 MB), so a freed tile's pages are
-# reused by the next one instead of given back and faulted in again: a real-width Phi-3 slice, int4 base, 1 x 256
-# tokens steps in 3.7 s where whole weights took 5.1 s (the LM head alone was two 376 MB buffers), and peaks lower.
+# planner counts one tile in flight). The training sessions' CPU arena hands a freed tile's block to the next one
+# (trainer/session.py), where whole weights made buffers as big as the weight (the LM head alone two 376 MB
+# buffers): a real-width Phi-3 slice, int4 base, 1 x 256 tokens stepped in 3.7 s with tiles against 5.1 s with
+# whole weights (arena off then, glibc reusing freed memory under its 32 MB mmap threshold), and peaked lower.
 TILE_BYTES = 24 << 20
 
 

@@ -55,7 +55,7 @@ class ExportConfig:
                                   "(about a third more compute per step, a fraction of the activation memory); "
                                   "default: as prepare's device plan chose (off without a device)", None)
     tile_mb: float = spec("largest fp32 copy of a quantized base weight the training graphs make at once, in MiB: a "
-                          "bigger weight is used a tile of its rows at a time (under 32 MiB glibc reuses a freed "
+                          "bigger weight is used a tile of its rows at a time (the runtime's arena reuses a freed "
                           "tile's memory for the next one)", TILE_BYTES / 2**20, gt=0)
 
 
