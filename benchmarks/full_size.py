@@ -233,6 +233,8 @@ def markdown(r: dict) -> str:
                   f"{b['seconds']:.0f} s, peak {b['peak_rss_mb'] / 1024:.2f} GiB (the quantized copy's writer "
                   f"{b['prequantize_peak_mb'] / 1024:.2f} GiB), **{b['peak_rss_mb'] * 2**20 / (4 * r['prepare']['params']['base']):.2f}x** "
                   f"the fp32 weights; bundle {b['bundle_mb'] / 1024:.2f} GiB.", ""]
+    if r.get("note"):  # how this record departs from one run of this script
+        lines += [r["note"], ""]
     return "\n".join(lines)
 
 

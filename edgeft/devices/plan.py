@@ -39,9 +39,11 @@ from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 # A quantized base costs time too: every use dequantizes its weight (once in the forward pass, once more in
 # the backward pass, and again when recomputed), a chain of element-wise ops that runs at memory speed:
 # `dequant_bytes` of traffic per value and pass, against the profile's bandwidth. ORT's, fitted as a ratio to fp32
-# on the slice (results/quantized_base.md of 2026-12-04, int4 forward on MatMulNBits, tiles: int8 1.23x, int4 1.44x
-# the fp32 step, two passes over 0.55 B values at the profile's 21 GB/s; that box is faster than the profile's, so
-# the ratio, not the seconds, is what carries over; before tiles, 2026-11-23: 1.60x and 1.99x, 43.6 and 66.0).
+# on the slice (results/quantized_base.md of 2026-12-04, int4 forward on MatMulNBits, tiles, CPU arena: int8 1.23x,
+# int4 1.33x the fp32 step, two passes over 0.55 B values at the profile's 21 GB/s; that box is faster than the
+# profile's, so the ratio, not the seconds, is what carries over) and checked recomputed: 1.83x predicted, 1.80x
+# measured. With the arena off int4 took 1.44x (38.7), and recomputed 3.13x, most of it page faults; before tiles,
+# 2026-11-23: 1.60x and 1.99x, 43.6 and 66.0.
 # The torch backend's int4 chain (quant/torch_linear.py) runs more ops: 107, fitted on the same slice
 # without recomputation (8.66 s per step) and checked with it: predicted 12.5 s; results/quantized_base.md of
 # 2026-11-23 measured 8.88 / 12.58 s, and peaks of 2701 / 2486 MiB against 2880 / 2358 MiB predicted. Its int8 figure
@@ -49,7 +51,7 @@ from edgeft.runtime.torchrun import SHARDS_BASE, SHARDS_STATE, STRATEGIES
 CALIBRATION = {
     "ort": {"act_width": 71.2, "act_attn": 17.9, "act_vocab": 15.9, "runtime_mb": 260.0,
             "efficiency": 0.519, "attn_efficiency": 0.176, "layer_overhead_s": 0.030,
-            "dequant_live": {"int8": 1.0, "int4": 1.0}, "dequant_bytes": {"int8": 20.3, "int4": 38.7}},
+            "dequant_live": {"int8": 1.0, "int4": 1.0}, "dequant_bytes": {"int8": 20.3, "int4": 29.1}},
     "torch": {"act_width": 62.7, "act_attn": 2.92, "act_vocab": 0.0, "runtime_mb": 301.6,
               "efficiency": 0.811, "attn_efficiency": 0.130, "layer_overhead_s": 0.0127,
               "dequant_live": {"int8": 2.0, "int4": 3.0}, "dequant_bytes": {"int8": 43.6, "int4": 107.0}},
