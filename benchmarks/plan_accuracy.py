@@ -195,7 +195,7 @@ def markdown(result: dict) -> str:
               "weights a tile at a time (2026-12-04: ORT int8 3.49 -> 2.59 s, 1518 -> 1193 MB), and "
               "slice-256x1, demo-128x8 and slice-512x2 after the loss began running the LM head on the labelled "
               "positions only (these runs label every token but the first, so the head does the same work; ORT "
-              "no longer copies the logits to shift them, which took slice-512x2 from 5821 to 4765 MB).  "
+              "no longer copies the logits to shift them, which took slice-512x2 from 5821 to 4765 MB). "
               "The ORT int8 and int4 rows and the ORT slice-256x1 row were re-measured together after the training "
               "sessions kept ONNX Runtime's CPU arena (2026-12-04, int4 recomputed 6.23 -> 3.01 s): this VM then ran "
               "slice-256x1 in 1.92 s against 2.58 s on 2026-11-23, so their step-time errors carry the box's drift; "
